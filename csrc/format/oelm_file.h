@@ -1,0 +1,75 @@
+// Reader of the .oelm file format (docs/FORMAT.md): maps the file read-only and
+// validates the header, the metadata and the tensor table against the file length
+// before anything is used. Knows nothing about OpenELM itself (model/ does).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "common/json.h"
+
+namespace oelm {
+
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3 };
+
+const char* dtype_name(DType t);
+size_t dtype_size(DType t);
+
+// A tensor inside the mapped file: no copy, valid while the OelmFile lives.
+struct TensorView {
+  std::string name;
+  DType dtype = DType::f32;
+  std::vector<int64_t> shape;
+  const uint8_t* data = nullptr;
+  uint64_t offset = 0;  // from the start of the file
+  uint64_t size = 0;    // bytes
+  uint32_t crc32 = 0;
+
+  int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
+  int64_t cols() const { return shape.size() < 2 ? 1 : shape[1]; }
+  int64_t numel() const;
+};
+
+// The versions this reader understands (see FORMAT.md, "Versioning").
+constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kNamesVersion = 1;
+
+class OelmFile {
+ public:
+  // Throws FileNotFound or FormatError. `verify` checks every tensor's CRC-32.
+  static std::unique_ptr<OelmFile> open(const std::string& path, bool verify);
+  ~OelmFile();
+  OelmFile(const OelmFile&) = delete;
+  OelmFile& operator=(const OelmFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  uint64_t file_size() const { return size_; }
+  uint32_t format_version() const { return format_version_; }
+  uint32_t names_version() const { return names_version_; }
+  const json::Value& metadata() const { return meta_; }
+  const std::vector<TensorView>& tensors() const { return tensors_; }
+  const TensorView* find(std::string_view name) const;
+
+  // Recomputes each tensor's CRC-32 and throws FormatError naming the first mismatch.
+  void verify_checksums() const;
+
+ private:
+  OelmFile() = default;
+  void validate_and_index(bool verify);
+
+  std::string path_;
+  const uint8_t* base_ = nullptr;
+  uint64_t size_ = 0;
+  uint32_t format_version_ = 0;
+  uint32_t names_version_ = 0;
+  json::Value meta_;
+  std::vector<TensorView> tensors_;
+  std::unordered_map<std::string, size_t> by_name_;
+};
+
+uint32_t crc32(const uint8_t* data, size_t n, uint32_t crc = 0);
+
+}  // namespace oelm

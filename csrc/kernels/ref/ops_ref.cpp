@@ -1,0 +1,94 @@
+// Reference element-wise and attention kernels (RMSNorm, RoPE, attention, SwiGLU,
+// row widening) and the reference kernel table.
+#include <cmath>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/kernels.h"
+
+namespace oelm {
+
+void rmsnorm_ref(const float* x, const float* w, int64_t n, float eps, float* y) {
+  // Sum of squares in double: the reference should not be the least accurate path.
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
+  const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * inv) * w[i];
+}
+
+void rope_ref(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    float* v = x + h * hd;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = v[j], b = v[j + half];
+      // rotate_half(x) = concat(-x[half:], x[:half]); x*cos + rotate_half(x)*sin
+      v[j] = a * cos[j] - b * sin[j];
+      v[j + half] = b * cos[j] + a * sin[j];
+    }
+  }
+}
+
+void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv, int64_t hd,
+                   float scale, float* out) {
+  // Online softmax (flash-attention style): one pass over keys, running max m and
+  // normaliser l, accumulator rescaled when the max grows; no score vector is stored.
+  thread_local std::vector<float> acc;
+  acc.assign(size_t(hd), 0.0f);
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t s = 0; s < n_kv; ++s) {
+    const float* ks = k + s * hd;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < hd; ++d) dot += q[d] * ks[d];
+    const float score = dot * scale;
+    if (score > m) {
+      const float corr = std::exp(m - score);  // exp(-inf) = 0 on the first key
+      l *= corr;
+      for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] *= corr;
+      m = score;
+    }
+    const float p = std::exp(score - m);
+    l += p;
+    const float* vs = v + s * hd;
+    for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] += p * vs[d];
+  }
+  const float inv = 1.0f / l;
+  for (int64_t d = 0; d < hd; ++d) out[d] = acc[size_t(d)] * inv;
+}
+
+void swiglu_ref(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float g = gate[j];
+    out[j] = g / (1.0f + std::exp(-g)) * up[j];  // SiLU(g) * up
+  }
+}
+
+namespace {
+void row_f32(const void* row, int64_t n, float* out) {
+  const float* r = static_cast<const float*>(row);
+  for (int64_t i = 0; i < n; ++i) out[i] = r[i];
+}
+void row_f16(const void* row, int64_t n, float* out) {
+  const uint16_t* r = static_cast<const uint16_t*>(row);
+  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(r[i]);
+}
+void row_bf16(const void* row, int64_t n, float* out) {
+  const uint16_t* r = static_cast<const uint16_t*>(row);
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(r[i]);
+}
+}  // namespace
+
+const KernelTable& ref_kernels() {
+  static const KernelTable table = {
+      "ref",
+      {matmul_f32_ref, matmul_f16_ref, matmul_bf16_ref},
+      {row_f32, row_f16, row_bf16},
+      rmsnorm_ref,
+      rope_ref,
+      attention_ref,
+      swiglu_ref,
+  };
+  return table;
+}
+
+}  // namespace oelm

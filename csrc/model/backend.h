@@ -1,0 +1,38 @@
+// A compute backend for the CPU: a kernel table plus the threads that run it.
+// "ref" = the scalar reference kernels on one thread (the truth for tests);
+// "cpu" = the fastest kernels this CPU supports, on a persistent thread pool.
+// (Only the reference kernels exist so far; SIMD variants slot into the table.)
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "kernels/kernels.h"
+
+namespace oelm {
+
+class Backend {
+ public:
+  // name: "ref" or "cpu"; threads <= 0 means one per hardware thread ("cpu" only).
+  static std::shared_ptr<Backend> create(const std::string& name, int threads);
+  static std::vector<std::string> names();
+
+  const std::string& name() const { return name_; }
+  int threads() const { return pool_.size(); }
+  const KernelTable& kernels() const { return *k_; }
+  ThreadPool& pool() { return pool_; }
+
+  // y[t*ldy + n] = x[t] . W[n] for all t < T, n < W.rows(); rows split across threads.
+  void matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy);
+
+ private:
+  Backend(std::string name, const KernelTable* k, int threads)
+      : name_(std::move(name)), k_(k), pool_(threads) {}
+  std::string name_;
+  const KernelTable* k_;
+  ThreadPool pool_;
+};
+
+}  // namespace oelm

@@ -1,0 +1,324 @@
+// Model loading (metadata -> ModelConfig, tensor table -> weight views, each checked
+// by name, shape and dtype) and the OpenELM forward pass (see shared OPENELM.md §3):
+//   x = E[ids]; per layer: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x));
+//   logits = RMSNorm(x) @ E^T (tied head).
+#include "model/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "common/error.h"
+
+namespace oelm {
+
+namespace {
+
+constexpr int64_t kChunk = 256;  // prefill batch: bounds scratch memory, not a limit on length
+
+[[noreturn]] void bad(const OelmFile& f, const std::string& what) {
+  throw FormatError(f.path() + ": " + what);
+}
+
+int64_t get_int(const OelmFile& f, const json::Value& m, const char* key, int64_t lo, int64_t hi) {
+  const json::Value* v = m.find(key);
+  if (!v || !v->is_integer())
+    bad(f, std::string("model config: \"") + key + "\" is missing or not an integer");
+  if (v->as_int() < lo || v->as_int() > hi)
+    bad(f, std::string("model config: \"") + key + "\" = " + std::to_string(v->as_int()) +
+               " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return v->as_int();
+}
+
+double get_num(const OelmFile& f, const json::Value& m, const char* key) {
+  const json::Value* v = m.find(key);
+  if (!v || !v->is_number()) bad(f, std::string("model config: \"") + key + "\" is missing or not a number");
+  return v->as_double();
+}
+
+std::vector<int64_t> get_list(const OelmFile& f, const json::Value& m, const char* key, int64_t n,
+                              int64_t lo, int64_t hi) {
+  const json::Value* v = m.find(key);
+  if (!v || !v->is_array() || int64_t(v->items().size()) != n)
+    bad(f, std::string("model config: \"") + key + "\" must be a list of " + std::to_string(n) +
+               " integers (one per layer)");
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < v->items().size(); ++i) {
+    const json::Value& e = v->items()[i];
+    if (!e.is_integer() || e.as_int() < lo || e.as_int() > hi)
+      bad(f, std::string("model config: \"") + key + "\"[" + std::to_string(i) +
+                 "] is not an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    out.push_back(e.as_int());
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string_view Model::tokenizer_blob() const {
+  return std::string_view(reinterpret_cast<const char*>(tokenizer_->data), tokenizer_->size);
+}
+
+std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
+  std::shared_ptr<Model> m(new Model());
+  m->file_ = OelmFile::open(path, verify);
+  const OelmFile& f = *m->file_;
+  const json::Value* mc = f.metadata().find("model");
+  if (!mc || !mc->is_object()) bad(f, "metadata has no \"model\" object");
+  const json::Value* arch = mc->find("architecture");
+  if (!arch || !arch->is_string() || arch->as_string() != "openelm")
+    bad(f, "model config: \"architecture\" must be \"openelm\"");
+
+  ModelConfig& c = m->cfg_;
+  c.n_layer = get_int(f, *mc, "n_layer", 1, 4096);
+  c.d_model = get_int(f, *mc, "d_model", 1, 1 << 17);
+  c.head_dim = get_int(f, *mc, "head_dim", 2, 1024);
+  if (c.head_dim % 2) bad(f, "model config: head_dim " + std::to_string(c.head_dim) + " must be even for RoPE");
+  c.vocab_size = get_int(f, *mc, "vocab_size", 3, 1 << 22);
+  c.n_head_q = get_list(f, *mc, "n_head_q", c.n_layer, 1, 4096);
+  c.n_head_kv = get_list(f, *mc, "n_head_kv", c.n_layer, 1, 4096);
+  c.ffn_dim = get_list(f, *mc, "ffn_dim", c.n_layer, 1, 1 << 20);
+  for (int64_t i = 0; i < c.n_layer; ++i)
+    if (c.n_head_q[size_t(i)] % c.n_head_kv[size_t(i)] != 0)
+      bad(f, "model config: layer " + std::to_string(i) + " has n_head_kv " +
+                 std::to_string(c.n_head_kv[size_t(i)]) + " which does not divide n_head_q " +
+                 std::to_string(c.n_head_q[size_t(i)]));
+  c.rope_theta = float(get_num(f, *mc, "rope_theta"));
+  c.norm_eps = float(get_num(f, *mc, "norm_eps"));
+  if (!(c.rope_theta > 1.0f) || !std::isfinite(c.rope_theta)) bad(f, "model config: rope_theta must be > 1");
+  if (!(c.norm_eps > 0.0f) || c.norm_eps > 1.0f) bad(f, "model config: norm_eps must be in (0, 1]");
+  c.max_context = get_int(f, *mc, "max_context", 1, int64_t(1) << 24);
+  c.bos_token_id = int32_t(get_int(f, *mc, "bos_token_id", 0, c.vocab_size - 1));
+  c.eos_token_id = int32_t(get_int(f, *mc, "eos_token_id", 0, c.vocab_size - 1));
+  const json::Value* tied = mc->find("tied_embeddings");
+  if (!tied || !tied->is_bool()) bad(f, "model config: \"tied_embeddings\" must be true or false");
+  c.tied_embeddings = tied->as_bool();
+  const json::Value* wd = f.metadata().find("weights_dtype");
+  if (!wd || !wd->is_string()) bad(f, "metadata: \"weights_dtype\" is missing");
+  if (wd->as_string() == "f32") c.weights_dtype = DType::f32;
+  else if (wd->as_string() == "f16") c.weights_dtype = DType::f16;
+  else if (wd->as_string() == "bf16") c.weights_dtype = DType::bf16;
+  else bad(f, "metadata: weights_dtype \"" + wd->as_string() + "\" is not supported (f32, f16, bf16)");
+
+  const json::Value* tok = f.metadata().find("tokenizer");
+  const json::Value* tt = tok ? tok->find("type") : nullptr;
+  if (!tt || !tt->is_string() || tt->as_string() != "sentencepiece")
+    bad(f, "metadata: \"tokenizer\" must be {\"type\": \"sentencepiece\", ...}");
+  m->tokenizer_type_ = tt->as_string();
+  m->bind_weights();
+  return m;
+}
+
+void Model::bind_weights() {
+  const OelmFile& f = *file_;
+  const ModelConfig& c = cfg_;
+  std::set<std::string> expected;
+  auto need = [&](const std::string& name, std::vector<int64_t> shape, DType dt) -> const TensorView* {
+    expected.insert(name);
+    const TensorView* t = f.find(name);
+    if (!t) bad(f, "missing tensor '" + name + "'; the file is incomplete, re-export it");
+    if (t->shape != shape) {
+      auto fmt = [](const std::vector<int64_t>& s) {
+        std::string r = "[";
+        for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+        return r + "]";
+      };
+      bad(f, "tensor '" + name + "' has shape " + fmt(t->shape) + ", expected " + fmt(shape) +
+                 " from the model config");
+    }
+    if (t->dtype != dt)
+      bad(f, "tensor '" + name + "' has dtype " + dtype_name(t->dtype) + ", expected " + dtype_name(dt));
+    return t;
+  };
+  auto vec = [&](const std::string& name, int64_t n) {
+    return reinterpret_cast<const float*>(need(name, {n}, DType::f32)->data);
+  };
+  const DType wd = c.weights_dtype;
+  const int64_t D = c.d_model, hd = c.head_dim;
+
+  const json::Value* tok = f.metadata().find("tokenizer");
+  const json::Value* tname = tok->find("tensor");
+  if (!tname || !tname->is_string()) bad(f, "metadata: tokenizer has no \"tensor\" name");
+  expected.insert(tname->as_string());
+  tokenizer_ = f.find(tname->as_string());
+  if (!tokenizer_ || tokenizer_->dtype != DType::u8 || tokenizer_->shape.size() != 1 || tokenizer_->size == 0)
+    bad(f, "tokenizer tensor '" + tname->as_string() + "' is missing or not a non-empty u8 blob");
+
+  tok_embd_ = need("token_embd", {c.vocab_size, D}, wd);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    LayerWeights L;
+    L.n_head_q = c.n_head_q[size_t(i)];
+    L.n_head_kv = c.n_head_kv[size_t(i)];
+    L.ffn_dim = c.ffn_dim[size_t(i)];
+    L.attn_norm = vec(p + "attn_norm", D);
+    L.attn_qkv = need(p + "attn_qkv", {(L.n_head_q + 2 * L.n_head_kv) * hd, D}, wd);
+    L.q_norm = vec(p + "attn_q_norm", hd);
+    L.k_norm = vec(p + "attn_k_norm", hd);
+    L.attn_out = need(p + "attn_output", {D, L.n_head_q * hd}, wd);
+    L.ffn_norm = vec(p + "ffn_norm", D);
+    L.gate_up = need(p + "ffn_gate_up", {2 * L.ffn_dim, D}, wd);
+    L.down = need(p + "ffn_down", {D, L.ffn_dim}, wd);
+    max_qkv_ = std::max(max_qkv_, (L.n_head_q + 2 * L.n_head_kv) * hd);
+    max_q_ = std::max(max_q_, L.n_head_q * hd);
+    max_ffn_ = std::max(max_ffn_, L.ffn_dim);
+    layers_.push_back(L);
+  }
+  output_norm_ = vec("output_norm", D);
+  lm_head_ = c.tied_embeddings ? tok_embd_ : need("output", {c.vocab_size, D}, wd);
+  for (const TensorView& t : f.tensors())
+    if (!expected.count(t.name))
+      bad(f, "unexpected tensor '" + t.name + "' (not part of an OpenELM model with this config); "
+             "the file was written by a different tool or version, re-export it");
+}
+
+Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int64_t max_context)
+    : model_(std::move(model)), backend_(std::move(backend)), max_ctx_(max_context) {
+  const ModelConfig& c = model_->config();
+  if (max_context < 1 || max_context > (int64_t(1) << 20))
+    throw InvalidArgument("max_context must be in [1, 1048576], got " + std::to_string(max_context));
+  const int64_t hd = c.head_dim, half = hd / 2;
+  try {
+    for (int64_t i = 0; i < c.n_layer; ++i) {
+      const size_t n = size_t(c.n_head_kv[size_t(i)] * max_ctx_ * hd);
+      k_cache_.emplace_back(n);
+      v_cache_.emplace_back(n);
+    }
+  } catch (const std::bad_alloc&) {
+    throw InvalidArgument("cannot allocate the KV cache for max_context " + std::to_string(max_context) +
+                          "; use a smaller max_context");
+  }
+  // RoPE tables as HF computes them (float32): inv_freq_j = 1 / theta^(2j/hd),
+  // angle = float(p) * inv_freq_j, then cos/sin of that float32 angle.
+  rope_cos_.resize(size_t(max_ctx_ * half));
+  rope_sin_.resize(size_t(max_ctx_ * half));
+  for (int64_t j = 0; j < half; ++j) {
+    const float inv_freq = float(1.0 / std::pow(double(c.rope_theta), double(2 * j) / double(hd)));
+    for (int64_t p = 0; p < max_ctx_; ++p) {
+      const float angle = float(p) * inv_freq;
+      rope_cos_[size_t(p * half + j)] = float(std::cos(double(angle)));
+      rope_sin_[size_t(p * half + j)] = float(std::sin(double(angle)));
+    }
+  }
+  const int64_t T = std::min(kChunk, max_ctx_);
+  x_.resize(size_t(T * c.d_model));
+  h_.resize(size_t(T * c.d_model));
+  tmp_.resize(size_t(T * c.d_model));
+  qkv_.resize(size_t(T * model_->max_qkv_dim()));
+  attn_.resize(size_t(T * model_->max_q_dim()));
+  ffn_.resize(size_t(T * 2 * model_->max_ffn_dim()));
+  act_.resize(size_t(T * model_->max_ffn_dim()));
+}
+
+void Context::eval(const int32_t* ids, int64_t n, bool all_logits, float* out, const InterruptFn& interrupt) {
+  const ModelConfig& c = model_->config();
+  if (n <= 0) throw InvalidArgument("eval needs at least one token");
+  if (n_past_ + n > max_ctx_)
+    throw InvalidArgument("context is full: " + std::to_string(n_past_) + " cached + " + std::to_string(n) +
+                          " new tokens exceed max_context " + std::to_string(max_ctx_) +
+                          "; reset the context or create it with a larger max_context");
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= c.vocab_size)
+      throw InvalidArgument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                            " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+  const int64_t start = n_past_;
+  try {
+    for (int64_t done = 0; done < n;) {
+      const int64_t T = std::min<int64_t>(int64_t(x_.size()) / c.d_model, n - done);
+      const bool last_chunk = done + T == n;
+      float* dst = all_logits ? out + done * c.vocab_size : (last_chunk ? out : nullptr);
+      forward_chunk(ids + done, T, all_logits, dst, interrupt);
+      n_past_ += T;
+      done += T;
+    }
+  } catch (...) {
+    n_past_ = start;  // cache rows beyond n_past are garbage and will be overwritten
+    throw;
+  }
+}
+
+void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, float* out,
+                            const InterruptFn& interrupt) {
+  const ModelConfig& c = model_->config();
+  const KernelTable& K = backend_->kernels();
+  ThreadPool& pool = backend_->pool();
+  const int64_t D = c.d_model, hd = c.head_dim, half = hd / 2, p0 = n_past_;
+  const float eps = c.norm_eps, scale = 1.0f / std::sqrt(float(hd));
+  float *x = x_.data(), *h = h_.data(), *tmp = tmp_.data();
+
+  // x[T, D] = E[ids]
+  const TensorView& E = model_->token_embd();
+  const size_t esz = dtype_size(E.dtype);
+  for (int64_t t = 0; t < T; ++t)
+    K.row_to_f32[int(E.dtype)](E.data + size_t(ids[t]) * size_t(D) * esz, D, x + t * D);
+
+  // Small element-wise stages run serially for one token and split over tokens otherwise.
+  auto over_tokens = [&](const std::function<void(int64_t)>& fn) {
+    if (T == 1) fn(0);
+    else pool.parallel_for(T, [&](int64_t b, int64_t e) { for (int64_t t = b; t < e; ++t) fn(t); });
+  };
+
+  for (size_t li = 0; li < model_->layers().size(); ++li) {
+    if (interrupt && interrupt()) throw Interrupted();
+    const LayerWeights& L = model_->layers()[li];
+    const int64_t nq = L.n_head_q, nkv = L.n_head_kv, F = L.ffn_dim;
+    const int64_t nqkv = (nq + 2 * nkv) * hd, group = nq / nkv;
+    float* kc = k_cache_[li].data();  // [nkv][max_ctx][hd]
+    float* vc = v_cache_[li].data();
+
+    // --- attention ---
+    over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.attn_norm, D, eps, h + t * D); });
+    backend_->matmul(h, T, *L.attn_qkv, qkv_.data(), nqkv);  // [T, (nq + 2 nkv) hd]
+    over_tokens([&](int64_t t) {
+      float* q = qkv_.data() + t * nqkv;  // heads: nq queries, then nkv keys, then nkv values
+      float* k = q + nq * hd;
+      const float* v = k + nkv * hd;
+      for (int64_t i = 0; i < nq; ++i) K.rmsnorm(q + i * hd, L.q_norm, hd, eps, q + i * hd);
+      for (int64_t i = 0; i < nkv; ++i) K.rmsnorm(k + i * hd, L.k_norm, hd, eps, k + i * hd);
+      const int64_t pos = p0 + t;
+      const float* cs = rope_cos_.data() + pos * half;
+      const float* sn = rope_sin_.data() + pos * half;
+      K.rope(q, nq, hd, cs, sn);
+      K.rope(k, nkv, hd, cs, sn);
+      for (int64_t i = 0; i < nkv; ++i) {
+        std::memcpy(kc + (i * max_ctx_ + pos) * hd, k + i * hd, size_t(hd) * sizeof(float));
+        std::memcpy(vc + (i * max_ctx_ + pos) * hd, v + i * hd, size_t(hd) * sizeof(float));
+      }
+    });
+    // One work item per (token, query head); query head i reads kv head i / group.
+    pool.parallel_for(T * nq, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const int64_t t = it / nq, i = it % nq, kvh = i / group;
+        K.attention(qkv_.data() + t * nqkv + i * hd, kc + kvh * max_ctx_ * hd, vc + kvh * max_ctx_ * hd,
+                    p0 + t + 1, hd, scale, attn_.data() + t * nq * hd + i * hd);
+      }
+    });
+    backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D);  // [T, D]
+    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
+
+    // --- feed-forward (SwiGLU) ---
+    over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.ffn_norm, D, eps, h + t * D); });
+    backend_->matmul(h, T, *L.gate_up, ffn_.data(), 2 * F);  // [T, 2F]: gate | up
+    if (T == 1) {  // decode: split the width, there is only one token
+      pool.parallel_for(F, [&](int64_t b, int64_t e) {
+        K.swiglu(ffn_.data() + b, ffn_.data() + F + b, e - b, act_.data() + b);
+      }, 64);
+    } else {
+      over_tokens([&](int64_t t) {
+        const float* gu = ffn_.data() + t * 2 * F;
+        K.swiglu(gu, gu + F, F, act_.data() + t * F);
+      });
+    }
+    backend_->matmul(act_.data(), T, *L.down, tmp, D);  // [T, D]
+    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
+  }
+
+  if (!out) return;  // a prefill chunk whose logits nobody asked for
+  if (interrupt && interrupt()) throw Interrupted();
+  const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
+  for (int64_t t = first; t < T; ++t) K.rmsnorm(x + t * D, model_->output_norm(), D, eps, h + (t - first) * D);
+  backend_->matmul(h, rows, model_->lm_head(), out, c.vocab_size);  // [rows, V]
+}
+
+}  // namespace oelm

@@ -1,0 +1,109 @@
+// The OpenELM model: its configuration (per-layer head counts and FFN widths, read
+// from the file, never re-derived), its weights as views into the mapped file, and
+// Context, which owns a KV cache and runs the forward pass over a batch of positions.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "format/oelm_file.h"
+#include "model/backend.h"
+
+namespace oelm {
+
+struct ModelConfig {
+  int64_t n_layer = 0, d_model = 0, head_dim = 0, vocab_size = 0;
+  std::vector<int64_t> n_head_q, n_head_kv, ffn_dim;  // one entry per layer
+  float rope_theta = 10000.0f;
+  float norm_eps = 1e-6f;
+  int64_t max_context = 0;  // training context of the checkpoint
+  int32_t bos_token_id = 1, eos_token_id = 2;
+  bool tied_embeddings = true;
+  DType weights_dtype = DType::f32;
+};
+
+struct LayerWeights {
+  int64_t n_head_q, n_head_kv, ffn_dim;
+  const float* attn_norm;      // [D]
+  const TensorView* attn_qkv;  // [(nq + 2 nkv) hd, D]
+  const float* q_norm;         // [hd]
+  const float* k_norm;         // [hd]
+  const TensorView* attn_out;  // [D, nq hd]
+  const float* ffn_norm;       // [D]
+  const TensorView* gate_up;   // [2F, D]
+  const TensorView* down;      // [D, F]
+};
+
+class Model {
+ public:
+  // Maps and validates the file; throws FileNotFound / FormatError.
+  static std::shared_ptr<Model> load(const std::string& path, bool verify);
+
+  const ModelConfig& config() const { return cfg_; }
+  const OelmFile& file() const { return *file_; }
+  const std::vector<LayerWeights>& layers() const { return layers_; }
+  const TensorView& token_embd() const { return *tok_embd_; }
+  const TensorView& lm_head() const { return *lm_head_; }
+  const float* output_norm() const { return output_norm_; }
+  std::string_view tokenizer_blob() const;
+  const std::string& tokenizer_type() const { return tokenizer_type_; }
+
+  int64_t max_qkv_dim() const { return max_qkv_; }
+  int64_t max_q_dim() const { return max_q_; }
+  int64_t max_ffn_dim() const { return max_ffn_; }
+
+ private:
+  Model() = default;
+  void bind_weights();
+
+  std::unique_ptr<OelmFile> file_;
+  ModelConfig cfg_;
+  std::vector<LayerWeights> layers_;
+  const TensorView* tok_embd_ = nullptr;
+  const TensorView* lm_head_ = nullptr;
+  const TensorView* tokenizer_ = nullptr;
+  const float* output_norm_ = nullptr;
+  std::string tokenizer_type_;
+  int64_t max_qkv_ = 0, max_q_ = 0, max_ffn_ = 0;
+};
+
+// Called between layers; returning true aborts the evaluation with oelm::Interrupted.
+using InterruptFn = std::function<bool()>;
+
+// One sequence's state: the KV cache and scratch buffers. Not thread-safe; use one
+// Context per thread. Many Contexts may share one Model.
+class Context {
+ public:
+  Context(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int64_t max_context);
+
+  const Model& model() const { return *model_; }
+  Backend& backend() { return *backend_; }
+  int64_t n_past() const { return n_past_; }
+  int64_t max_context() const { return max_ctx_; }
+  void reset() { n_past_ = 0; }
+
+  // Evaluates ids[0..n) at positions n_past .. n_past+n-1 and appends them to the KV
+  // cache. Writes logits for every token (all_logits: out is [n, vocab]) or only the
+  // last one (out is [vocab]). On an exception the cache is left as before the call.
+  void eval(const int32_t* ids, int64_t n, bool all_logits, float* out,
+            const InterruptFn& interrupt = {});
+
+ private:
+  void forward_chunk(const int32_t* ids, int64_t T, bool all_logits, float* out,
+                     const InterruptFn& interrupt);
+
+  std::shared_ptr<const Model> model_;
+  std::shared_ptr<Backend> backend_;
+  int64_t max_ctx_;
+  int64_t n_past_ = 0;
+  // KV cache per layer, [n_head_kv][max_ctx][head_dim]; keys stored after norm + RoPE.
+  std::vector<std::vector<float>> k_cache_, v_cache_;
+  std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim/2]
+  // Scratch for a chunk of up to kChunk tokens.
+  std::vector<float> x_, h_, qkv_, attn_, ffn_, act_, tmp_;
+};
+
+}  // namespace oelm

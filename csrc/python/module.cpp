@@ -1,0 +1,221 @@
+// pybind11 bindings: a thin layer over the C++ core. Heavy calls release the GIL and
+// poll for Ctrl-C between layers, so a long prefill stops promptly and cleanly.
+// The Python-facing API (Session, generate, CLI) lives in python/openelm_rt/.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common/bandwidth.h"
+#include "common/error.h"
+#include "generate/generator.h"
+#include "generate/sampler.h"
+#include "model/model.h"
+
+namespace py = pybind11;
+using namespace oelm;
+
+namespace {
+
+py::object to_python(const json::Value& v) {
+  switch (v.kind()) {
+    case json::Value::Kind::null: return py::none();
+    case json::Value::Kind::boolean: return py::bool_(v.as_bool());
+    case json::Value::Kind::number:
+      return v.is_integer() ? py::object(py::int_(v.as_int())) : py::object(py::float_(v.as_double()));
+    case json::Value::Kind::string: return py::str(v.as_string());
+    case json::Value::Kind::array: {
+      py::list l;
+      for (const auto& e : v.items()) l.append(to_python(e));
+      return l;
+    }
+    case json::Value::Kind::object: {
+      py::dict d;
+      for (const auto& kv : v.members()) d[py::str(kv.first)] = to_python(kv.second);
+      return d;
+    }
+  }
+  return py::none();
+}
+
+// Polls Python's signal handlers from the computing (main) thread; a pending
+// KeyboardInterrupt leaves the Python error set and aborts the evaluation.
+bool python_interrupt() {
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
+
+// Runs fn without the GIL; turns an interruption into the pending Python exception.
+template <typename Fn>
+void run_released(Fn&& fn) {
+  bool interrupted = false;
+  {
+    py::gil_scoped_release release;
+    try {
+      fn();
+    } catch (const Interrupted&) {
+      interrupted = true;
+    }
+  }
+  if (interrupted) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    throw py::value_error("interrupted");
+  }
+}
+
+std::vector<int32_t> to_ids(const std::vector<int64_t>& ids, int64_t vocab) {
+  std::vector<int32_t> out;
+  out.reserve(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab)
+      throw InvalidArgument("token id " + std::to_string(ids[i]) + " at index " + std::to_string(i) +
+                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    out.push_back(int32_t(ids[i]));
+  }
+  return out;
+}
+
+py::array tensor_copy(const TensorView& t) {
+  std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
+  py::dtype dt;
+  switch (t.dtype) {
+    case DType::f32: dt = py::dtype::of<float>(); break;
+    case DType::f16: dt = py::dtype("float16"); break;
+    case DType::bf16: dt = py::dtype::of<uint16_t>(); break;
+    case DType::u8: dt = py::dtype::of<uint8_t>(); break;
+  }
+  py::array a(dt, shape);
+  std::memcpy(a.mutable_data(), t.data, t.size);
+  return a;
+}
+
+struct PyGenerator {
+  std::shared_ptr<Context> ctx;  // keeps the context alive while generating
+  Generator gen;
+  PyGenerator(std::shared_ptr<Context> c, const SamplingParams& sp, int64_t max_new)
+      : ctx(std::move(c)), gen(*ctx, sp, max_new) {}
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "openelm_rt native core (private; use openelm_rt.Session)";
+
+  py::register_exception<FormatError>(m, "FormatError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const FileNotFound& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+      .def(py::init([](const std::string& path, bool verify) {
+             std::shared_ptr<Model> model;
+             {
+               py::gil_scoped_release release;
+               model = Model::load(path, verify);
+             }
+             return model;
+           }),
+           py::arg("path"), py::arg("verify") = false)
+      .def_property_readonly("config", [](const Model& mdl) { return to_python(*mdl.file().metadata().find("model")); })
+      .def_property_readonly("metadata", [](const Model& mdl) { return to_python(mdl.file().metadata()); })
+      .def_property_readonly("weights_dtype", [](const Model& mdl) { return dtype_name(mdl.config().weights_dtype); })
+      .def_property_readonly("vocab_size", [](const Model& mdl) { return mdl.config().vocab_size; })
+      .def_property_readonly("format_version", [](const Model& mdl) { return mdl.file().format_version(); })
+      .def_property_readonly("names_version", [](const Model& mdl) { return mdl.file().names_version(); })
+      .def_property_readonly("file_size", [](const Model& mdl) { return mdl.file().file_size(); })
+      .def("tokenizer_blob", [](const Model& mdl) { auto b = mdl.tokenizer_blob(); return py::bytes(b.data(), b.size()); })
+      .def("tensor_names", [](const Model& mdl) {
+        std::vector<std::string> n;
+        for (const auto& t : mdl.file().tensors()) n.push_back(t.name);
+        return n;
+      })
+      .def("tensor", [](const Model& mdl, const std::string& name) {
+        const TensorView* t = mdl.file().find(name);
+        if (!t) throw InvalidArgument("no tensor named '" + name + "' in the file");
+        return tensor_copy(*t);
+      }, py::arg("name"))
+      .def("verify_checksums", [](const Model& mdl) {
+        py::gil_scoped_release release;
+        mdl.file().verify_checksums();
+      });
+
+  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
+      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0)
+      .def_property_readonly("name", &Backend::name)
+      .def_property_readonly("threads", &Backend::threads)
+      .def_property_readonly("kernels", [](const Backend& b) { return std::string(b.kernels().name); })
+      .def_static("names", &Backend::names)
+      .def("read_bandwidth", [](Backend& b, size_t bytes, int reps) {
+        py::gil_scoped_release release;
+        return measure_read_bandwidth(b.pool(), bytes, reps);
+      }, py::arg("bytes") = size_t(1) << 30, py::arg("reps") = 5,
+         "Best-of-reps memory read bandwidth in bytes/s, using this backend's threads.");
+
+  py::class_<Context, std::shared_ptr<Context>>(m, "Context")
+      .def(py::init([](std::shared_ptr<Model> model, int64_t max_context, std::shared_ptr<Backend> backend) {
+             if (!backend) backend = Backend::create("cpu", 0);
+             return std::make_shared<Context>(std::move(model), std::move(backend), max_context);
+           }),
+           py::arg("model"), py::arg("max_context"), py::arg("backend") = nullptr)
+      .def_property_readonly("n_past", &Context::n_past)
+      .def_property_readonly("max_context", &Context::max_context)
+      .def("reset", &Context::reset)
+      .def("eval", [](Context& ctx, const std::vector<int64_t>& ids, bool all_logits) {
+        const int64_t V = ctx.model().config().vocab_size;
+        std::vector<int32_t> tok = to_ids(ids, V);
+        if (tok.empty()) throw InvalidArgument("eval needs at least one token id");
+        py::array_t<float> out(all_logits ? std::vector<py::ssize_t>{py::ssize_t(tok.size()), py::ssize_t(V)}
+                                          : std::vector<py::ssize_t>{1, py::ssize_t(V)});
+        float* dst = out.mutable_data();
+        run_released([&] { ctx.eval(tok.data(), int64_t(tok.size()), all_logits, dst, python_interrupt); });
+        return out;
+      }, py::arg("token_ids"), py::arg("all_logits") = false);
+
+  py::class_<PyGenerator>(m, "Generator")
+      .def(py::init([](std::shared_ptr<Context> ctx, float temperature, int32_t top_k, float top_p, float min_p,
+                       float repetition_penalty, uint64_t seed, int64_t max_new_tokens) {
+             SamplingParams sp{temperature, top_k, top_p, min_p, repetition_penalty, seed};
+             return new PyGenerator(std::move(ctx), sp, max_new_tokens);
+           }),
+           py::arg("context"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("seed") = 0,
+           py::arg("max_new_tokens") = 128)
+      .def("start", [](PyGenerator& g, const std::vector<int64_t>& prompt) {
+        std::vector<int32_t> tok = to_ids(prompt, g.ctx->model().config().vocab_size);
+        run_released([&] { g.gen.start(tok, python_interrupt); });
+      }, py::arg("prompt"))
+      .def("next", [](PyGenerator& g) {
+        int32_t t = -1;
+        run_released([&] { t = g.gen.next(python_interrupt); });
+        return t;
+      })
+      .def_property_readonly("finish_reason", [](const PyGenerator& g) { return finish_reason_name(g.gen.finish_reason()); })
+      .def_property_readonly("n_prompt", [](const PyGenerator& g) { return g.gen.n_prompt(); })
+      .def_property_readonly("n_generated", [](const PyGenerator& g) { return g.gen.n_generated(); })
+      .def_property_readonly("n_decoded", [](const PyGenerator& g) { return g.gen.n_decoded(); })
+      .def_property_readonly("prefill_seconds", [](const PyGenerator& g) { return g.gen.prefill_seconds(); })
+      .def_property_readonly("decode_seconds", [](const PyGenerator& g) { return g.gen.decode_seconds(); });
+
+  m.def("sampling_probs",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> logits, const std::vector<int64_t>& prev_ids,
+           float temperature, int32_t top_k, float top_p, float min_p, float repetition_penalty) {
+          if (logits.ndim() != 1) throw InvalidArgument("logits must be a 1-D array");
+          const int64_t V = logits.shape(0);
+          Sampler s(SamplingParams{temperature, top_k, top_p, min_p, repetition_penalty, 0});
+          std::vector<int32_t> hist = to_ids(prev_ids, V);
+          std::vector<float> probs;
+          s.probs(logits.data(), V, hist, probs);
+          return py::array_t<float>(py::ssize_t(probs.size()), probs.data());
+        },
+        py::arg("logits"), py::arg("prev_ids"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0,
+        py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+        "The exact distribution the sampler draws from (for tests).");
+
+  m.attr("FORMAT_VERSION") = kFormatVersion;
+  m.attr("NAMES_VERSION") = kNamesVersion;
+}
