@@ -1,0 +1,458 @@
+"""openelm-rt-export: convert a Hugging Face OpenELM checkpoint into one .oelm file.
+
+Reads config.json, model.safetensors (or shards + model.safetensors.index.json) and a SentencePiece
+tokenizer.model, validates all of it, and writes the file exactly as docs/FORMAT.md specifies,
+one tensor at a time (a 3B checkpoint never sits in memory twice). Also holds read_oelm(), a
+minimal reader for tests and debugging; the validating reader is the C++ one (csrc/format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from .checkpoint import CLASSIFIER, HFCheckpoint, ProgressBar
+from .hf_config import ExportError, ModelSpec, parse_config, tensor_layout
+from .safetensors_io import bf16_to_f32, f32_to_bf16
+
+PROG = "openelm-rt-export"
+log = logging.getLogger("openelm_rt.export")
+
+# --- docs/FORMAT.md constants -------------------------------------------------------------------
+MAGIC = b"OELM-RT\0"
+FORMAT_VERSION = 1
+NAMES_VERSION = 1
+HEADER_SIZE = 64
+ALIGNMENT = 4096  # the page size: tensors can be mapped and read with large aligned reads
+# magic, format_version, names_version, metadata_offset, metadata_size, data_offset, data_size,
+# alignment, metadata_crc32, file_size
+_HEADER = struct.Struct("<8sIIQQQQIIQ")
+assert _HEADER.size == HEADER_SIZE
+_NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"),
+          "u8": np.dtype("u1")}
+_FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
+WEIGHT_DTYPES = ("f32", "f16", "bf16")
+TOKENIZER_TENSOR = "tokenizer.model"
+
+_CHUNK_BYTES = 16 << 20  # conversion granularity: bounds temporaries and keeps the bar moving
+
+
+def _writer_version() -> str:
+    pkg = sys.modules.get(__package__ or "openelm_rt")
+    version = getattr(pkg, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("openelm_rt")
+    except (ImportError, PackageNotFoundError):
+        return "0.1.0"
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+# ----------------------------------------------------------------------------- checkpoint input
+
+def _load_tokenizer(src: Path, tokenizer, spec: ModelSpec) -> bytes:
+    if tokenizer is None:
+        path = src / "tokenizer.model"
+        if not path.is_file():
+            raise ExportError(
+                f"no tokenizer: {src} has no tokenizer.model and --tokenizer was not given. "
+                f"Apple's OpenELM repos ship no tokenizer; OpenELM uses the LLaMA-2 SentencePiece "
+                f"model, so pass its tokenizer.model (from meta-llama/Llama-2-7b-hf, or an "
+                f"ungated copy) with --tokenizer PATH.")
+    else:
+        path = Path(tokenizer)
+        if not path.is_file():
+            raise ExportError(f"tokenizer {path} does not exist or is not a file; pass the path "
+                              f"of a SentencePiece tokenizer.model")
+    data = path.read_bytes()
+    try:
+        if not data:
+            raise RuntimeError("the file is empty")
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError as e:
+        raise ExportError(f"tokenizer {path} is not a SentencePiece model ({e}); pass the "
+                          f"LLaMA-2 tokenizer.model, not tokenizer.json or a vocab file") from e
+    if sp.vocab_size() != spec.vocab_size:
+        raise ExportError(f"tokenizer {path} has {sp.vocab_size()} pieces but config.json "
+                          f"vocab_size is {spec.vocab_size}; OpenELM needs the 32000-piece LLaMA-2 "
+                          f"tokenizer (or one trained with exactly vocab_size pieces)")
+    for what, got, want in (("bos", sp.bos_id(), spec.bos_token_id),
+                            ("eos", sp.eos_id(), spec.eos_token_id)):
+        if got != want:
+            raise ExportError(f"tokenizer {path} has {what} id {got} but config.json "
+                              f"{what}_token_id is {want}; use the tokenizer the model was "
+                              f"trained with (LLaMA-2: bos 1, eos 2)")
+    return data
+
+
+# ----------------------------------------------------------------------------- planning
+
+@dataclass
+class _Entry:
+    name: str                  # .oelm tensor name
+    dtype: str                 # .oelm dtype id
+    shape: tuple[int, ...]
+    offset: int = 0            # relative to data_offset
+    crc32: int = 0
+    hf_name: str | None = None  # source tensor (None: the tokenizer blob)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape) * _NUMPY[self.dtype].itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "offset": self.offset, "size": self.size, "crc32": self.crc32}
+
+
+def _check_tensors(ckpt: HFCheckpoint, spec: ModelSpec, cfg: dict) -> list:
+    """Every expected tensor present, nothing unexplained extra, shapes and dtypes right."""
+    layout = tensor_layout(spec)
+    expected = {t.hf_name for t in layout}
+    missing = [t.hf_name for t in layout if t.hf_name not in ckpt.where]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ExportError(f"checkpoint is missing {len(missing)} tensor(s) that config.json "
+                          f"requires: {shown}. The download is incomplete or config.json belongs "
+                          f"to another model.")
+    extra = []
+    for name in sorted(set(ckpt.where) - expected):
+        if name == CLASSIFIER and not cfg["share_input_output_layers"]:
+            log.info("skipping %s: HF builds it for untied models but never uses it", name)
+        elif name == "lm_head.weight" and spec.tied_embeddings:
+            log.info("skipping lm_head.weight: config.json leaves tie_word_embeddings at true, "
+                     "so Hugging Face ties lm_head to the token embeddings and ignores it")
+        else:
+            extra.append(name)
+    if extra:
+        shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise ExportError(f"checkpoint has {len(extra)} tensor(s) an OpenELM model with this "
+                          f"config.json does not have: {shown}. It is not a plain OpenELM "
+                          f"checkpoint (or config.json belongs to another model); nothing is "
+                          f"ignored silently.")
+    for t in layout:
+        st = ckpt.where[t.hf_name]
+        if st.shape(t.hf_name) != t.shape:
+            raise ExportError(f"tensor {t.hf_name} has shape {list(st.shape(t.hf_name))}, "
+                              f"expected {list(t.shape)} from config.json (layer dims derived "
+                              f"from model_dim, head_dim, qkv/ffn multipliers); the weights and "
+                              f"config.json do not belong together")
+        if st.dtype(t.hf_name) not in _FROM_SAFETENSORS:
+            raise ExportError(f"tensor {t.hf_name} is stored as {st.dtype(t.hf_name)}; only F32, "
+                              f"BF16 and F16 checkpoints can be exported")
+    return layout
+
+
+def _choose_dtype(requested: str, ckpt: HFCheckpoint, layout) -> str:
+    if requested != "auto":
+        if requested not in WEIGHT_DTYPES:
+            raise ExportError(f"dtype {requested!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}")
+        return requested
+    # Norm weights are stored f32 whatever is chosen, so only the matrices decide.
+    found = {ckpt.where[t.hf_name].dtype(t.hf_name) for t in layout if not t.is_norm}
+    if len(found) == 1:
+        return _FROM_SAFETENSORS[found.pop()]
+    log.info("checkpoint matrices mix dtypes %s; --dtype auto writes f32, which holds each of "
+             "them exactly (pass --dtype to choose another)", ", ".join(sorted(found)))
+    return "f32"
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _nonfinite_error(hf_name: str, x: np.ndarray, row0: int) -> ExportError:
+    bad = ~np.isfinite(x)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    first = (first[0] + row0,) + first[1:]
+    return ExportError(f"tensor {hf_name} contains {int(np.isnan(x).sum())} NaN and "
+                       f"{int(np.isinf(x).sum())} infinite value(s) in rows from {row0} (first "
+                       f"at index {list(first)}); the checkpoint is corrupt or comes from a "
+                       f"diverged run. Re-download it.")
+
+
+def _convert(x: np.ndarray, src: str, dst: str, hf_name: str, row0: int) -> np.ndarray:
+    """One chunk of a source tensor (safetensors dtype src) in .oelm dtype dst; checks finiteness."""
+    if src == "BF16":
+        if int(np.bitwise_and(x, np.uint16(0x7FFF)).max(initial=0)) >= 0x7F80:  # exponent all ones
+            raise _nonfinite_error(hf_name, bf16_to_f32(x), row0)
+        if dst == "bf16":
+            return x  # bit-exact copy
+        x = bf16_to_f32(x)  # exact
+    else:
+        # A sum is finite only if every element is (NaN and inf propagate): one fast pass
+        # instead of materialising isfinite() for every chunk.
+        if not np.isfinite(np.sum(x, dtype=np.float32)) and not np.isfinite(x).all():
+            raise _nonfinite_error(hf_name, x, row0)
+        if src == dst.upper():
+            return x  # F32 -> f32, F16 -> f16: bit-exact copy
+        x = x.astype(np.float32)  # F16 -> f32 is exact
+    if dst == "f32":
+        return x
+    if dst == "bf16":
+        y = f32_to_bf16(x)  # round to nearest even
+        if int(np.bitwise_and(y, np.uint16(0x7FFF)).max(initial=0)) >= 0x7F80:
+            raise ExportError(f"tensor {hf_name} has values beyond the bfloat16 range "
+                              f"(max |x| = {float(np.abs(x).max()):.6g}); export with --dtype f32")
+        return y
+    with np.errstate(over="ignore"):
+        y = x.astype(_NUMPY["f16"])  # IEEE conversion: round to nearest even
+    if not np.isfinite(np.sum(y, dtype=np.float32)):
+        raise ExportError(f"tensor {hf_name} has values beyond the float16 range (max |x| = "
+                          f"{float(np.abs(x).max()):.6g} > 65504); export with --dtype bf16 or f32")
+    return y
+
+
+def _chunks(entry: _Entry, ckpt: HFCheckpoint | None, tokenizer: bytes):
+    """The bytes of one output tensor, as contiguous arrays of at most ~_CHUNK_BYTES."""
+    if entry.hf_name is None:
+        yield np.frombuffer(tokenizer, dtype=np.uint8)
+        return
+    st = ckpt.where[entry.hf_name]
+    src = st.dtype(entry.hf_name)
+    a = st.get(entry.hf_name)
+    row_bytes = math.prod(a.shape[1:]) * a.itemsize  # a 1-D norm: one element per "row"
+    rows = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    for r in range(0, a.shape[0], rows):
+        yield np.ascontiguousarray(_convert(a[r:r + rows], src, entry.dtype, entry.hf_name, r))
+
+
+def _write_tensor(f, entry: _Entry, chunks, bar: ProgressBar) -> int:
+    """Write one tensor's chunks; returns their CRC-32, computed on the bytes as written."""
+    crc = 0
+    written = 0
+    for chunk in chunks:
+        buf = chunk.reshape(-1).view(np.uint8)
+        crc = zlib.crc32(buf, crc)
+        f.write(buf)
+        written += buf.nbytes
+        bar.update(buf.nbytes)
+    if written != entry.size:  # would be a bug here, not a user error
+        raise AssertionError(f"{entry.name}: wrote {written} bytes, expected {entry.size}")
+    return crc
+
+
+def _metadata_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
+                      progress: bool | None = None) -> Path:
+    """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
+
+    dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
+    mix dtypes), "f32", "f16" or "bf16"; norm weights are always f32. tokenizer: path of a
+    SentencePiece tokenizer.model (default src_dir/tokenizer.model). progress: show a bar on
+    stderr (None: only if stderr is a terminal). Everything is validated before a byte is
+    written; NaN/Inf and out-of-range values are found while converting, and then, as on any
+    error or Ctrl-C, the temporary file is removed and out_path is left untouched. Notes
+    (skipped tensors, dtype choice) go to the "openelm_rt.export" logger at INFO level.
+    """
+    src, out = Path(src_dir), Path(out_path)
+    if not src.is_dir():
+        raise ExportError(f"checkpoint directory {src} does not exist or is not a directory")
+    if out.is_dir():
+        raise ExportError(f"output {out} is a directory; give a file name, e.g. {out / 'model.oelm'}")
+    if not out.parent.is_dir():
+        raise ExportError(f"output directory {out.parent} does not exist; create it first")
+
+    cfg_path = src / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{cfg_path} does not exist; pass the directory of a Hugging Face "
+                          f"OpenELM checkpoint (config.json + model.safetensors)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read {cfg_path}: {e}") from e
+    spec = parse_config(cfg)
+    try:  # the config is copied into the metadata, which must be strict JSON
+        json.dumps(cfg, allow_nan=False)
+    except ValueError:
+        raise ExportError(f"{cfg_path} contains NaN or Infinity, which is not valid JSON; "
+                          f"fix the value in config.json") from None
+    tok = _load_tokenizer(src, tokenizer, spec)
+
+    ckpt = HFCheckpoint(src)
+    try:
+        layout = _check_tensors(ckpt, spec, cfg)
+        wdtype = _choose_dtype(dtype, ckpt, layout)
+        entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))]
+        entries += [_Entry(t.oelm_name, "f32" if t.is_norm else wdtype, t.shape, hf_name=t.hf_name)
+                    for t in layout]
+        offset = 0
+        for e in entries:
+            e.offset = _align(offset)
+            offset = e.offset + e.size
+        data_size = offset  # no padding after the last tensor: the file ends with it
+
+        meta = {
+            "format": "openelm_rt",
+            "writer": f"{PROG} {_writer_version()}",
+            "weights_dtype": wdtype,
+            "model": spec.to_metadata(),
+            "tokenizer": {"type": "sentencepiece", "tensor": TOKENIZER_TENSOR},
+            "source": {"hf_config": cfg},
+            "tensors": [e.to_json() for e in entries],
+        }
+        # The CRCs are only known after the data is written, so reserve room for the metadata
+        # with every crc32 at its widest (10 digits), write the data, then the real metadata
+        # (never longer) at offset 64; the rest of the reserved room stays zero padding.
+        for t in meta["tensors"]:
+            t["crc32"] = 0xFFFFFFFF
+        data_offset = _align(HEADER_SIZE + len(_metadata_bytes(meta)))
+        file_size = data_offset + data_size
+        free = shutil.disk_usage(out.parent).free
+        if free < file_size:
+            raise ExportError(f"{out.parent} has {free / 1e9:.2f} GB free but {out.name} needs "
+                              f"{file_size / 1e9:.2f} GB; free space or choose another directory")
+
+        show = sys.stderr.isatty() if progress is None else progress
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                bar = ProgressBar(data_size, f"writing {out.name}", show)
+                try:
+                    for e in entries:
+                        f.seek(data_offset + e.offset)  # skipped bytes read back as zeros
+                        e.crc32 = _write_tensor(f, e, _chunks(e, ckpt, tok), bar)
+                finally:
+                    bar.close()
+                meta["tensors"] = [e.to_json() for e in entries]
+                blob = _metadata_bytes(meta)
+                assert HEADER_SIZE + len(blob) <= data_offset, "metadata outgrew its reserved room"
+                header = _HEADER.pack(MAGIC, FORMAT_VERSION, NAMES_VERSION, HEADER_SIZE, len(blob),
+                                      data_offset, data_size, ALIGNMENT, zlib.crc32(blob),
+                                      file_size)
+                f.seek(0)
+                f.write(header + blob + bytes(data_offset - HEADER_SIZE - len(blob)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise ExportError(f"writing {out} failed: {exc.strerror or exc}") from exc
+            raise
+    finally:
+        ckpt.close()
+    return out
+
+
+# ----------------------------------------------------------------------------- reading back
+
+class OelmFile:
+    """Memory-mapped .oelm file for tests and tools; checks only the magic (the C++ reader validates)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        fields = _HEADER.unpack(self._map[:HEADER_SIZE].tobytes())
+        names = ("magic", "format_version", "names_version", "metadata_offset", "metadata_size",
+                 "data_offset", "data_size", "alignment", "metadata_crc32", "file_size")
+        self.header = dict(zip(names, fields))
+        if self.header["magic"] != MAGIC:
+            raise ExportError(f"{self.path} is not an .oelm file (magic {self.header['magic']!r})")
+        start = self.header["metadata_offset"]
+        self.metadata = json.loads(
+            self._map[start:start + self.header["metadata_size"]].tobytes().decode("utf-8"))
+        self._tensors = {t["name"]: t for t in self.metadata["tensors"]}
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8."""
+        t = self._tensors[name]
+        begin = self.header["data_offset"] + t["offset"]
+        return self._map[begin:begin + t["size"]].view(_NUMPY[t["dtype"]]).reshape(t["shape"])
+
+    def close(self) -> None:
+        self._map = None
+
+    def __enter__(self) -> "OelmFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_oelm(path) -> OelmFile:
+    return OelmFile(path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a Hugging Face OpenELM checkpoint (config.json + model.safetensors,\n"
+                    "or shards + model.safetensors.index.json) and a SentencePiece tokenizer\n"
+                    "into one .oelm file for openelm_rt. Everything is validated first; the\n"
+                    "output appears only when complete.",
+        epilog="example:\n  %(prog)s ./OpenELM-270M-Instruct -o openelm-270m-instruct.oelm "
+               "--tokenizer ./Llama-2-7b-hf/tokenizer.model\n\n"
+               "Apple's OpenELM repos ship no tokenizer: pass the LLaMA-2 tokenizer.model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="checkpoint directory (as downloaded from the Hub)")
+    p.add_argument("-o", "--output", metavar="OUT.oelm", required=True,
+                   help="output file (written atomically: a temporary file, renamed at the end)")
+    p.add_argument("--dtype", choices=("auto",) + WEIGHT_DTYPES, default="auto",
+                   help="weight type: auto keeps the checkpoint's (F32 -> f32, BF16 -> bf16); "
+                        "norm weights are always f32 (default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="SentencePiece tokenizer.model (default: SRC/tokenizer.model)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def main(argv=None) -> int:
+    """CLI entry point: 0 ok, 2 on a usage or export error, 130 on Ctrl-C."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and the error (or --help)
+        return e.code if isinstance(e.code, int) else 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: note: %(message)s"))
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        t0 = time.monotonic()
+        out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
+                                progress=False if args.no_progress else None)
+        with read_oelm(out) as f:
+            n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
+        print(f"{PROG}: wrote {out} ({out.stat().st_size:,} bytes, {n} tensors, weights {wd}) "
+              f"in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        return 0
+    except ExportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
