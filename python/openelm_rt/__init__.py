@@ -1,0 +1,22 @@
+"""openelm_rt: a native inference runtime for Apple's OpenELM language models.
+
+Public surface: `Session`, `GenerationResult`, `GenerationStream`, `FormatError`.
+The exporter (`openelm_rt.export`) and checkpoint tools import without the compiled
+core, so they are importable before the extension is built.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["Session", "GenerationResult", "GenerationStream", "FormatError", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: importing the package must not require the compiled extension.
+    if name in ("Session", "GenerationResult", "GenerationStream"):
+        from . import session
+
+        return getattr(session, name)
+    if name == "FormatError":
+        from . import _core
+
+        return _core.FormatError
+    raise AttributeError(f"module 'openelm_rt' has no attribute {name!r}")

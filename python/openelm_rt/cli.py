@@ -1,0 +1,232 @@
+"""The `openelm-rt` command: generate text, run the demo, inspect a model file.
+
+    openelm-rt generate --model M.oelm --prompt TEXT [--max-new-tokens N]
+                        [--generate_kwargs repetition_penalty=1.2 top_k=40 ...]
+    openelm-rt demo     (random OpenELM-270M weights when you have no checkpoint)
+    openelm-rt info M.oelm [--verify]
+
+Flags mirror the OpenELM model card's generate_openelm.py where they overlap
+(--model, --prompt, --max_length, --generate_kwargs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USAGE = 2
+
+# generate_kwargs keys we implement, with Hugging Face meanings.
+_SUPPORTED_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                     "repetition_penalty", "do_sample", "seed")
+# Keys of Hugging Face generate() that exist upstream but are not implemented here yet.
+_NOT_YET = ("prompt_lookup_num_tokens", "assistant_model", "num_beams", "num_return_sequences")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parse_value(v: str):
+    """generate_openelm.py's rule: int if it parses, else float, else the string."""
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def parse_generate_kwargs(items) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--generate_kwargs entry {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        if k in _NOT_YET:
+            raise UsageError(f"generate_kwargs key {k!r} is not supported by openelm-rt yet; "
+                             f"supported keys: {', '.join(_SUPPORTED_KWARGS)}")
+        if k not in _SUPPORTED_KWARGS:
+            raise UsageError(f"unknown generate_kwargs key {k!r}; supported keys: {', '.join(_SUPPORTED_KWARGS)}")
+        out[k] = _parse_value(v)
+    return out
+
+
+def _sampling_from_kwargs(kw: dict) -> dict:
+    """Map HF-style kwargs onto Session.generate arguments.
+
+    HF samples only with do_sample=True; here giving a temperature also turns sampling
+    on, and do_sample=True without a temperature means temperature 1.0 (HF's default).
+    do_sample=False forces greedy decoding.
+    """
+    kw = dict(kw)
+    do_sample = kw.pop("do_sample", None)
+    if do_sample is not None and not isinstance(do_sample, (bool, int)):
+        raise UsageError(f"do_sample must be true/false, got {do_sample!r}")
+    if do_sample is False or do_sample == 0:
+        kw["temperature"] = 0.0
+    elif do_sample and "temperature" not in kw:
+        kw["temperature"] = 1.0
+    return kw
+
+
+def _speed_line(r) -> str:
+    return (f"[openelm-rt] prompt {len(r.prompt_token_ids)} tokens, prefill {r.prefill_tokens_per_s:.1f} tok/s; "
+            f"generated {len(r.token_ids)} tokens, decode {r.decode_tokens_per_s:.1f} tok/s; "
+            f"finish: {r.finish_reason}")
+
+
+def _run_generation(session, prompt, max_new_tokens, kwargs, echo_prompt=True, stream=True):
+    out = sys.stdout
+    if echo_prompt:
+        out.write(prompt)
+        out.flush()
+    it = session.generate(prompt, max_new_tokens=max_new_tokens, stream=True, **kwargs)
+    for piece in it:
+        if stream:
+            out.write(piece)
+            out.flush()
+    r = it.result
+    if not stream:
+        out.write(r.text)
+    out.write("\n")
+    out.flush()
+    print(_speed_line(r), file=sys.stderr)
+    return r
+
+
+def cmd_generate(args) -> int:
+    from .session import Session
+
+    kw = _sampling_from_kwargs(parse_generate_kwargs(args.generate_kwargs))
+    if args.seed is not None:
+        kw["seed"] = args.seed
+    max_new = kw.pop("max_new_tokens", args.max_new_tokens)
+    if not os.path.exists(args.model):
+        raise UsageError(f"model file {args.model!r} does not exist; create one with "
+                         f"`openelm-rt-export CHECKPOINT_DIR -o {args.model}`")
+    with Session(args.model, threads=args.threads, max_context=args.max_context, backend=args.backend) as s:
+        if args.max_length is not None:
+            n_prompt = len(s.tokenize(args.prompt))
+            max_new = args.max_length - n_prompt
+            if max_new < 0:
+                raise UsageError(f"--max_length {args.max_length} is shorter than the prompt ({n_prompt} tokens)")
+        _run_generation(s, args.prompt, max_new, kw, stream=not args.no_stream)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import ensure_random_model
+    from .session import Session
+
+    log = lambda msg: print(f"[openelm-rt demo] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    m = ensure_random_model(args.preset, args.dtype, args.cache_dir, args.tokenizer, log=log)
+    log(f"model: {m.path}")
+    log(f"tokenizer: {m.tokenizer_desc}")
+    kw = {"temperature": args.temperature, "seed": args.seed} if args.temperature else {}
+    with Session(m.path, threads=args.threads) as s:
+        log(f"loaded: {s!r}")
+        _run_generation(s, args.prompt, args.max_new_tokens, kw)
+    print(
+        "\nNOTE: these weights are RANDOM, so the text above is meaningless; the run shows the\n"
+        "pipeline (checkpoint -> export -> native forward pass -> generation) and its speed.\n"
+        "To run a real model, download an OpenELM checkpoint (e.g. apple/OpenELM-270M:\n"
+        "config.json + model.safetensors) and the LLaMA-2 tokenizer.model, then:\n"
+        "  openelm-rt-export OpenELM-270M --tokenizer tokenizer.model -o openelm-270m.oelm\n"
+        "  openelm-rt generate --model openelm-270m.oelm --prompt 'Once upon a time there was'\n",
+        file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import _core
+
+    m = _core.Model(args.model, bool(args.verify))
+    c = m.config
+    print(f"file:          {args.model} ({m.file_size:,} bytes, format {m.format_version}, names {m.names_version})")
+    print(f"weights:       {m.weights_dtype}")
+    print(f"layers:        {c['n_layer']}   d_model {c['d_model']}   head_dim {c['head_dim']}   vocab {c['vocab_size']}")
+    print(f"q heads:       {c['n_head_q']}")
+    print(f"kv heads:      {c['n_head_kv']}")
+    print(f"ffn widths:    {c['ffn_dim']}")
+    print(f"rope theta:    {c['rope_theta']}   norm eps {c['norm_eps']}   max_context {c['max_context']}")
+    print(f"tokens:        bos {c['bos_token_id']}   eos {c['eos_token_id']}   tied head {c['tied_embeddings']}")
+    if args.verify:
+        print("checksums:     all tensors verified")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openelm-rt", description="Run Apple OpenELM models natively.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate text with an .oelm model; prints the prompt and its "
+                                   "continuation, and the speed on stderr.",
+                       epilog="example: openelm-rt generate --model openelm-270m.oelm --prompt 'Once upon a "
+                              "time there was' --generate_kwargs repetition_penalty=1.2")
+    g.add_argument("--model", required=True, help="path of an .oelm file made by openelm-rt-export")
+    g.add_argument("--prompt", required=True, help="prompt text (BOS is prepended)")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128,
+                   help="most tokens to generate (default 128)")
+    g.add_argument("--max_length", "--max-length", dest="max_length", type=int, default=None,
+                   help="total length, prompt included, as in generate_openelm.py (overrides --max-new-tokens)")
+    g.add_argument("--generate_kwargs", "--generate-kwargs", nargs="*", metavar="KEY=VALUE",
+                   help=f"generation options: {', '.join(_SUPPORTED_KWARGS)}; values parse as int, "
+                        f"then float, then string (as in generate_openelm.py)")
+    g.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    g.add_argument("--max-context", type=int, default=None, help="context size (default: the model's)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--backend", choices=("cpu", "ref"), default="cpu", help=argparse.SUPPRESS)
+    g.add_argument("--stream", dest="no_stream", action="store_false",
+                   help="print text as it is generated (the default)")
+    g.add_argument("--no-stream", dest="no_stream", action="store_true",
+                   help="print the text at the end instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="end-to-end demo on random weights (no checkpoint needed)",
+                       description="Build a Hugging Face-format OpenELM checkpoint with random weights in "
+                                   "the real shape, export it, and generate from it. The text is "
+                                   "meaningless; the point is the pipeline and the speed. Files are "
+                                   "cached and reused.")
+    d.add_argument("--preset", default="270M", choices=("tiny", "270M", "450M", "1_1B", "3B"),
+                   help="model shape (default 270M)")
+    d.add_argument("--cache-dir", default=None,
+                   help="where to keep the files (default $XDG_CACHE_HOME/openelm_rt or ~/.cache/openelm_rt)")
+    d.add_argument("--tokenizer", default=None,
+                   help="a tokenizer.model to use (e.g. LLaMA-2's); default: train one locally")
+    d.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="weight type (default f32)")
+    d.add_argument("--prompt", default="Once upon a time there was", help="prompt text")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="print the configuration stored in an .oelm file")
+    i.add_argument("model", help="path of an .oelm file")
+    i.add_argument("--verify", action="store_true", help="also check every tensor's CRC-32")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"openelm-rt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as e:  # includes FormatError
+        print(f"openelm-rt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\n[openelm-rt] interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
