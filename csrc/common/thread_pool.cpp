@@ -1,4 +1,4 @@
-// ThreadPool: workers spin briefly on a generation counter before sleeping on a
+// ThreadPool: workers spin briefly on the generation counter before sleeping on a
 // condition variable, because decode issues ~100 small parallel regions per token
 // and a futex wake-up per region would cost more than the work in the small layers.
 #include "common/thread_pool.h"
@@ -16,10 +16,12 @@ inline void cpu_relax() {
 #endif
 }
 constexpr int kSpinIterations = 20000;  // ~50-100 us before falling back to sleeping
+constexpr int64_t kChunksPerThread = 4;  // load balance vs. claim overhead
+constexpr uint64_t kClosed = 0xFFFFFFFFull;
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
-  for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this] { worker(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -32,70 +34,74 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
-void ThreadPool::worker(int index) {
-  uint64_t seen = 0;
+void ThreadPool::work_on(uint32_t gen) {
   for (;;) {
-    uint64_t gen = generation_.load(std::memory_order_acquire);
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    if (uint32_t(t >> 32) != gen || uint32_t(t) >= n_chunks_.load(std::memory_order_relaxed)) return;
+    if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
+    // This chunk is ours; the job cannot finish (and fn_/n_ cannot change) until we
+    // report it done below.
+    const int64_t b = int64_t(uint32_t(t)) * chunk_;
+    const int64_t e = std::min(n_, b + chunk_);
+    try {
+      (*fn_)(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+    done_.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::worker() {
+  uint32_t seen = 0;
+  for (;;) {
+    uint32_t gen = generation_.load(std::memory_order_acquire);
     for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
       cpu_relax();
       gen = generation_.load(std::memory_order_acquire);
     }
     if (gen == seen) {
       std::unique_lock<std::mutex> lock(mu_);
+      sleepers_.fetch_add(1);
       wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      sleepers_.fetch_sub(1);
       gen = generation_.load(std::memory_order_acquire);
     }
     seen = gen;
     if (stop_.load()) return;
-    try {
-      (*job_)(index, n_threads_);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mu_);
-      if (!error_) error_ = std::current_exception();
-    }
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    work_on(gen);
   }
 }
 
-void ThreadPool::run(const std::function<void(int, int)>& fn) {
-  if (n_threads_ == 1) {
-    fn(0, 1);
-    return;
-  }
-  job_ = &fn;
-  error_ = nullptr;
-  pending_.store(n_threads_ - 1, std::memory_order_release);
-  {
-    // Taking the lock orders the increment with sleepers' predicate checks.
-    std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
-  }
-  wake_.notify_all();
-  std::exception_ptr mine;
-  try {
-    fn(0, n_threads_);
-  } catch (...) {
-    mine = std::current_exception();
-  }
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
-  job_ = nullptr;
-  if (mine) std::rethrow_exception(mine);
-  if (error_) std::rethrow_exception(error_);
-}
-
-void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn,
-                              int64_t align) {
+void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align) {
   if (n <= 0) return;
+  align = std::max<int64_t>(1, align);
   if (n_threads_ == 1 || n <= align) {
     fn(0, n);
     return;
   }
-  run([&](int i, int nt) {
-    int64_t units = (n + align - 1) / align;
-    int64_t b = units * i / nt * align;
-    int64_t e = std::min(n, units * (i + 1) / nt * align);
-    if (b < e) fn(b, e);
-  });
+  const int64_t units = (n + align - 1) / align;
+  const int64_t chunks = std::min<int64_t>(units, int64_t(n_threads_) * kChunksPerThread);
+  fn_ = &fn;
+  n_ = n;
+  chunk_ = (units + chunks - 1) / chunks * align;
+  n_chunks_.store(uint32_t((n + chunk_ - 1) / chunk_), std::memory_order_relaxed);
+  error_ = nullptr;
+  done_.store(0, std::memory_order_relaxed);
+  const uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
+  ticket_.store(uint64_t(gen) << 32, std::memory_order_release);
+  generation_.store(gen, std::memory_order_release);
+  if (sleepers_.load(std::memory_order_acquire) > 0) {
+    std::lock_guard<std::mutex> lock(mu_);  // orders the store with sleepers' predicate checks
+    wake_.notify_all();
+  }
+  work_on(gen);
+  const uint32_t total = n_chunks_.load(std::memory_order_relaxed);
+  while (done_.load(std::memory_order_acquire) != total) cpu_relax();
+  ticket_.store((uint64_t(gen) << 32) | kClosed, std::memory_order_release);
+  fn_ = nullptr;
+  if (error_) std::rethrow_exception(error_);
 }
 
 }  // namespace oelm

@@ -1,11 +1,14 @@
 // A persistent pool of worker threads for data-parallel kernels.
-// `run(fn)` calls fn(i, n) once on each of the n threads (the caller is thread 0) and
-// returns when all are done. Work is split statically by the callers, so every output
-// element is computed by the same code in the same order whatever n is: results are
-// bitwise identical across thread counts. Not re-entrant: one run() at a time.
+// parallel_for(n, fn) cuts [0, n) into chunks that threads claim dynamically (the
+// caller works too), so a worker the OS has descheduled delays nothing: the others
+// take its chunks. Every output element is computed by the same code whichever
+// thread runs it, so results are bitwise identical for any thread count.
+// Not re-entrant: one parallel_for at a time per pool.
 #pragma once
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -22,27 +25,37 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  // Runs fn(thread_index, n_threads) on every thread; rethrows the first exception.
-  void run(const std::function<void(int, int)>& fn);
-
-  // Splits [0, n) into contiguous chunks, one per thread, and calls fn(begin, end)
-  // for the non-empty ones. `align` rounds chunk boundaries to a multiple of it.
-  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn,
-                    int64_t align = 1);
+  // Calls fn(begin, end) over disjoint chunks covering [0, n); chunk boundaries are
+  // multiples of `align`. Rethrows the first exception a chunk threw.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align = 1);
 
  private:
-  void worker(int index);
+  void worker();
+  // Claims and runs chunks of job `gen` until none is left.
+  void work_on(uint32_t gen);
 
   int n_threads_;
   std::vector<std::thread> threads_;
+
+  // The current job. Written by the caller before the generation is published;
+  // stays valid while any claimed chunk of it is unfinished.
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, chunk_ = 0;
+  std::atomic<uint32_t> n_chunks_{0};
+
+  // (generation << 32) | next chunk index. Claiming a chunk is a CAS on this word,
+  // so a late worker can never claim a chunk of a job other than the one it saw.
+  // Between jobs the index is kClosed, so nothing can be claimed while the next
+  // job's fields are being written.
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<uint32_t> done_{0};
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
   std::mutex mu_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<bool> stop_{false};
-  const std::function<void(int, int)>* job_ = nullptr;
-  std::exception_ptr error_;
   std::mutex error_mu_;
+  std::exception_ptr error_;
 };
 
 }  // namespace oelm

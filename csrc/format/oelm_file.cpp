@@ -167,7 +167,11 @@ void OelmFile::validate_and_index(bool verify) {
   if (crc32(base_ + meta_off, meta_size) != meta_crc)
     bad(path_, "metadata checksum mismatch: the file is corrupt, re-export or copy it again");
 
-  meta_ = json::parse(std::string_view(reinterpret_cast<const char*>(base_ + meta_off), meta_size));
+  try {
+    meta_ = json::parse(std::string_view(reinterpret_cast<const char*>(base_ + meta_off), meta_size));
+  } catch (const FormatError& e) {
+    bad(path_, e.what());
+  }
   if (!meta_.is_object()) bad(path_, "metadata is not a JSON object");
   const json::Value* fmt = meta_.find("format");
   if (!fmt || !fmt->is_string() || fmt->as_string() != "openelm_rt")
