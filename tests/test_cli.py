@@ -1,0 +1,136 @@
+"""The command-line tools, run as subprocesses: `openelm-rt generate`, `openelm-rt demo`
+(tiny preset only) and `openelm-rt-export`, both as `python -m ...` and as console scripts
+when installed. Checks output text against Session.generate, the speed line, and exit codes.
+"""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import env_with_pythonpath
+
+PROMPT = "Once upon a time"
+SPEED = re.compile(r"tok(en)?s?\s*/\s*s", re.IGNORECASE)
+
+
+def _launchers(module, script):
+    out = [pytest.param([sys.executable, "-m", module], id="python-m")]
+    exe = shutil.which(script)
+    out.append(pytest.param([exe] if exe else None, id="console-script"))
+    return out
+
+
+def _run(cmd, *args, timeout=120):
+    if cmd is None:
+        pytest.skip("console script not on PATH (package not installed)")
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
+                          env=env_with_pythonpath(), timeout=timeout)
+
+
+RT = _launchers("openelm_rt.cli", "openelm-rt")
+EXPORT = _launchers("openelm_rt.export", "openelm-rt-export")
+
+
+@pytest.mark.parametrize("cmd", RT)
+def test_generate_prints_text_and_speed(cmd, session_f32, tiny_f32):
+    expected = session_f32.generate(PROMPT, max_new_tokens=8).text
+    p = _run(cmd, "generate", "--model", tiny_f32.oelm, "--prompt", PROMPT,
+             "--max-new-tokens", 8)
+    assert p.returncode == 0, p.stderr
+    assert expected.strip() and expected in p.stdout, (
+        f"stdout {p.stdout!r} does not contain the generated text {expected!r}")
+    assert SPEED.search(p.stderr), f"no speed line in stderr: {p.stderr!r}"
+
+
+def test_generate_max_length_counts_prompt(session_f32, tiny_f32):
+    n_prompt = len(session_f32.tokenize(PROMPT))
+    expected = session_f32.generate(PROMPT, max_new_tokens=5)
+    p = _run(RT[0].values[0], "generate", "--model", tiny_f32.oelm, "--prompt", PROMPT,
+             "--max_length", n_prompt + 5)
+    assert p.returncode == 0, p.stderr
+    assert expected.text in p.stdout
+    longer = session_f32.generate(PROMPT, max_new_tokens=6).text
+    if longer != expected.text:
+        assert longer not in p.stdout, "--max_length must include the prompt tokens"
+
+
+def test_generate_kwargs_accepted(session_f32, tiny_f32):
+    expected = session_f32.generate(PROMPT, max_new_tokens=10, repetition_penalty=1.2, top_k=5,
+                                    temperature=0.7, seed=3).text
+    p = _run(RT[0].values[0], "generate", "--model", tiny_f32.oelm, "--prompt", PROMPT,
+             "--max-new-tokens", 10, "--threads", 2,
+             "--generate_kwargs", "repetition_penalty=1.2", "top_k=5", "temperature=0.7",
+             "seed=3")
+    assert p.returncode == 0, p.stderr
+    assert expected in p.stdout, f"stdout {p.stdout!r} vs Session text {expected!r}"
+
+
+def test_generate_stream(session_f32, tiny_f32):
+    expected = session_f32.generate(PROMPT, max_new_tokens=8).text
+    p = _run(RT[0].values[0], "generate", "--model", tiny_f32.oelm, "--prompt", PROMPT,
+             "--max-new-tokens", 8, "--stream")
+    assert p.returncode == 0, p.stderr
+    assert expected in p.stdout
+
+
+def test_unknown_generate_kwarg_exits_2(tiny_f32, ort):
+    p = _run(RT[0].values[0], "generate", "--model", tiny_f32.oelm, "--prompt", PROMPT,
+             "--generate_kwargs", "frobnicate=3")
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "frobnicate" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_generate_kwarg_value_exits_nonzero(tiny_f32, ort):
+    p = _run(RT[0].values[0], "generate", "--model", tiny_f32.oelm, "--prompt", PROMPT,
+             "--generate_kwargs", "top_p=1.7")
+    assert p.returncode != 0
+    assert "top_p" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_model_exits_2(tmp_path, ort):
+    missing = tmp_path / "nope.oelm"
+    p = _run(RT[0].values[0], "generate", "--model", missing, "--prompt", PROMPT)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert str(missing) in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_demo_tiny_end_to_end(tmp_path, ort):
+    cache = tmp_path / "demo_cache"
+    p = _run(RT[0].values[0], "demo", "--preset", "tiny", "--cache-dir", cache,
+             "--max-new-tokens", 8, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search("random", p.stdout + p.stderr, re.IGNORECASE), "no random-weights notice"
+    assert SPEED.search(p.stdout + p.stderr)
+    assert any(cache.rglob("*.oelm")), "demo should leave its model in the cache dir"
+    # a second run reuses the cache
+    p2 = _run(RT[0].values[0], "demo", "--preset", "tiny", "--cache-dir", cache,
+              "--max-new-tokens", 8, timeout=300)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+
+
+@pytest.mark.parametrize("cmd", EXPORT)
+def test_export_help(cmd):
+    p = _run(cmd, "--help")
+    assert p.returncode == 0, p.stderr
+    assert "--dtype" in p.stdout and "--tokenizer" in p.stdout
+
+
+def test_export_cli_matches_api(tmp_path, tiny_f32, tokenizer_path, tiny_f32_export, ort):
+    out = tmp_path / "cli_bf16.oelm"
+    p = _run(EXPORT[0].values[0], tiny_f32.ckpt_dir, "-o", out, "--dtype", "bf16",
+             "--tokenizer", tokenizer_path)
+    assert p.returncode == 0, p.stderr
+    with ort.Session(str(out)) as a, ort.Session(str(tiny_f32_export["bf16"])) as b:
+        ids = [1, 17, 300, 5]
+        assert (a.logits(ids) == b.logits(ids)).all()
+
+
+def test_export_cli_bad_source_exits_nonzero(tmp_path):
+    p = _run(EXPORT[0].values[0], tmp_path / "no_ckpt", "-o", tmp_path / "x.oelm")
+    assert p.returncode != 0
+    assert "no_ckpt" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.oelm").exists()
