@@ -339,8 +339,7 @@ def test_sampling_probs_hand_cases(ort):
 
 def test_sampled_frequencies_follow_probs(session_f32):
     """Draw the first new token N times with different seeds; the counts must fit the
-    distribution the sampler claims (chi-square, loose bound)."""
-    from scipy.stats import chisquare
+    distribution the sampler claims (chi-square at p = 1e-4)."""
     s = session_f32
     prompt = prompt_ids(4, 1024, seed=77)
     # peaked enough that a temperature off by 30% is visible, spread enough to test the draw
@@ -357,9 +356,13 @@ def test_sampled_frequencies_follow_probs(session_f32):
         counts[r.token_ids[0]] += 1
     assert counts[probs == 0].sum() == 0, "sampled a token outside the top-k support"
     exp = probs[support] * N
-    stat, pval = chisquare(counts[support], exp)
-    assert pval > 1e-4, (f"chi-square p={pval:.2e}: counts {counts[support].tolist()} vs "
-                         f"expected {np.round(exp, 1).tolist()}")
+    stat = float(((counts[support] - exp) ** 2 / exp).sum())
+    # Upper 1e-4 quantile of chi-square(df) by the Wilson-Hilferty approximation
+    # (accurate to ~1% here); z = 3.719 is the standard normal's upper 1e-4 quantile.
+    df = len(support) - 1
+    crit = df * (1 - 2 / (9 * df) + 3.719 * (2 / (9 * df)) ** 0.5) ** 3
+    assert stat < crit, (f"chi-square {stat:.1f} >= {crit:.1f} (p < 1e-4): counts "
+                         f"{counts[support].tolist()} vs expected {np.round(exp, 1).tolist()}")
 
 
 # ----------------------------------------------------------------------------- tokenizer
