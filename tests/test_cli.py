@@ -134,3 +134,18 @@ def test_export_cli_bad_source_exits_nonzero(tmp_path):
     assert p.returncode != 0
     assert "no_ckpt" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x.oelm").exists()
+
+
+def test_info_prints_stored_config_and_verifies(session_f32, tiny_f32, tmp_path):
+    p = _run(RT[0].values[0], "info", tiny_f32.oelm, "--verify")
+    assert p.returncode == 0, p.stderr
+    c = session_f32.config
+    assert str(c["n_head_q"]) in p.stdout and str(c["ffn_dim"]) in p.stdout, p.stdout
+    assert "verified" in p.stdout
+    # A flipped byte in a weight must make --verify fail with exit 2 and name the tensor.
+    data = bytearray(tiny_f32.oelm.read_bytes())
+    data[-100] ^= 0xFF  # the last tensor (output_norm) ends the file
+    bad = tmp_path / "flipped.oelm"
+    bad.write_bytes(bytes(data))
+    p = _run(RT[0].values[0], "info", bad, "--verify")
+    assert p.returncode == 2 and "checksum" in p.stderr and "Traceback" not in p.stderr, p.stderr
