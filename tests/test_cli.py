@@ -149,3 +149,11 @@ def test_info_prints_stored_config_and_verifies(session_f32, tiny_f32, tmp_path)
     bad.write_bytes(bytes(data))
     p = _run(RT[0].values[0], "info", bad, "--verify")
     assert p.returncode == 2 and "checksum" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_version_names_the_format_versions():
+    import openelm_rt
+    for cmd in (RT[0].values[0], EXPORT[0].values[0]):
+        p = _run(cmd, "--version")
+        assert p.returncode == 0, p.stderr
+        assert openelm_rt.__version__ in p.stdout and "format_version 1" in p.stdout, p.stdout

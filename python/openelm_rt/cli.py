@@ -159,8 +159,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _version_string() -> str:
+    from . import __version__
+
+    try:
+        from . import _core
+
+        return (f"openelm-rt {__version__} (reads .oelm format_version {_core.FORMAT_VERSION}, "
+                f"names_version {_core.NAMES_VERSION})")
+    except ImportError:
+        return f"openelm-rt {__version__} (native core not built)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openelm-rt", description="Run Apple OpenELM models natively.")
+    p.add_argument("--version", action="version", version=_version_string())
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt",

@@ -420,6 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="PATH",
                    help="SentencePiece tokenizer.model (default: SRC/tokenizer.model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_writer_version()} "
+                   f"(writes .oelm format_version {FORMAT_VERSION}, names_version {NAMES_VERSION})")
     return p
 
 
