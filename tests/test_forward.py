@@ -258,3 +258,17 @@ def test_logits_input_validation(session_f32):
         s.logits([1, 1024])
     with pytest.raises(ValueError):
         s.logits([1, -1])
+
+
+@pytest.mark.parametrize("which", ["f32", "f16", "bf16"])
+def test_batched_and_single_token_paths_bitwise_equal(ort, tiny_f32, tiny_f32_export, which):
+    """Prefill (a batch of tokens) and decode (one token) take different matmul paths for
+    16-bit weights (widen a block once vs. widen inside the dot product); both promise the
+    same arithmetic in the same order, so their logits must agree to the last bit."""
+    path = tiny_f32.oelm if which == "f32" else tiny_f32_export[which]
+    s = ort.Session(str(path))
+    ids = prompt_ids(9, s.vocab_size, seed=5)
+    batched = ort._core.Context(s._model, 16).eval(ids, True)
+    ctx = ort._core.Context(s._model, 16)
+    single = np.concatenate([ctx.eval([t], False) for t in ids])
+    assert np.array_equal(batched, single), np.abs(batched - single).max()

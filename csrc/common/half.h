@@ -15,24 +15,22 @@ inline float bits_to_f32(uint32_t u) {
 // bfloat16 is the upper half of a binary32, so widening is exact.
 inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
 
-// binary16 -> binary32, exact for every input (subnormals, infinities, NaN payloads).
+// binary16 -> binary32, exact for every number (normals, subnormals, zeros, infinities);
+// NaN stays NaN with its payload, signalling NaNs come back quiet (weights are never
+// NaN: the exporter refuses them). Branch-free so that loops over it vectorise: normal numbers are rebiased by moving
+// the exponent/mantissa bits into place and scaling by 2^-112; subnormals are built
+// as (0.5 + m * 2^-24 scaled) - 0.5 with a float subtraction, which is exact.
 inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | (mant << 13));  // inf / NaN
-  if (exp == 0) {
-    if (mant == 0) return bits_to_f32(sign);  // signed zero
-    // Subnormal: shift the mantissa up until its leading 1 is the implicit bit.
-    int e = -1;
-    do {
-      mant <<= 1;
-      ++e;
-    } while ((mant & 0x400u) == 0);
-    mant &= 0x3ffu;
-    return bits_to_f32(sign | (uint32_t(127 - 15 - e) << 23) | (mant << 13));
-  }
-  return bits_to_f32(sign | ((exp + 127 - 15) << 23) | (mant << 13));
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;  // exponent and mantissa, sign shifted out
+  uint32_t normal_bits, sub_bits;
+  const float normal = bits_to_f32((two_w >> 4) + (uint32_t(0xE0) << 23)) * 0x1.0p-112f;
+  const float sub = bits_to_f32((two_w >> 17) | (uint32_t(126) << 23)) - 0.5f;
+  std::memcpy(&normal_bits, &normal, 4);
+  std::memcpy(&sub_bits, &sub, 4);
+  const uint32_t is_sub = 0u - uint32_t(two_w < (uint32_t(1) << 27));  // all ones or zero: a mask,
+  return bits_to_f32(sign | (sub_bits & is_sub) | (normal_bits & ~is_sub));  // not a branch
 }
 
 }  // namespace oelm

@@ -37,13 +37,35 @@ void matmul_blocked(const float* x, int64_t T, int64_t K, RowPtr row, int64_t n0
   }
 }
 
+// dot_ref with the 16-bit operand widened on the fly. Widening is exact, so this is
+// the same arithmetic in the same order as widening first: results are bitwise equal.
+template <float (*Widen)(uint16_t)>
+inline float dot_widen(const float* a, const uint16_t* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * Widen(b[i + j]);
+  float tail = 0;
+  for (; i < n; ++i) tail += a[i] * Widen(b[i]);
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+// Up to this many tokens (decode), each weight is widened inside the dot product;
+// beyond it (prefill), a widened block is reused by enough tokens to pay for itself.
+constexpr int64_t kWidenInDotMaxTokens = 4;
+
 // 16-bit weights: widen a block of rows to f32 once, then reuse it for every token.
 template <float (*Widen)(uint16_t)>
 void matmul_16bit(const float* x, int64_t T, int64_t K, const void* W, int64_t n0, int64_t n1,
                   float* y, int64_t ldy) {
+  const uint16_t* w = static_cast<const uint16_t*>(W);
+  if (T <= kWidenInDotMaxTokens) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t t = 0; t < T; ++t) y[t * ldy + n] = dot_widen<Widen>(x + t * K, w + n * K, K);
+    return;
+  }
   thread_local std::vector<float> block;
   block.resize(size_t(kRowBlock * K));
-  const uint16_t* w = static_cast<const uint16_t*>(W);
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = std::min(n1, nb + kRowBlock);
     for (int64_t n = nb; n < ne; ++n)
