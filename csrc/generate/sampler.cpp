@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "common/error.h"
@@ -12,7 +13,11 @@
 namespace oelm {
 
 void validate(const SamplingParams& p) {
-  auto num = [](float v) { return std::to_string(v); };
+  auto num = [](float v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", double(v));
+    return std::string(buf);
+  };
   if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature))
     throw InvalidArgument("temperature must be >= 0 (0 = greedy), got " + num(p.temperature));
   if (p.top_k < 0) throw InvalidArgument("top_k must be >= 0 (0 = off), got " + std::to_string(p.top_k));

@@ -213,6 +213,8 @@ class Session:
         top_p = _check_float("top_p", top_p)
         min_p = _check_float("min_p", min_p)
         repetition_penalty = _check_float("repetition_penalty", repetition_penalty)
+        # The core's sampler checks these ranges too (for C++ callers); checking here
+        # reports the values in Python's notation, as the caller wrote them.
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k < 0:
