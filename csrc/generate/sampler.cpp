@@ -117,6 +117,14 @@ int32_t Sampler::process(const float* logits, int64_t V, const std::vector<int32
   return -1;
 }
 
+double Sampler::weights() {
+  const float mx = *std::max_element(scores_.begin(), scores_.end());
+  work_.resize(scores_.size());
+  double z = 0;
+  for (size_t i = 0; i < scores_.size(); ++i) z += (work_[i] = std::exp(double(scores_[i]) - mx));
+  return z;
+}
+
 void Sampler::probs(const float* logits, int64_t V, const std::vector<int32_t>& history,
                     std::vector<float>& out) {
   out.assign(size_t(V), 0.0f);
@@ -125,33 +133,23 @@ void Sampler::probs(const float* logits, int64_t V, const std::vector<int32_t>& 
     out[size_t(greedy)] = 1.0f;
     return;
   }
-  const float mx = *std::max_element(scores_.begin(), scores_.end());
-  work_.resize(size_t(V));
-  double z = 0;
-  for (int64_t i = 0; i < V; ++i) z += (work_[size_t(i)] = std::exp(double(scores_[size_t(i)]) - mx));
+  const double z = weights();
   for (int64_t i = 0; i < V; ++i) out[size_t(i)] = float(work_[size_t(i)] / z);
 }
 
 int32_t Sampler::sample(const float* logits, int64_t V, const std::vector<int32_t>& history) {
   const int32_t greedy = process(logits, V, history);
   if (greedy >= 0) return greedy;
-  const float mx = *std::max_element(scores_.begin(), scores_.end());
-  work_.resize(size_t(V));
-  double z = 0;
-  int32_t last = 0;
-  for (int64_t i = 0; i < V; ++i) {
-    const double w = std::exp(double(scores_[size_t(i)]) - mx);
-    work_[size_t(i)] = w;
-    z += w;
-    if (w > 0) last = int32_t(i);
-  }
-  const double u = rng_.uniform() * z;
+  const double u = rng_.uniform() * weights();
   double cum = 0;
   for (int64_t i = 0; i < V; ++i) {
     cum += work_[size_t(i)];
     if (cum > u) return int32_t(i);
   }
-  return last;  // u landed in the rounding slack at the very top
+  // u landed in the rounding slack at the very top: take the last token still allowed.
+  int64_t last = V - 1;
+  while (last > 0 && work_[size_t(last)] == 0) --last;
+  return int32_t(last);
 }
 
 }  // namespace oelm

@@ -43,6 +43,8 @@ class Sampler {
   // Fills scores_ with the processed logits; -inf marks removed tokens.
   // Returns the argmax when greedy, else -1.
   int32_t process(const float* logits, int64_t V, const std::vector<int32_t>& history);
+  // work_[i] = exp(scores_[i] - max), the unnormalised distribution; returns its sum.
+  double weights();
 
   SamplingParams p_;
   Rng rng_;
