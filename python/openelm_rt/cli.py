@@ -230,10 +230,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as e:
-        print(f"openelm-rt: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as e:  # includes FormatError
+    except (UsageError, ValueError, FileNotFoundError) as e:  # ValueError includes FormatError
         print(f"openelm-rt: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -285,6 +285,9 @@ class GenerationStream:
         self._gen = gen
         self._prompt = prompt_ids
         self._stops = stops
+        # Constant for the whole generation: the prompt tail decoded in front of the new ids.
+        self._head = prompt_ids[-_TEXT_CONTEXT_TOKENS:]
+        self._head_text = session._sp.decode(self._head)
         self.result = None
         session._active = self
         gen.start(prompt_ids)  # prefill happens here, so errors surface at the call
@@ -298,10 +301,8 @@ class GenerationStream:
 
     def _text(self, new_ids):
         sp = self._s._sp
-        head = self._prompt[-_TEXT_CONTEXT_TOKENS:]
-        head_text = sp.decode(head)
-        full = sp.decode(head + new_ids)
-        return full[len(head_text):] if full.startswith(head_text) else sp.decode(new_ids)
+        full = sp.decode(self._head + new_ids)
+        return full[len(self._head_text):] if full.startswith(self._head_text) else sp.decode(new_ids)
 
     def _run(self):
         gen, stops = self._gen, self._stops
