@@ -81,7 +81,9 @@ py::array tensor_copy(const TensorView& t) {
     case DType::f32: dt = py::dtype::of<float>(); break;
     case DType::f16: dt = py::dtype("float16"); break;
     case DType::bf16: dt = py::dtype::of<uint16_t>(); break;
-    case DType::u8: dt = py::dtype::of<uint8_t>(); break;
+    case DType::u8:
+    case DType::q8:
+    case DType::q4: dt = py::dtype::of<uint8_t>(); break;  // block types: the raw bytes
   }
   py::array a(dt, shape);
   std::memcpy(a.mutable_data(), t.data, t.size);
