@@ -6,6 +6,7 @@
 #include "tokenizer/tokenizer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <unordered_map>
 
@@ -18,6 +19,8 @@ namespace {
 constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";        // U+2581, escapes ' '
 constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";    // U+FFFD
 constexpr std::string_view kDefaultUnkSurface = " \xE2\x81\x87 ";  // " ⁇ " (SentencePiece's default)
+
+std::atomic<uint64_t> next_serial{1};  // Tokenizer::serial_
 
 bool is_trail(unsigned char c) { return (c & 0xC0) == 0x80; }
 
@@ -93,7 +96,7 @@ uint64_t hash_bytes(const char* p, size_t n) {
     h ^= h >> 29;
   }
   uint64_t v = 0;
-  std::memcpy(&v, p, n);
+  for (size_t i = 0; i < n; ++i) v |= uint64_t(uint8_t(p[i])) << (8 * i);  // no memcpy call for the tail
   h = (h ^ v) * 0x94D049BB133111EBull;
   return h ^ (h >> 31);
 }
@@ -275,37 +278,40 @@ RawModel parse_model_proto(std::string_view blob, const std::string& origin) {
 }  // namespace
 
 // --- piece table ------------------------------------------------------------------------
-// Open addressing, linear probing, load <= 1/2; a slot holds 32 bits of the hash and the id.
+// Open addressing with linear probing, load <= 1/2. 16-bit tags (hash bits, never 0) sit in
+// their own array, apart from the ids: most lookups are of pairs that are not pieces, and
+// they end at an empty tag after touching only that small, cache-resident array.
 struct Tokenizer::Table {
-  struct Slot {
-    uint32_t tag;
-    int32_t id;  // -1: empty
-  };
-  std::vector<Slot> slots;
+  std::vector<uint16_t> tags;  // 0: empty
+  std::vector<int32_t> ids;
   uint64_t mask = 0;
 
   explicit Table(size_t n) {
     size_t cap = 16;
     while (cap < 2 * n) cap *= 2;
-    slots.assign(cap, Slot{0, -1});
+    tags.assign(cap, 0);
+    ids.assign(cap, -1);
     mask = cap - 1;
   }
-  // Returns the id stored for s, or inserts `id` and returns -1.
+  // Returns the id stored for s, or -1 after inserting `id` (when id >= 0).
   template <typename KeyOf>
   int32_t find_or_insert(std::string_view s, int32_t id, const KeyOf& key_of) {
     const uint64_t h = hash_bytes(s.data(), s.size());
+    const uint16_t tag = uint16_t(h >> 48) | 1;
     for (uint64_t i = h & mask;; i = (i + 1) & mask) {
-      Slot& sl = slots[i];
-      if (sl.id < 0) {
-        if (id >= 0) sl = Slot{uint32_t(h >> 32), id};
+      if (tags[i] == 0) {
+        if (id >= 0) {
+          tags[i] = tag;
+          ids[i] = id;
+        }
         return -1;
       }
-      if (sl.tag == uint32_t(h >> 32) && key_of(sl.id) == s) return sl.id;
+      if (tags[i] == tag && key_of(ids[i]) == s) return ids[i];
     }
   }
 };
 
-Tokenizer::Tokenizer() { std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1); }
+Tokenizer::Tokenizer() : serial_(next_serial++) { std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1); }
 Tokenizer::~Tokenizer() = default;
 
 int32_t Tokenizer::find(std::string_view s) const {
@@ -490,13 +496,66 @@ struct Candidate {
   uint32_t size;
 };
 
+// Ids of recently encoded words, per thread (natural text repeats its words: a hit
+// replaces a whole merge with one lookup). Entries belong to one tokenizer, named by its
+// serial number (never reused, unlike an address); the cache is emptied when another
+// tokenizer uses the thread, and when it is full.
+class WordCache {
+ public:
+  static constexpr size_t kMaxWordBytes = 48;  // longer words are rare repeats
+
+  const int32_t* find(uint64_t owner, std::string_view word, size_t& n) const {
+    if (owner != owner_ || word.size() > kMaxWordBytes) return nullptr;
+    const uint64_t h = hash_bytes(word.data(), word.size()) | 1;
+    for (size_t i = h & kMask;; i = (i + 1) & kMask) {
+      const Entry& e = slots_[i];
+      if (e.hash == 0) return nullptr;
+      if (e.hash == h && std::string_view(keys_).substr(e.key, e.key_size) == word) {
+        n = e.n_ids;
+        return ids_.data() + e.ids;
+      }
+    }
+  }
+  void insert(uint64_t owner, std::string_view word, const int32_t* ids, size_t n) {
+    if (word.size() > kMaxWordBytes) return;
+    if (owner != owner_ || used_ >= kSlots / 2) {
+      slots_.assign(kSlots, Entry{});
+      keys_.clear();
+      ids_.clear();
+      used_ = 0;
+      owner_ = owner;
+    }
+    const uint64_t h = hash_bytes(word.data(), word.size()) | 1;
+    size_t i = h & kMask;
+    while (slots_[i].hash != 0) i = (i + 1) & kMask;  // callers insert only after a miss
+    slots_[i] = Entry{h, uint32_t(keys_.size()), uint32_t(word.size()), uint32_t(ids_.size()), uint32_t(n)};
+    keys_.append(word);
+    ids_.insert(ids_.end(), ids, ids + n);
+    ++used_;
+  }
+
+ private:
+  static constexpr size_t kSlots = size_t(1) << 14, kMask = kSlots - 1;
+  struct Entry {
+    uint64_t hash;  // 0: empty
+    uint32_t key, key_size, ids, n_ids;
+  };
+  uint64_t owner_ = 0;
+  std::vector<Entry> slots_;
+  std::string keys_;
+  std::vector<int32_t> ids_;
+  size_t used_ = 0;
+};
+
 // Scratch reused by every encode() on a thread: no allocation once it has grown.
 struct EncodeScratch {
   std::string norm;
   std::vector<Symbol> sym;
   std::vector<Candidate> heap;
   std::vector<std::string_view> parts;
+  WordCache cache;
 };
+
 
 // Words up to this many symbols are merged by scanning for the best pair, longer ones
 // with a heap: the same result (highest score, ties leftmost), less overhead when short.
@@ -584,24 +643,8 @@ size_t Tokenizer::encode_into(std::string_view text, bool add_bos, std::vector<i
     prev_unknown = unknown;
   };
 
-  // 2. Split into characters, user-defined symbols first (frozen), and into words where
-  // no piece can span the boundary (see split_words_), so that each word is merged alone.
-  for (size_t i = 0; i < norm.size();) {
-    sym.clear();
-    bool content = false;  // the word has a symbol other than U+2581
-    while (i < norm.size()) {
-      size_t n = has_ud ? prefix_match_user_defined(nv.substr(i)) : 0;
-      const bool frozen = n > 0;
-      if (!frozen) n = std::min(one_char_len(uint8_t(norm[i])), norm.size() - i);
-      const bool space = nv.substr(i, 3) == kSpaceSymbol;
-      if (content && space && split_words_) break;
-      content = content || !(space && (n == 3 || all_space_symbols(nv.substr(i, n))));
-      const int32_t k = int32_t(sym.size());
-      sym.push_back(Symbol{uint32_t(i), uint32_t(n), k - 1, k + 1, frozen, false, 0.0f});
-      i += n;
-    }
-    sym.back().next = -1;
-
+  // 3. and 4. for the symbols of one word.
+  auto merge_and_emit = [&] {
     // 3. Merge: repeatedly the adjacent pair whose concatenation is a piece with the
     // highest score (ties: leftmost).
     if (sym.size() <= kLinearMergeMax) {
@@ -663,6 +706,42 @@ size_t Tokenizer::encode_into(std::string_view text, bool add_bos, std::vector<i
         }
       }
     }
+  };
+
+  // 2. Split into characters, user-defined symbols first (frozen), and into words where
+  // no piece can span the boundary (see split_words_), so that each word is merged alone.
+  for (size_t i = 0; i < norm.size();) {
+    sym.clear();
+    bool content = false;  // the word has a symbol other than U+2581
+    while (i < norm.size()) {
+      size_t n = has_ud ? prefix_match_user_defined(nv.substr(i)) : 0;
+      const bool frozen = n > 0;
+      if (!frozen) n = std::min(one_char_len(uint8_t(norm[i])), norm.size() - i);
+      const bool space = nv.substr(i, 3) == kSpaceSymbol;
+      if (content && space && split_words_) break;
+      content = content || !(space && (n == 3 || all_space_symbols(nv.substr(i, n))));
+      const int32_t k = int32_t(sym.size());
+      sym.push_back(Symbol{uint32_t(i), uint32_t(n), k - 1, k + 1, frozen, false, 0.0f});
+      i += n;
+    }
+    sym.back().next = -1;
+
+    // A word's ids do not depend on the text around it, except that a run of <unk> spans
+    // words: a cached word starting with <unk> after one loses that first <unk>.
+    const std::string_view word = nv.substr(sym.front().start, i - sym.front().start);
+    const bool carried_unknown = prev_unknown && !byte_fallback_;
+    const size_t word_first = out.size();
+    size_t n_cached = 0;
+    const int32_t* cached = split_words_ ? scratch.cache.find(serial_, word, n_cached) : nullptr;
+    if (cached) {
+      out.insert(out.end(), cached, cached + n_cached);
+      prev_unknown = out.back() == unk_id_;
+    } else {
+      if (split_words_) prev_unknown = false;
+      merge_and_emit();
+      if (split_words_) scratch.cache.insert(serial_, word, out.data() + word_first, out.size() - word_first);
+    }
+    if (carried_unknown && split_words_ && out[word_first] == unk_id_) out.erase(out.begin() + long(word_first));
   }
   return out.size() - first;
 }

@@ -77,6 +77,7 @@ class Tokenizer {
   uint32_t max_piece_size_ = 0;  // in bytes: longer concatenations cannot be pieces
   bool byte_fallback_ = false, add_dummy_prefix_ = true, has_unused_ = false;
   bool split_words_ = false;  // merge word by word: no piece can span two words
+  uint64_t serial_;           // names this tokenizer's entries in the per-thread word cache
   std::string unk_surface_;
 };
 
