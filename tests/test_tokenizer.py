@@ -190,11 +190,14 @@ def test_decode_invalid_utf8_like_sentencepiece(vocab):
     assert tok.decode([b[0xE2], b[0x82]]) == "\ufffd\ufffd"
 
 
-def test_decode_rejects_bad_ids(vocab):
+def test_decode_rejects_bad_ids(vocab, ort):
     _, tok, _ = vocab
+    d = ort._core.StreamDecoder(tok)
     for bad in (-1, tok.vocab_size, 2**40):
-        with pytest.raises(ValueError, match="outside"):
+        with pytest.raises(ValueError, match=f"token id {bad} .*outside"):
             tok.decode([bad])
+        with pytest.raises(ValueError, match=f"token id {bad} .*outside"):
+            d.push(bad)
 
 
 # ----------------------------------------------------------------------------- streaming

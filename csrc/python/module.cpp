@@ -175,9 +175,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<StreamDecoder>(m, "StreamDecoder")
       .def(py::init<const Tokenizer&>(), py::arg("tokenizer"), py::keep_alive<1, 2>())
-      .def("push", [](StreamDecoder& d, int64_t id) {
-        return d.push(id < INT32_MIN || id > INT32_MAX ? -1 : int32_t(id));
-      }, py::arg("id"), "The text completed by this id (never a partial UTF-8 character).")
+      .def("push", [](StreamDecoder& d, int64_t id) { return d.push(to_ids({id}, d.tokenizer().vocab_size())[0]); },
+           py::arg("id"), "The text completed by this id (never a partial UTF-8 character).")
       .def("flush", &StreamDecoder::flush, "The held bytes at the end of the stream.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")

@@ -89,6 +89,7 @@ class Tokenizer {
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer& tok) : tok_(&tok) {}
+  const Tokenizer& tokenizer() const { return *tok_; }
   std::string push(int32_t id);
   // Ends the stream: the held bytes, invalid ones as U+FFFD. Pushing on afterwards
   // continues after the text emitted so far.
