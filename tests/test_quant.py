@@ -350,3 +350,315 @@ def test_kernel_bindings_validate(backend):
     with pytest.raises(ValueError, match="dtype"):
         backend.kernel_matmul(raw, "q3", 16, 32, np.zeros((1, 32), np.float32))
     assert backend.kernel_matmul(raw, quant.Q8, 16, 32, np.ones((2, 32), np.float32)).tolist() == [[0.0] * 16] * 2
+
+
+def test_cpu_kernels_bitwise_equal_to_ref(ort):
+    """kernels.h fixes the arithmetic (exact integer block sums, one fma per block in block
+    order, the activation rule), so every backend's quantized matmul equals the reference's
+    to the bit, for any thread count."""
+    from openelm_rt import _core
+    ref, cpus = _core.Backend("ref", 1), [_core.Backend("cpu", n) for n in (1, 3)]
+    rng = np.random.default_rng(6)
+    for dtype in QTYPES:
+        for N, K, T in [(33, 257, 1), (300, 2048, 5), (48, 768, 17)]:
+            raw, _, _ = random_packed(rng, dtype, N, K)
+            x = rng.standard_normal((T, K)).astype(np.float32)
+            want = ref.kernel_matmul(raw, dtype, N, K, x)
+            for b in cpus:
+                assert np.array_equal(b.kernel_matmul(raw, dtype, N, K, x), want), (dtype, N, K, T)
+
+
+# ----------------------------------------------------------------------------- export and model
+
+import oracle  # noqa: E402  (tests/ is on sys.path via conftest)
+from conftest import prompt_ids  # noqa: E402
+
+# (file name, --dtype, --embedding-dtype) exports of the tiny f32 checkpoint.
+Q_EXPORTS = {"q8": ("q8", None), "q4": ("q4", None), "q4e4": ("q4", "q4"), "q8ef16": ("q8", "f16")}
+
+
+@pytest.fixture(scope="module")
+def q_exports(tiny_f32, work_dir, tokenizer_path):
+    from openelm_rt import export
+    return {name: export.export_checkpoint(tiny_f32.ckpt_dir, work_dir / f"f32_as_{name}.oelm",
+                                           dtype=dt, embedding_dtype=edt, tokenizer=tokenizer_path)
+            for name, (dt, edt) in Q_EXPORTS.items()}
+
+
+def _spec(tiny):
+    return parse_config(tiny.cfg)
+
+
+@pytest.mark.parametrize("name", list(Q_EXPORTS))
+def test_export_stores_the_numpy_quantization(tiny_f32, q_exports, name):
+    from openelm_rt.export import read_oelm
+    dt, edt = Q_EXPORTS[name]
+    wdt = {"q8": quant.Q8, "q4": quant.Q4}[dt]
+    edt = {None: quant.Q8, "q4": quant.Q4, "f16": "f16"}[edt]  # q4's default head: q8
+    with read_oelm(q_exports[name]) as f:
+        assert f.metadata["weights_dtype"] == wdt and f.metadata["embedding_dtype"] == edt
+        table = {t["name"]: t for t in f.metadata["tensors"]}
+        for t in tensor_layout(_spec(tiny_f32)):
+            w = tiny_f32.weights[t.hf_name]
+            entry = table[t.oelm_name]
+            if t.is_norm:
+                assert entry["dtype"] == "f32" and np.array_equal(f.tensor(t.oelm_name), w)
+                continue
+            want_dt = edt if t.oelm_name == "token_embd" else wdt
+            assert entry["dtype"] == want_dt and entry["shape"] == list(t.shape)
+            assert entry["size"] == quant.tensor_nbytes(want_dt, t.shape)
+            got = f.tensor(t.oelm_name)
+            if want_dt == "f16":
+                assert np.array_equal(got, w.astype(np.float16))
+            else:
+                assert got.tobytes() == quant.quantize_packed(w, want_dt), t.oelm_name
+
+
+def test_export_in_small_chunks_gives_the_same_file(tiny_f32, q_exports, tmp_path, tokenizer_path,
+                                                    monkeypatch):
+    """Chunks are whole panels of 16 rows, so their bytes concatenate to the whole matrix's."""
+    from openelm_rt import export
+    monkeypatch.setattr(export, "_CHUNK_BYTES", 3000)  # 16 rows per chunk (attn_output: 32)
+    out = export.export_checkpoint(tiny_f32.ckpt_dir, tmp_path / "chunked.oelm", dtype="q4",
+                                   tokenizer=tokenizer_path)
+    assert out.read_bytes() == q_exports["q4"].read_bytes()
+
+
+def test_export_untied_quantizes_the_head_like_the_embedding(tiny_untied, tmp_path, tokenizer_path):
+    from openelm_rt import export
+    out = export.export_checkpoint(tiny_untied.ckpt_dir, tmp_path / "untied_q4.oelm", dtype="q4",
+                                   tokenizer=tokenizer_path)
+    with export.read_oelm(out) as f:
+        dts = {t["name"]: t["dtype"] for t in f.metadata["tensors"]}
+        assert dts["token_embd"] == dts["output"] == quant.Q8 and dts["blk.0.attn_qkv"] == quant.Q4
+        assert f.tensor("output").tobytes() == quant.quantize_packed(
+            tiny_untied.weights["lm_head.weight"], quant.Q8)
+
+
+def test_export_refuses_unstorable_weights(tmp_path, tiny_f32, tokenizer_path):
+    from openelm_rt import export
+    from openelm_rt.hf_config import ExportError
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_f32.ckpt_dir, ckpt)
+    name = "transformer.layers.1.ffn.proj_2.weight"
+
+    def huge(a):
+        a = a.copy()
+        a[3, 7] = 3e7  # beyond 65504 * 127: no binary16 scale holds it
+        return a
+    oracle.patch_safetensors_tensor(ckpt, name, huge)
+    for dt in ("q8", "q4"):
+        with pytest.raises(ExportError, match=rf"{name}.*binary16"):
+            export.export_checkpoint(ckpt, tmp_path / "x.oelm", dtype=dt, tokenizer=tokenizer_path)
+    assert export.export_checkpoint(ckpt, tmp_path / "x.oelm", dtype="f32", tokenizer=tokenizer_path)
+    with pytest.raises(ExportError, match="embedding dtype 'q2'"):
+        export.export_checkpoint(ckpt, tmp_path / "y.oelm", dtype="q4", embedding_dtype="q2",
+                                 tokenizer=tokenizer_path)
+
+
+def test_export_cli_q4(tiny_f32, tmp_path, tokenizer_path, q_exports, capsys):
+    from openelm_rt.export import main
+    out = tmp_path / "cli_q4.oelm"
+    assert main([str(tiny_f32.ckpt_dir), "-o", str(out), "--dtype", "q4", "--embedding-dtype", "q4",
+                 "--tokenizer", str(tokenizer_path), "--no-progress"]) == 0
+    assert "weights q4_b32r16, embedding q4_b32r16" in capsys.readouterr().err
+    assert out.read_bytes() == q_exports["q4e4"].read_bytes()
+    assert main([str(tiny_f32.ckpt_dir), "-o", str(out), "--embedding-dtype", "q5"]) == 2
+    assert "invalid choice: 'q5'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "q8" in text and "q4" in text and "--embedding-dtype" in text
+
+
+def _lsm(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def kl_mean(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(logits))."""
+    lp, lq = _lsm(ref_logits), _lsm(logits)
+    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
+
+
+def top1(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    return float((np.argmax(ref_logits, -1) == np.argmax(logits, -1)).mean())
+
+
+PROMPTS = [prompt_ids(48, 1024, seed=s) for s in range(4)]
+
+
+def _session_logits(ort, path, backend="cpu") -> np.ndarray:
+    with ort.Session(str(path), backend=backend) as s:
+        return np.concatenate([s.logits(p) for p in PROMPTS]).astype(np.float64)
+
+
+def _dequantized_weights(tiny, path) -> dict:
+    """The checkpoint's weights as the .oelm file stores them, decoded to float32."""
+    from openelm_rt.export import read_oelm
+    w = dict(tiny.weights)
+    with read_oelm(path) as f:
+        dts = {t["name"]: t["dtype"] for t in f.metadata["tensors"]}
+        for t in tensor_layout(_spec(tiny)):
+            if dts[t.oelm_name] in QTYPES:
+                w[t.hf_name] = quant.dequantize(f.tensor(t.oelm_name), dts[t.oelm_name], *t.shape)
+            elif dts[t.oelm_name] == "f16":
+                w[t.hf_name] = oracle.round_to_f16(w[t.hf_name])
+    return w
+
+
+def _llama_weights(tiny, body, head) -> dict:
+    """The checkpoint with every matrix rounded by llama.cpp's rule (head: the embedding)."""
+    w = dict(tiny.weights)
+    for t in tensor_layout(_spec(tiny)):
+        if not t.is_norm:
+            rule = head if t.oelm_name == "token_embd" else body
+            N, K = t.shape
+            d, q = rule(blocks_of(w[t.hf_name]))
+            w[t.hf_name] = (d.astype(np.float32)[:, None] * q).reshape(N, -1)[:, :K].astype(np.float32)
+    return w
+
+
+@pytest.fixture(scope="module")
+def oracle_runs(tiny_f32, q_exports):
+    """Oracle (float64) logits over PROMPTS for the f32 weights, the weights each q export
+    stores, and the weights llama.cpp's Q8_0 / Q4_0 rules would store."""
+    def run(w):
+        return np.concatenate([oracle.forward(w, tiny_f32.cfg, p) for p in PROMPTS])
+    out = {"f32": run(tiny_f32.weights)}
+    for name in ("q8", "q4", "q4e4"):
+        out[name] = run(_dequantized_weights(tiny_f32, q_exports[name]))
+    out["llama_q8_0"] = run(_llama_weights(tiny_f32, llama_q8_0, llama_q8_0))
+    out["llama_q4_0_head_q8_0"] = run(_llama_weights(tiny_f32, llama_q4_0, llama_q8_0))
+    out["llama_q4_0"] = run(_llama_weights(tiny_f32, llama_q4_0, llama_q4_0))
+    return out
+
+
+# ours, llama.cpp's, allowed ratio of mean KL vs f32 (weights only, float64 forward).
+# The hard guarantee is per block (tests above: never a larger squared error; on this
+# model's matrices q4's total is 0.906 of Q4_0's). Through a tiny random network that
+# becomes noisy: over three prompt sets the KL ratio measured q8 0.96-1.04, q4 0.90-1.01,
+# q4e4 0.89-1.02, so the bound is "no worse beyond that noise".
+VS_LLAMA = [("q8", "llama_q8_0", 1.1), ("q4", "llama_q4_0_head_q8_0", 1.1),
+            ("q4e4", "llama_q4_0", 1.1)]
+
+
+@pytest.mark.parametrize("ours, theirs, ratio", VS_LLAMA)
+def test_quantized_weights_at_least_as_good_as_llama_cpp(oracle_runs, ours, theirs, ratio):
+    ref = oracle_runs["f32"]
+    ko, kt = kl_mean(ref, oracle_runs[ours]), kl_mean(ref, oracle_runs[theirs])
+    assert ko <= ratio * kt, f"{ours}: KL {ko:.4g} vs {theirs} {kt:.4g}"
+
+
+@pytest.mark.parametrize("name", ["q8", "q4", "q4e4"])
+@pytest.mark.parametrize("backend", ["cpu", "ref"])
+def test_runtime_matches_oracle_on_the_stored_weights(ort, q_exports, oracle_runs, name, backend):
+    """The C++ forward pass on a q file against the float64 oracle on the same (decoded)
+    weights: what remains is the runtime's 8-bit activation rounding. Measured: max |diff|
+    0.042 (q8) / 0.046 (q4) x max |logit|, mean KL 7.2e-4 to 7.5e-4."""
+    want = oracle_runs[name]
+    got = _session_logits(ort, q_exports[name], backend)
+    assert np.abs(got - want).max() <= 0.07 * np.abs(want).max()
+    assert kl_mean(want, got) <= 1.5e-3
+
+
+# Runtime q export vs runtime f32 export, same checkpoint (random weights: flat next-token
+# distributions with small margins, so top-1 flips easily; bf16 agrees on 97% here).
+# Measured: q8 max |dlogit| 0.063 x max |logit|, KL 1.7e-3, top-1 0.93 (bf16: 0.017,
+# 9e-5, 0.97); q4 KL 0.136, top-1 0.41 (llama.cpp's Q4_0 rule on the same weights, float64
+# forward without activation rounding: KL 0.134).
+QUALITY = {"q8": dict(rel=0.1, kl=3e-3, top1=0.85), "q4": dict(rel=None, kl=0.2, top1=0.25)}
+
+
+@pytest.mark.parametrize("name", list(QUALITY))
+def test_quantized_logits_vs_f32_export(ort, tiny_f32, q_exports, name):
+    ref = _session_logits(ort, tiny_f32.oelm)
+    got = _session_logits(ort, q_exports[name])
+    bound = QUALITY[name]
+    assert np.all(np.isfinite(got))
+    if bound["rel"] is not None:
+        assert np.abs(got - ref).max() <= bound["rel"] * np.abs(ref).max()
+    assert kl_mean(ref, got) <= bound["kl"]
+    assert top1(ref, got) >= bound["top1"]
+
+
+@pytest.mark.parametrize("name", ["q8", "q4", "q8ef16"])
+def test_quantized_paths_deterministic(ort, q_exports, name):
+    """Batched prefill and one-token decode, and 1 vs 3 threads, give the same bits: each
+    token's activations are quantized on their own and each output is one fixed sum."""
+    path = q_exports[name]
+    with ort.Session(str(path), threads=1) as s1, ort.Session(str(path), threads=3) as s3:
+        ids = prompt_ids(12, s1.vocab_size, seed=7)
+        batched = ort._core.Context(s1._model, 16).eval(ids, True)
+        ctx = ort._core.Context(s3._model, 16, s3._backend)
+        single = np.concatenate([ctx.eval([t], False) for t in ids])
+        assert np.array_equal(batched, single)
+        assert np.array_equal(s1.logits(ids), s3.logits(ids))
+        assert s1.generate(ids, max_new_tokens=10).token_ids == s3.generate(ids, max_new_tokens=10).token_ids
+
+
+def test_session_reports_dtypes(ort, q_exports):
+    m = ort._core.Model(str(q_exports["q4"]))
+    assert (m.weights_dtype, m.embedding_dtype) == (quant.Q4, quant.Q8)
+    raw = m.tensor("blk.0.attn_qkv")
+    assert raw.dtype == np.uint8 and raw.shape == (quant.tensor_nbytes(quant.Q4, (96, 128)),)
+
+
+# ----------------------------------------------------------------------------- reader
+
+def _q_image(q_exports, name="q4"):
+    from test_loader import OelmImage
+    return OelmImage.load(q_exports[name])
+
+
+def _expect(ort, img, tmp_path, *patterns):
+    from test_loader import _expect_format_error
+    return _expect_format_error(ort, img.write(tmp_path / "bad.oelm"), *patterns)
+
+
+def test_reader_accepts_the_unchanged_q_image(ort, q_exports, tmp_path):
+    img = _q_image(q_exports)
+    with ort.Session(str(img.write(tmp_path / "same.oelm")), verify=True) as s:
+        assert s.vocab_size == 1024
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -9 * 128])
+def test_reader_rejects_q_size_not_matching_shape(ort, q_exports, tmp_path, delta):
+    img = _q_image(q_exports)
+    img.tensor("blk.1.ffn_down")["size"] += delta  # [128, 224]: 8 panels x 9 x 224 bytes
+    msg = _expect(ort, img, tmp_path, r"blk\.1\.ffn_down", "size")
+    assert "16128" in msg  # the size the shape needs
+
+
+def test_reader_rejects_q_tensor_that_is_not_2d(ort, q_exports, tmp_path):
+    img = _q_image(q_exports)
+    t = img.tensor("blk.0.attn_qkv")
+    t["shape"] = [t["size"]]
+    _expect(ort, img, tmp_path, r"blk\.0\.attn_qkv", "2-D")
+
+
+def test_reader_rejects_q_shape_wrong_for_the_model(ort, q_exports, tmp_path):
+    """[96, 128] and [48, 256] have the same q4 size: the file is consistent, the model
+    config is not."""
+    img = _q_image(q_exports)
+    t = img.tensor("blk.0.attn_qkv")
+    assert t["shape"] == [96, 128]
+    t["shape"] = [48, 256]
+    _expect(ort, img, tmp_path, r"blk\.0\.attn_qkv", "shape")
+
+
+def test_reader_rejects_dtypes_that_disagree_with_the_metadata(ort, q_exports, tmp_path):
+    img = _q_image(q_exports)
+    img.meta["embedding_dtype"] = quant.Q4  # token_embd is stored q8
+    _expect(ort, img, tmp_path, "token_embd", "q8_b32r16", "q4_b32r16")
+    img = _q_image(q_exports)
+    img.meta["weights_dtype"] = quant.Q8
+    _expect(ort, img, tmp_path, r"blk\.0\.attn_qkv", "dtype")
+    img = _q_image(q_exports)
+    img.meta["weights_dtype"] = "u8"
+    _expect(ort, img, tmp_path, "weights_dtype", "u8")
+    img = _q_image(q_exports)
+    img.meta["embedding_dtype"] = 8
+    _expect(ort, img, tmp_path, "embedding_dtype")
