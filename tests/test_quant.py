@@ -352,20 +352,26 @@ def test_kernel_bindings_validate(backend):
     assert backend.kernel_matmul(raw, quant.Q8, 16, 32, np.ones((2, 32), np.float32)).tolist() == [[0.0] * 16] * 2
 
 
-def test_cpu_kernels_bitwise_equal_to_ref(ort):
+def test_every_kernel_variant_bitwise_equal_to_ref(ort):
     """kernels.h fixes the arithmetic (exact integer block sums, one fma per block in block
-    order, the activation rule), so every backend's quantized matmul equals the reference's
-    to the bit, for any thread count."""
+    order, the activation rule), so every kernel variant this CPU runs gives the reference's
+    activation integers, scales and matmul results to the bit, for any thread count."""
     from openelm_rt import _core
-    ref, cpus = _core.Backend("ref", 1), [_core.Backend("cpu", n) for n in (1, 3)]
+    ref = _core.Backend("ref", 1)
+    cpus = [_core.Backend("cpu", n, kernels=v) for v in _core.Backend.kernel_variants() for n in (1, 3)]
     rng = np.random.default_rng(6)
     for dtype in QTYPES:
-        for N, K, T in [(33, 257, 1), (300, 2048, 5), (48, 768, 17)]:
+        for N, K, T in [(33, 257, 1), (300, 2048, 5), (48, 768, 17), (16, 96, 7)]:
             raw, _, _ = random_packed(rng, dtype, N, K)
             x = rng.standard_normal((T, K)).astype(np.float32)
+            x[0, :32] = 0
             want = ref.kernel_matmul(raw, dtype, N, K, x)
+            acts = ref.kernel_quantize_row(x[-1])
             for b in cpus:
-                assert np.array_equal(b.kernel_matmul(raw, dtype, N, K, x), want), (dtype, N, K, T)
+                what = (b.kernels, b.threads, dtype, N, K, T)
+                assert np.array_equal(b.kernel_matmul(raw, dtype, N, K, x), want), what
+                for got, exp in zip(b.kernel_quantize_row(x[-1]), acts):
+                    assert np.array_equal(got.view(np.uint8), exp.view(np.uint8)), what
 
 
 # ----------------------------------------------------------------------------- export and model

@@ -9,6 +9,7 @@
 #include "common/error.h"
 #include "generate/generator.h"
 #include "generate/sampler.h"
+#include "kernels/dispatch.h"
 #include "model/model.h"
 
 namespace py = pybind11;
@@ -167,11 +168,14 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
-      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0)
+      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0,
+           py::arg("kernels") = "")
       .def_property_readonly("name", &Backend::name)
       .def_property_readonly("threads", &Backend::threads)
       .def_property_readonly("kernels", [](const Backend& b) { return std::string(b.kernels().name); })
       .def_static("names", &Backend::names)
+      .def_static("kernel_variants", &supported_kernel_variants,
+                  "Kernel variants this build has and this CPU can run, fastest first")
       .def("kernel_matmul", [](Backend& b, py::array_t<uint8_t, py::array::c_style> w, const std::string& dtype,
                                int64_t N, int64_t K, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
         const TensorView W = weight_view(w, dtype, N, K);
