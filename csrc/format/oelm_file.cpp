@@ -21,6 +21,8 @@ const char* dtype_name(DType t) {
     case DType::f16: return "f16";
     case DType::bf16: return "bf16";
     case DType::u8: return "u8";
+    case DType::q8: return "q8_b32r16";
+    case DType::q4: return "q4_b32r16";
   }
   return "?";
 }
@@ -31,6 +33,8 @@ size_t dtype_size(DType t) {
     case DType::f16: return 2;
     case DType::bf16: return 2;
     case DType::u8: return 1;
+    case DType::q8:
+    case DType::q4: return 0;  // block types: see tensor_bytes()
   }
   return 0;
 }

@@ -13,10 +13,11 @@
 
 namespace oelm {
 
-enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3 };
+// q8 and q4 are the block-quantized weight types "q8_b32r16" and "q4_b32r16" (FORMAT.md).
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5 };
 
 const char* dtype_name(DType t);
-size_t dtype_size(DType t);
+size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types
 
 // A tensor inside the mapped file: no copy, valid while the OelmFile lives.
 struct TensorView {

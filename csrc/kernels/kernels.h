@@ -31,13 +31,47 @@ using attention_fn = void (*)(const float* q, const float* k, const float* v, in
 // out[j] = silu(gate[j]) * up[j], j in [0, n).
 using swiglu_fn = void (*)(const float* gate, const float* up, int64_t n, float* out);
 
-// Widens n elements of a weight row (embedding lookup) to f32.
-using row_to_f32_fn = void (*)(const void* row, int64_t n, float* out);
+// Widens row `row` (< N) of a weight matrix W [N, K] stored in the kernel's dtype to
+// f32: out[0..K). Used for the embedding lookup. Exact for every dtype (block-quantized
+// rows come back as scale * q, which is exact in f32).
+using row_to_f32_fn = void (*)(const void* W, int64_t N, int64_t K, int64_t row, float* out);
+
+// --- Block-quantized weights (q8_b32r16, q4_b32r16; layout in docs/FORMAT.md) ---
+// Integer kernels multiply int8 activations by the stored integer weights. Activations are
+// quantized per block of kQBlock values: d = amax / 127, q = nearbyint(x * (127 / amax))
+// (q = 0 and d = 0 for an all-zero block), s = sum of the block's q. A row of K values is
+// padded with zeros to Kp = round_up(K, kQBlock).
+constexpr int64_t kQBlock = 32;   // weights and activations share the block size along K
+constexpr int64_t kQRows = 16;    // rows interleaved in one panel of a quantized matrix
+inline int64_t q_padded_k(int64_t K) { return (K + kQBlock - 1) / kQBlock * kQBlock; }
+inline int64_t q_padded_n(int64_t N) { return (N + kQRows - 1) / kQRows * kQRows; }
+
+// Quantizes one row x[0..K) into q[0..Kp), d[0..Kp/32), s[0..Kp/32).
+using quantize_row_fn = void (*)(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);
+
+// T rows of quantized activations: row t at q + t*Kp, d + t*Kp/32, s + t*Kp/32.
+struct QActs {
+  const int8_t* q;
+  const float* d;
+  const int32_t* s;
+  int64_t Kp;
+};
+
+// y[t*ldy + n] for t < T, n in [n0, n1): per block b of K, the exact integer dot product
+// isum of the weight integers (q8: q in [-127,127]; q4: q in [-8,7]) with the activation
+// integers, then acc = fma(float(isum) * x.d[t][b], w.d[n][b], acc) with acc starting at 0
+// and b ascending. n0 is a multiple of kQRows; n1 is a multiple of kQRows or N.
+using qmatmul_fn = void (*)(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0,
+                            int64_t n1, float* y, int64_t ldy);
+
+constexpr int kNumDTypes = 6;  // DType values index the per-dtype tables below
 
 struct KernelTable {
   const char* name;
-  matmul_fn matmul[3];  // indexed by DType: f32, f16, bf16
-  row_to_f32_fn row_to_f32[3];
+  matmul_fn matmul[kNumDTypes];    // f32, f16, bf16 weights (nullptr for the others)
+  qmatmul_fn qmatmul[kNumDTypes];  // q8_b32r16, q4_b32r16 weights (nullptr for the others)
+  row_to_f32_fn row_to_f32[kNumDTypes];
+  quantize_row_fn quantize_row;
   rmsnorm_fn rmsnorm;
   rope_fn rope;
   attention_fn attention;

@@ -249,9 +249,7 @@ void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, floa
 
   // x[T, D] = E[ids]
   const TensorView& E = model_->token_embd();
-  const size_t esz = dtype_size(E.dtype);
-  for (int64_t t = 0; t < T; ++t)
-    K.row_to_f32[int(E.dtype)](E.data + size_t(ids[t]) * size_t(D) * esz, D, x + t * D);
+  for (int64_t t = 0; t < T; ++t) K.row_to_f32[int(E.dtype)](E.data, E.rows(), D, ids[t], x + t * D);
 
   // Small element-wise stages run serially for one token and split over tokens otherwise.
   auto over_tokens = [&](const std::function<void(int64_t)>& fn) {

@@ -9,6 +9,7 @@
 #include "common/error.h"
 #include "generate/generator.h"
 #include "generate/sampler.h"
+#include "kernels/dispatch.h"
 #include "model/model.h"
 
 namespace py = pybind11;
@@ -81,7 +82,9 @@ py::array tensor_copy(const TensorView& t) {
     case DType::f32: dt = py::dtype::of<float>(); break;
     case DType::f16: dt = py::dtype("float16"); break;
     case DType::bf16: dt = py::dtype::of<uint16_t>(); break;
-    case DType::u8: dt = py::dtype::of<uint8_t>(); break;
+    case DType::u8:
+    case DType::q8:
+    case DType::q4: dt = py::dtype::of<uint8_t>(); break;  // block types: the raw bytes
   }
   py::array a(dt, shape);
   std::memcpy(a.mutable_data(), t.data, t.size);
@@ -145,11 +148,14 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
-      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0)
+      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0,
+           py::arg("kernels") = "")
       .def_property_readonly("name", &Backend::name)
       .def_property_readonly("threads", &Backend::threads)
       .def_property_readonly("kernels", [](const Backend& b) { return std::string(b.kernels().name); })
       .def_static("names", &Backend::names)
+      .def_static("kernel_variants", &supported_kernel_variants,
+                  "Kernel variants this build has and this CPU can run, fastest first")
       .def("read_bandwidth", [](Backend& b, size_t bytes, int reps) {
         py::gil_scoped_release release;
         return measure_read_bandwidth(b.pool(), bytes, reps);

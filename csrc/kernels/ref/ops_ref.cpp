@@ -64,25 +64,24 @@ void swiglu_ref(const float* gate, const float* up, int64_t n, float* out) {
 }
 
 namespace {
-void row_f32(const void* row, int64_t n, float* out) {
-  const float* r = static_cast<const float*>(row);
-  for (int64_t i = 0; i < n; ++i) out[i] = r[i];
+void row_f32(const void* W, int64_t, int64_t K, int64_t row, float* out) {
+  const float* r = static_cast<const float*>(W) + row * K;
+  for (int64_t i = 0; i < K; ++i) out[i] = r[i];
 }
-void row_f16(const void* row, int64_t n, float* out) {
-  const uint16_t* r = static_cast<const uint16_t*>(row);
-  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(r[i]);
-}
-void row_bf16(const void* row, int64_t n, float* out) {
-  const uint16_t* r = static_cast<const uint16_t*>(row);
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(r[i]);
+template <float (*Widen)(uint16_t)>
+void row_16bit(const void* W, int64_t, int64_t K, int64_t row, float* out) {
+  const uint16_t* r = static_cast<const uint16_t*>(W) + row * K;
+  for (int64_t i = 0; i < K; ++i) out[i] = Widen(r[i]);
 }
 }  // namespace
 
 const KernelTable& ref_kernels() {
   static const KernelTable table = {
       "ref",
-      {matmul_f32_ref, matmul_f16_ref, matmul_bf16_ref},
-      {row_f32, row_f16, row_bf16},
+      {matmul_f32_ref, matmul_f16_ref, matmul_bf16_ref, nullptr, nullptr, nullptr},
+      {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
+      {row_f32, row_16bit<f16_to_f32>, row_16bit<bf16_to_f32>, nullptr, nullptr, nullptr},
+      nullptr,
       rmsnorm_ref,
       rope_ref,
       attention_ref,
