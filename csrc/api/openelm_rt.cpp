@@ -17,6 +17,7 @@
 #include "generate/sampler.h"
 #include "model/backend.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 
 struct oelm_model {
   std::shared_ptr<const oelm::Model> model;
@@ -189,6 +190,45 @@ int32_t oelm_model_train_context(const oelm_model* model) {
   return model ? to_i32(model->model->config().max_context) : 0;
 }
 
+// ---- text -------------------------------------------------------------------------------
+
+oelm_status oelm_tokenize(const oelm_model* model, const char* text, size_t text_len, int add_bos, int32_t* tokens,
+                          size_t capacity, size_t* n_tokens) {
+  return guarded([&] {
+    require(model != nullptr, "oelm_tokenize: model is NULL");
+    require(n_tokens != nullptr, "oelm_tokenize: n_tokens is NULL");
+    require(text != nullptr || text_len == 0, "oelm_tokenize: text is NULL");
+    require(tokens != nullptr || capacity == 0, "oelm_tokenize: tokens is NULL but capacity is not 0");
+    if (text_len == size_t(-1)) text_len = std::strlen(text);
+    const std::vector<int32_t> ids = model->model->tokenizer().encode(std::string_view(text, text_len), add_bos != 0);
+    *n_tokens = ids.size();
+    if (ids.size() > capacity)
+      throw ApiError(OELM_BUFFER_TOO_SMALL, "oelm_tokenize: the text has " + std::to_string(ids.size()) +
+                                                " tokens, more than capacity " + std::to_string(capacity) +
+                                                "; *n_tokens is the size needed");
+    std::copy(ids.begin(), ids.end(), tokens);
+  });
+}
+
+oelm_status oelm_detokenize(const oelm_model* model, const int32_t* tokens, size_t n, char* text, size_t capacity,
+                            size_t* text_len) {
+  return guarded([&] {
+    require(model != nullptr, "oelm_detokenize: model is NULL");
+    require(text_len != nullptr, "oelm_detokenize: text_len is NULL");
+    require(tokens != nullptr || n == 0, "oelm_detokenize: tokens is NULL");
+    require(text != nullptr || capacity == 0, "oelm_detokenize: text is NULL but capacity is not 0");
+    const std::string s = model->model->tokenizer().decode(tokens, n);  // checks the ids
+    *text_len = s.size();
+    if (s.size() >= capacity)
+      throw ApiError(OELM_BUFFER_TOO_SMALL, "oelm_detokenize: the text is " + std::to_string(s.size()) +
+                                                " bytes, it needs capacity " + std::to_string(s.size() + 1) +
+                                                " (with the NUL), got " + std::to_string(capacity) +
+                                                "; *text_len is its length");
+    std::memcpy(text, s.data(), s.size());
+    text[s.size()] = '\0';
+  });
+}
+
 // ---- sessions -----------------------------------------------------------------------
 
 oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session) {
@@ -312,12 +352,25 @@ oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt, 
     const oelm::InterruptFn interrupt = session->interrupt();
     oelm_finish_reason finish = OELM_FINISH_NONE;
     oelm_session_reset(session);
+    // Text pieces: the prompt goes through the decoder first (its text discarded), so
+    // the first piece keeps the leading space it has after the prompt. Bytes the prompt
+    // leaves unfinished stay its own (flushed), as in the Python Session.
+    oelm::StreamDecoder decoder(session->model->tokenizer());
+    std::string piece;
     try {
       gen.start(std::vector<int32_t>(prompt, prompt + n_prompt), interrupt);
+      if (callback) {
+        for (size_t i = 0; i < n_prompt; ++i) decoder.push_into(prompt[i], piece);
+        decoder.flush_into(piece);
+      }
       for (;;) {
         const int32_t tok = gen.next(interrupt);
         if (tok < 0) break;
-        if (callback && callback(user_data, tok, "", 0) != 0) {
+        if (!callback) continue;
+        piece.clear();
+        decoder.push_into(tok, piece);
+        if (gen.done()) decoder.flush_into(piece);
+        if (callback(user_data, tok, piece.data(), piece.size()) != 0) {
           finish = OELM_FINISH_CALLBACK;
           break;
         }

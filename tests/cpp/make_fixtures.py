@@ -11,11 +11,16 @@ Writes into DIR:
                   f32 min_p, f32 repetition_penalty, u64 seed, i32 max_new_tokens,
                   u32 n, i32 prompt[n], u32 m, i32 tokens[m]      (Session.generate)
   text.bin        u32 count, then per case: u32 len, text, u32 n, i32 ids[n] (with BOS),
-                  u32 len, decoded text        (Session.tokenize / detokenize)
+                  u32 len, decoded text        (the sentencepiece package: the reference
+                  the native tokenizer must equal)
+  stream.bin      u32 count, then per case: u32 len, prompt text, f32 temperature,
+                  u64 seed, i32 max_new_tokens, u32 m, i32 tokens[m], u32 len, generated
+                  text                                                (Session.generate)
 All little-endian. Needs the openelm_rt package (with its compiled core) importable.
 """
 from __future__ import annotations
 
+import re
 import struct
 import sys
 from pathlib import Path
@@ -26,6 +31,7 @@ sys.path.insert(0, str(TESTS_DIR))
 from conftest import TEXT_PROMPTS, build_model, prompt_ids  # noqa: E402
 
 import openelm_rt  # noqa: E402
+import sentencepiece  # noqa: E402
 from openelm_rt.tokenizer_train import train_sentencepiece  # noqa: E402
 
 # Sampling cases for generate.bin: greedy, greedy with a penalty, and seeded sampling
@@ -61,6 +67,7 @@ def main(argv=None) -> int:
     tok = train_sentencepiece(out / "tok1024.model", 1024)
     model = build_model(out, tok, "model", seed=0)  # writes out/model.oelm
 
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tok))
     with openelm_rt.Session(model.oelm) as s:
         ids = prompt_ids(33, s.vocab_size)
         logits = s.logits(ids)
@@ -80,9 +87,29 @@ def main(argv=None) -> int:
         texts = TEXT_PROMPTS + EXTRA_TEXTS
         text = struct.pack("<I", len(texts))
         for t in texts:
-            ids = s.tokenize(t)
-            text += _str(t) + _ids(ids) + _str(s.detokenize(ids))
+            ids = [sp.bos_id()] + sp.encode(t)
+            text += _str(t) + _ids(ids) + _str(sp.decode(ids))
         (out / "text.bin").write_bytes(text)
+
+        # Greedy continuations of text prompts; one sampled continuation whose first token
+        # starts with a space ("\u2581"), which the streamed text must keep; and one cut
+        # right after the lead byte of a multi-byte character, which must end as U+FFFD.
+        cases = [(t, 0.0, 0, 40) for t in TEXT_PROMPTS]
+        seed = next((seed for seed in range(1000)
+                     if sp.id_to_piece(s.generate(TEXT_PROMPTS[1], max_new_tokens=1, temperature=1.5,
+                                                     seed=seed).token_ids[0]).startswith("\u2581")), None)
+        lead = next(((t, k + 1) for t in TEXT_PROMPTS
+                     for k, tok in enumerate(s.generate(t, max_new_tokens=40).token_ids)
+                     if re.fullmatch(r"<0x[C-F][0-9A-F]>", sp.id_to_piece(tok))), None)
+        if seed is None or lead is None:
+            raise SystemExit("no continuation starting with a space or cut inside a character found; "
+                             "widen the search in make_fixtures.py")
+        cases += [(TEXT_PROMPTS[1], 1.5, seed, 40), (lead[0], 0.0, 0, lead[1])]
+        stream = struct.pack("<I", len(cases))
+        for t, temperature, seed, max_new in cases:
+            r = s.generate(t, max_new_tokens=max_new, temperature=temperature, seed=seed)
+            stream += _str(t) + struct.pack("<fQi", temperature, seed, max_new) + _ids(r.token_ids) + _str(r.text)
+        (out / "stream.bin").write_bytes(stream)
     print(f"fixtures in {out}")
     return 0
 

@@ -266,6 +266,109 @@ TEST(last_error_is_per_thread) {
   CHECK(contains(oelm_last_error(), "missing-here.oelm"));
 }
 
+// ---- text --------------------------------------------------------------------------------
+
+std::vector<int32_t> tokenize(const oelm_model* m, const std::string& text, bool add_bos) {
+  size_t n = 0;
+  const oelm_status st = oelm_tokenize(m, text.data(), text.size(), add_bos, nullptr, 0, &n);
+  if (st != OELM_BUFFER_TOO_SMALL) CHECK_OK(st);  // OK: no tokens at all
+  std::vector<int32_t> ids(n);
+  CHECK_OK(oelm_tokenize(m, text.data(), text.size(), add_bos, ids.data(), ids.size(), &n));
+  CHECK_EQ(n, ids.size());
+  return ids;
+}
+
+std::string detokenize(const oelm_model* m, const std::vector<int32_t>& ids) {
+  size_t len = 0;
+  CHECK_STATUS(oelm_detokenize(m, ids.data(), ids.size(), nullptr, 0, &len), OELM_BUFFER_TOO_SMALL);
+  std::string text(len + 1, 'x');
+  CHECK_OK(oelm_detokenize(m, ids.data(), ids.size(), &text[0], text.size(), &len));
+  CHECK_EQ(text[len], '\0');
+  text.resize(len);
+  return text;
+}
+
+TEST(tokenizer_matches_sentencepiece) {
+  ModelPtr m = load();
+  Reader r(data_dir() + "/text.bin");
+  const uint32_t n = r.get<uint32_t>();
+  CHECK(n >= 5);
+  for (uint32_t i = 0; i < n; ++i) {
+    const std::string text = r.str();
+    const std::vector<int32_t> ids = r.ids();
+    const std::string decoded = r.str();
+    const std::vector<int32_t> got = tokenize(m.get(), text, true);
+    if (got != ids) throw check::Failure("tokenize(\"" + text + "\") differs from sentencepiece");
+    CHECK_EQ(got.front(), oelm_model_bos_token(m.get()));
+    CHECK(tokenize(m.get(), text, false) == std::vector<int32_t>(ids.begin() + 1, ids.end()));
+    CHECK_EQ(detokenize(m.get(), ids), decoded);
+  }
+}
+
+TEST(tokenize_buffers_and_errors) {
+  ModelPtr m = load();
+  const char* text = "Once upon a time";
+  const std::vector<int32_t> all = tokenize(m.get(), text, true);
+  CHECK(all.size() >= 3);
+  // NUL-terminated text ((size_t)-1) is the same as an explicit length.
+  std::vector<int32_t> ids(all.size());
+  size_t n = 0;
+  CHECK_OK(oelm_tokenize(m.get(), text, size_t(-1), 1, ids.data(), ids.size(), &n));
+  CHECK(ids == all);
+  // Too small: the count needed comes back, nothing else is promised.
+  CHECK_STATUS(oelm_tokenize(m.get(), text, size_t(-1), 1, ids.data(), all.size() - 1, &n), OELM_BUFFER_TOO_SMALL);
+  CHECK_EQ(n, all.size());
+  CHECK(contains(oelm_last_error(), "capacity"));
+  // Empty text: BOS alone, or nothing.
+  CHECK(tokenize(m.get(), "", true) == std::vector<int32_t>{1});
+  CHECK(tokenize(m.get(), "", false).empty());
+  CHECK_STATUS(oelm_tokenize(m.get(), nullptr, 3, 1, ids.data(), ids.size(), &n), OELM_INVALID_ARGUMENT);
+  CHECK_STATUS(oelm_tokenize(m.get(), text, size_t(-1), 1, nullptr, 5, &n), OELM_INVALID_ARGUMENT);
+
+  // Detokenize: exact fit needs room for the NUL; ids are checked.
+  const std::string expected = detokenize(m.get(), all);
+  CHECK_EQ(expected, std::string(text));
+  std::string buf(expected.size(), 'x');
+  size_t len = 0;
+  CHECK_STATUS(oelm_detokenize(m.get(), all.data(), all.size(), &buf[0], buf.size(), &len), OELM_BUFFER_TOO_SMALL);
+  CHECK_EQ(len, expected.size());
+  const int32_t bad[] = {1, 1024};
+  CHECK_STATUS(oelm_detokenize(m.get(), bad, 2, &buf[0], buf.size(), &len), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "1024"));
+  CHECK_EQ(detokenize(m.get(), {}), std::string());
+}
+
+// The callback's text pieces: the same text as the Python path's generate, and the
+// continuation of the prompt's decoded text (make_fixtures.py includes a continuation
+// that starts with a space, which a decoder started at the first new token would drop).
+TEST(streamed_text_matches_python) {
+  ModelPtr m = load();
+  SessionPtr s = new_session(m.get());
+  Reader r(data_dir() + "/stream.bin");
+  const uint32_t n = r.get<uint32_t>();
+  CHECK(n >= 3);
+  for (uint32_t i = 0; i < n; ++i) {
+    const std::string prompt_text = r.str();
+    oelm_sampling_params params = oelm_sampling_params_default();
+    params.temperature = r.get<float>();
+    params.seed = r.get<uint64_t>();
+    const int32_t max_new = r.get<int32_t>();
+    const std::vector<int32_t> tokens = r.ids();
+    const std::string text = r.str();
+    const std::vector<int32_t> prompt = tokenize(m.get(), prompt_text, true);
+    Collector col;
+    CHECK_OK(oelm_session_set_sampling(s.get(), &params));
+    CHECK_OK(oelm_session_generate(s.get(), prompt.data(), prompt.size(), max_new, &Collector::callback, &col, nullptr));
+    CHECK(col.tokens == tokens);
+    if (col.text != text)
+      throw check::Failure("streamed text for prompt \"" + prompt_text + "\" is \"" + col.text +
+                           "\", the Python path gave \"" + text + "\"");
+    std::vector<int32_t> all = prompt;
+    all.insert(all.end(), tokens.begin(), tokens.end());
+    CHECK_EQ(detokenize(m.get(), all), detokenize(m.get(), prompt) + col.text);
+  }
+}
+
 // ---- evaluation -------------------------------------------------------------------------
 
 TEST(logits_match_python) {
@@ -481,25 +584,39 @@ TEST(session_outlives_its_model) {
   CHECK(generate(s.get(), c) == c.tokens);
 }
 
-// One model, several threads each with its own session: the same tokens as one
-// thread running the same generations one after the other.
+// One model, several threads each with its own session: the same tokens and text as
+// one thread running the same work one after the other.
 TEST(concurrent_sessions) {
   ModelPtr m = load(1);
   const std::vector<GenCase> cases = generate_cases();
+  const std::vector<std::string> texts = {"Once upon a time", "The capital of France is", "def fibonacci(n):",
+                                          "\u00dcn\u00efc\u00f6d\u00e9 caf\u00e9"};
   const size_t n_threads = 4, rounds = 3;
-  std::vector<std::vector<int32_t>> sequential(n_threads);
+  // One thread's work: tokenize a text, generate from it (tokens + text), then generate
+  // from a sampled case.
+  auto work = [&](oelm_session* s, size_t t) {
+    std::vector<int32_t> prompt = tokenize(m.get(), texts[t % texts.size()], true);
+    Collector col;
+    CHECK_OK(oelm_session_set_sampling(s, &cases[0].params));
+    CHECK_OK(oelm_session_generate(s, prompt.data(), prompt.size(), 16, &Collector::callback, &col, nullptr));
+    prompt.insert(prompt.end(), col.tokens.begin(), col.tokens.end());
+    const std::vector<int32_t> sampled = generate(s, cases[t % cases.size()]);
+    prompt.insert(prompt.end(), sampled.begin(), sampled.end());
+    return std::make_pair(prompt, col.text);
+  };
+  std::vector<std::pair<std::vector<int32_t>, std::string>> sequential;
   {
     SessionPtr s = new_session(m.get());
-    for (size_t t = 0; t < n_threads; ++t) sequential[t] = generate(s.get(), cases[t % cases.size()]);
+    for (size_t t = 0; t < n_threads; ++t) sequential.push_back(work(s.get(), t));
   }
-  std::vector<std::vector<std::vector<int32_t>>> got(n_threads);
+  std::vector<std::vector<std::pair<std::vector<int32_t>, std::string>>> got(n_threads);
   std::vector<std::string> errors(n_threads);
   std::vector<std::thread> threads;
   for (size_t t = 0; t < n_threads; ++t)
     threads.emplace_back([&, t] {
       try {
         SessionPtr s = new_session(m.get());
-        for (size_t r = 0; r < rounds; ++r) got[t].push_back(generate(s.get(), cases[t % cases.size()]));
+        for (size_t r = 0; r < rounds; ++r) got[t].push_back(work(s.get(), t));
       } catch (const std::exception& e) {
         errors[t] = e.what();
       }
@@ -510,7 +627,7 @@ TEST(concurrent_sessions) {
     for (size_t r = 0; r < rounds; ++r)
       if (got[t][r] != sequential[t])
         throw check::Failure("thread " + std::to_string(t) + " round " + std::to_string(r) +
-                             " generated different tokens than the sequential run");
+                             " gave different tokens or text than the sequential run");
   }
 }
 

@@ -12,7 +12,7 @@
  *         return 1;
  *     }
  *     oelm_session* s;
- *     oelm_session_new(model, NULL, &s);
+ *     oelm_session_new(model, &s);
  *     int32_t ids[256]; size_t n;
  *     oelm_tokenize(model, "Once upon a time", (size_t)-1, 1, ids, 256, &n);
  *     oelm_session_generate(s, ids, n, 64, print_piece, NULL, NULL);
@@ -38,8 +38,10 @@
  * freed. Freeing NULL is a no-op.
  *
  * ABI: the structs begin with `struct_size`; always start from the matching
- * oelm_*_default() / _init() function (which sets it) and then change fields, so that a program
- * built against this header keeps working with a newer library that adds fields. */
+ * oelm_*_default() / _init() function (which sets it) and then change fields, so
+ * that a program built against this header keeps working with a newer library that
+ * adds fields. While the version is 0.x, a new minor version may change the ABI
+ * (the library's soname is libopenelm_rt.so.MAJOR.MINOR). */
 #ifndef OPENELM_RT_H
 #define OPENELM_RT_H
 
@@ -127,6 +129,24 @@ OELM_API int32_t oelm_model_eos_token(const oelm_model* model);
 /* The context length the checkpoint was trained with. */
 OELM_API int32_t oelm_model_train_context(const oelm_model* model);
 
+/* ---- text ---------------------------------------------------------------------- */
+
+/* Token ids of UTF-8 `text` (text_len bytes, or (size_t)-1 for a NUL-terminated
+ * string), with the BOS token first when add_bos is nonzero (as OpenELM was trained).
+ * Writes at most `capacity` ids to `tokens` and the count to *n_tokens. When capacity
+ * is too small, returns OELM_BUFFER_TOO_SMALL with the count needed in *n_tokens
+ * (so capacity 0 and tokens NULL asks for the size). */
+OELM_API oelm_status oelm_tokenize(const oelm_model* model, const char* text, size_t text_len,
+                                   int add_bos, int32_t* tokens, size_t capacity,
+                                   size_t* n_tokens);
+
+/* UTF-8 text of n ids; BOS, EOS and other control tokens produce no text. Writes the
+ * text and a terminating NUL to `text` and its length (without the NUL) to *text_len.
+ * When capacity < length + 1, returns OELM_BUFFER_TOO_SMALL with the length in
+ * *text_len. Ids outside [0, vocab_size) are OELM_INVALID_ARGUMENT. */
+OELM_API oelm_status oelm_detokenize(const oelm_model* model, const int32_t* tokens, size_t n,
+                                     char* text, size_t capacity, size_t* text_len);
+
 /* ---- sessions ------------------------------------------------------------------ */
 
 typedef struct oelm_session oelm_session;
@@ -197,10 +217,15 @@ OELM_API oelm_status oelm_session_sample(oelm_session* session, int32_t* out_tok
 /* ---- generation ---------------------------------------------------------------- */
 
 /* Called once per generated token, in order, with the token id and the text it adds
- * (UTF-8, `len` bytes, not NUL-terminated; possibly empty while a multi-byte character
- * is incomplete, or for EOS). The pieces of one generation concatenate to the
- * detokenized generated tokens. Return 0 to continue, nonzero to stop: generation then
- * ends with OELM_FINISH_CALLBACK after this token. */
+ * (UTF-8, `len` bytes, not NUL-terminated). The pieces are the text the generated
+ * tokens add after the prompt's (the same text as openelm_rt.Session.generate): when
+ * the prompt ends with a complete character (text from oelm_tokenize always does),
+ * oelm_detokenize(prompt + generated) is oelm_detokenize(prompt) followed by the
+ * pieces, so a continuation keeps its leading space. A piece never ends inside a
+ * multi-byte character: it is empty for EOS and while such a character is incomplete;
+ * one still incomplete at the end comes out as U+FFFD in the last piece (not when the
+ * callback stopped the generation). Return 0 to continue, nonzero to stop: generation
+ * then ends with OELM_FINISH_CALLBACK after this token. */
 typedef int (*oelm_token_callback)(void* user_data, int32_t token, const char* piece, size_t len);
 
 typedef enum oelm_finish_reason {
@@ -215,7 +240,7 @@ typedef struct oelm_generate_result {
   size_t struct_size; /* sizeof(oelm_generate_result); set by oelm_generate_result_init */
   oelm_finish_reason finish_reason;
   int32_t n_prompt;       /* prompt tokens */
-  int32_t n_generated;    /* tokens passed to the callback (EOS included) */
+  int32_t n_generated;    /* tokens generated (EOS included), as passed to the callback */
   double prefill_seconds; /* evaluating the prompt */
   double decode_seconds;  /* evaluating generated tokens and sampling */
 } oelm_generate_result;
@@ -224,12 +249,14 @@ typedef struct oelm_generate_result {
 OELM_API oelm_generate_result oelm_generate_result_init(void);
 
 /* Generates a continuation of prompt[0..n_prompt) (the whole sequence: the session is
- * reset first; use oelm_tokenize with add_bos for text) with the session's sampler,
- * reseeded from its seed, so a repeated call gives the same tokens. Stops at EOS,
- * after max_new_tokens, when the context is full, or when the callback says so.
- * callback may be NULL; result may be NULL. 1 <= n_prompt < max_context.
+ * reset first; use oelm_tokenize with add_bos for text) with the session's sampling
+ * parameters and a sampler seeded afresh from their seed, so a repeated call gives
+ * the same tokens (as openelm_rt.Session.generate does with the same parameters).
+ * Stops at EOS, after max_new_tokens, when the context is full, or when the callback
+ * says so. callback and result may be NULL. 1 <= n_prompt < max_context.
  * Afterwards the session holds the prompt and the generated tokens except the last
- * (which was sampled but not evaluated); oelm_session_logits() is NULL. */
+ * (which was sampled but not evaluated); oelm_session_logits() is NULL. On failure
+ * (OELM_INTERRUPTED included) the session is left empty. */
 OELM_API oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt,
                                            size_t n_prompt, int32_t max_new_tokens,
                                            oelm_token_callback callback, void* user_data,
