@@ -4,14 +4,18 @@
 #include <thread>
 
 #include "common/error.h"
+#include "kernels/dispatch.h"
 
 namespace oelm {
 
 std::vector<std::string> Backend::names() { return {"cpu", "ref"}; }
 
-std::shared_ptr<Backend> Backend::create(const std::string& name, int threads) {
+std::shared_ptr<Backend> Backend::create(const std::string& name, int threads, const std::string& kernels) {
   if (threads < 0) throw InvalidArgument("threads must be >= 1 (or 0 for one per core), got " + std::to_string(threads));
   if (name == "ref") {
+    if (!kernels.empty() && kernels != "ref")
+      throw InvalidArgument("backend 'ref' always runs the reference kernels; use backend 'cpu' to choose "
+                            "kernels '" + kernels + "'");
     if (threads > 1)
       throw InvalidArgument("backend 'ref' is the single-threaded scalar reference; threads must be 1, got " +
                             std::to_string(threads));
@@ -21,7 +25,8 @@ std::shared_ptr<Backend> Backend::create(const std::string& name, int threads) {
     int n = threads > 0 ? threads : int(std::thread::hardware_concurrency());
     if (n <= 0) n = 1;
     if (n > 1024) throw InvalidArgument("threads must be at most 1024, got " + std::to_string(n));
-    return std::shared_ptr<Backend>(new Backend("cpu", &ref_kernels(), n));
+    const KernelTable& k = kernels.empty() ? select_kernels() : kernels_by_name(kernels);
+    return std::shared_ptr<Backend>(new Backend("cpu", &k, n));
   }
   throw InvalidArgument("unknown backend '" + name + "'; available: cpu, ref");
 }

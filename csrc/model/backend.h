@@ -1,7 +1,6 @@
 // A compute backend for the CPU: a kernel table plus the threads that run it.
 // "ref" = the scalar reference kernels on one thread (the truth for tests);
 // "cpu" = the fastest kernels this CPU supports, on a persistent thread pool.
-// (Only the reference kernels exist so far; SIMD variants slot into the table.)
 #pragma once
 #include <functional>
 #include <memory>
@@ -16,7 +15,10 @@ namespace oelm {
 class Backend {
  public:
   // name: "ref" or "cpu"; threads <= 0 means one per hardware thread ("cpu" only).
-  static std::shared_ptr<Backend> create(const std::string& name, int threads);
+  // kernels: the "cpu" backend's kernel variant (dispatch.h): "" = OPENELM_RT_KERNELS
+  // or the fastest this CPU supports, "auto" = the fastest, or a variant name.
+  static std::shared_ptr<Backend> create(const std::string& name, int threads,
+                                         const std::string& kernels = "");
   static std::vector<std::string> names();
 
   const std::string& name() const { return name_; }

@@ -9,6 +9,7 @@
 #include "common/error.h"
 #include "generate/generator.h"
 #include "generate/sampler.h"
+#include "kernels/dispatch.h"
 #include "model/model.h"
 
 namespace py = pybind11;
@@ -147,11 +148,14 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
-      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0)
+      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0,
+           py::arg("kernels") = "")
       .def_property_readonly("name", &Backend::name)
       .def_property_readonly("threads", &Backend::threads)
       .def_property_readonly("kernels", [](const Backend& b) { return std::string(b.kernels().name); })
       .def_static("names", &Backend::names)
+      .def_static("kernel_variants", &supported_kernel_variants,
+                  "Kernel variants this build has and this CPU can run, fastest first")
       .def("read_bandwidth", [](Backend& b, size_t bytes, int reps) {
         py::gil_scoped_release release;
         return measure_read_bandwidth(b.pool(), bytes, reps);

@@ -1,0 +1,103 @@
+// Variant registry and CPU feature detection (see dispatch.h).
+#include "kernels/dispatch.h"
+
+#include <cstdlib>
+
+#include "common/error.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+namespace oelm {
+
+namespace {
+
+bool always() { return true; }
+
+#if defined(__x86_64__) || defined(_M_X64)
+// __builtin_cpu_supports also checks that the OS saves the wider registers (XGETBV).
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+#endif
+
+#if defined(__aarch64__)
+bool has_neon_dotprod() {
+#if defined(__linux__)
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+  return true;  // every Apple arm64 CPU has the dot-product extension
+#else
+  return false;
+#endif
+}
+#endif
+
+std::string join_names(const std::vector<std::string>& v) {
+  std::string s;
+  for (const std::string& n : v) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+}  // namespace
+
+const std::vector<KernelVariant>& compiled_kernel_variants() {
+  static const std::vector<KernelVariant> v = {
+#if defined(OELM_HAVE_X86_KERNELS)
+      {"avx512vnni", avx512vnni_kernels, has_avx512vnni},
+      {"avx512", avx512_kernels, has_avx512},
+      {"avx2", avx2_kernels, has_avx2},
+#endif
+#if defined(OELM_HAVE_NEON_KERNELS)
+      {"neon", neon_kernels, has_neon_dotprod},
+#endif
+      {"ref", ref_kernels, always},
+  };
+  return v;
+}
+
+std::vector<std::string> supported_kernel_variants() {
+  std::vector<std::string> out;
+  for (const KernelVariant& k : compiled_kernel_variants())
+    if (k.cpu_supports()) out.push_back(k.name);
+  return out;
+}
+
+const KernelTable& kernels_by_name(const std::string& name) {
+  const std::vector<KernelVariant>& all = compiled_kernel_variants();
+  if (name == "auto" || name.empty()) {
+    for (const KernelVariant& k : all)
+      if (k.cpu_supports()) return k.table();
+  }
+  for (const KernelVariant& k : all) {
+    if (name != k.name) continue;
+    if (!k.cpu_supports())
+      throw InvalidArgument("kernel variant '" + name + "' is compiled in but this CPU cannot run it; "
+                            "supported here: " + join_names(supported_kernel_variants()));
+    return k.table();
+  }
+  std::vector<std::string> compiled;
+  for (const KernelVariant& k : all) compiled.push_back(k.name);
+  throw InvalidArgument("unknown kernel variant '" + name + "'; this build has: " + join_names(compiled) +
+                        " (supported by this CPU: " + join_names(supported_kernel_variants()) + "), or auto");
+}
+
+const KernelTable& select_kernels() {
+  const char* env = std::getenv("OPENELM_RT_KERNELS");
+  try {
+    return kernels_by_name(env ? env : "auto");
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(std::string("OPENELM_RT_KERNELS: ") + e.what());
+  }
+}
+
+}  // namespace oelm
