@@ -235,7 +235,7 @@ def run_model(preset: str, args, rep: Report, worker, dtypes) -> None:
         if not args.no_quality:
             quality_section(args, rep, d, worker, ids, ours, ggufs, hf_cfg, m32, ref_ours, tmp, dtypes)
     if not args.no_speed:
-        speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes)
+        speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes, hf_cfg)
 
 
 def quality_section(args, rep, d, worker, ids, ours, ggufs, hf_cfg, m32, ref_ours, tmp, dtypes):
@@ -277,22 +277,31 @@ def quality_section(args, rep, d, worker, ids, ours, ggufs, hf_cfg, m32, ref_our
                 + (f"{le[0]:.2e} | {le[-1]:.2e} | {max(le):.2e} |" if le else "— | — | — |"))
 
 
-def speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes):
+def matmul_flops_per_token(hf_cfg: dict) -> int:
+    """2 x the weights of every matrix product of a token (LM head included, embedding lookup
+    and attention scores not): the prefill work that dominates at these lengths."""
+    spec = hf_config.parse_config(hf_cfg)
+    return 2 * sum(int(np.prod(t.shape)) for t in hf_config.tensor_layout(spec) if not t.is_norm)
+
+
+def speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes, hf_cfg):
+    flops = matmul_flops_per_token(hf_cfg)
     backends = {t: _core.Backend("cpu", t) for t in args.threads}
     kernels = next(iter(backends.values())).kernels
     d["speed"] = {}
     tg = f"tg{args.tg}"
     rep.add(f"\nSpeed (tokens/s, medians of {args.repeats} interleaved repeats; our kernels '{kernels}'; "
             f"llama.cpp {llama_side.LLAMA_CPP_PYTHON} with its default context). Decode bound = read "
-            f"bandwidth measured in the same run ÷ weight bytes per token (each side's own).\n")
+            f"bandwidth measured in the same run ÷ weight bytes per token (each side's own). Prefill "
+            f"is compute-bound: GFLOP/s counts the matrix products, {flops / 1e9:.2f} GFLOP per token.\n")
     rep.add("| ours | llama.cpp | threads | test | ours tok/s | llama tok/s | ours / llama | read GB/s "
-            "| bound ours / llama | ours % bound | llama % bound |")
-    rep.add("|---|---|---|---|---|---|---|---|---|---|---|")
+            "| decode bound ours / llama | ours % bound | llama % bound | prefill GFLOP/s ours / llama |")
+    rep.add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt in dtypes:
         ft = llama_side.LLAMA_TYPE[dt]
         log(f"speed: ours {dt} vs llama.cpp {ft} ...")
         r = speed(ours[dt], ggufs[ft], worker, args, backends)
-        d["speed"][dt] = {"llama_type": ft, "by_threads": r}
+        d["speed"][dt] = {"llama_type": ft, "by_threads": r, "matmul_flops_per_token": flops}
         for t in args.threads:
             m = r[t]
             bo, bl = m["bw"] / our_bytes[dt], m["bw"] / summ[ft]["bytes"]
@@ -301,7 +310,8 @@ def speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes):
                 dec = test == tg
                 rep.add(f"| {dt} | {ft} | {t} | {test} | {o:.1f} | {l_:.1f} | {o / l_:.2f} | "
                         f"{m['bw'] / 1e9:.1f} | "
-                        + (f"{bo:.1f} / {bl:.1f} | {o / bo:.0%} | {l_ / bl:.0%} |" if dec else "— | — | — |"))
+                        + (f"{bo:.1f} / {bl:.1f} | {o / bo:.0%} | {l_ / bl:.0%} | — |" if dec else
+                           f"— | — | — | {o * flops / 1e9:.0f} / {l_ * flops / 1e9:.0f} |"))
 
 
 def main(argv=None) -> int:
@@ -353,10 +363,16 @@ def main(argv=None) -> int:
         v = worker.call("version")
         rep.data["setup"] = {**vars(args), "dtypes": dtypes, "llama": v, "cpu_count": os.cpu_count()}
         rep.add(f"# openelm_rt vs llama.cpp ({llama_side.LLAMA_CPP_PYTHON}) on the same weights")
-        rep.add(f"\n{os.cpu_count()} CPUs; llama.cpp: {v['system_info'].strip()}")
+        load = os.getloadavg()[0]
+        rep.add(f"\n{os.cpu_count()} CPUs, load average {load:.1f} at the start; llama.cpp: "
+                f"{v['system_info'].strip()}")
+        if load > 0.5:  # llama.cpp's thread barriers in particular collapse on a busy machine
+            rep.add(f"\n**Warning: the machine is busy (load average {load:.1f}); timings are not "
+                    f"representative.**")
         for preset in args.models:
             run_model(preset, args, rep, worker, dtypes)
     rep.data["seconds"] = time.time() - t0
+    rep.data["load_average_at_end"] = os.getloadavg()[0]
     if args.out:
         rep.write(args.out)
     return 0

@@ -49,7 +49,7 @@ def ensure_venv(venv: str) -> str:
     _log(f"creating {venv} with {' '.join(VENV_PACKAGES)}: pip compiles llama.cpp for this CPU, "
          f"which takes about 10 minutes the first time ...")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    subprocess.run([venv_python(venv), "-m", "pip", "install", "--quiet", *VENV_PACKAGES], check=True)
+    subprocess.run([venv_python(venv), "-m", "pip", "install", *VENV_PACKAGES], check=True)
     if not _venv_ready(venv):
         raise RuntimeError(f"{venv} was created but cannot import llama_cpp/gguf; see pip's output")
     return venv_python(venv)
