@@ -204,7 +204,8 @@ def run_model(preset: str, args, rep: Report, worker, dtypes) -> None:
     ftypes = [llama_side.LLAMA_TYPE[dt] for dt in dtypes]
     ggufs = llama_side.ensure_ggufs(worker, m32.checkpoint_dir, m32.tokenizer_path, m32.path, ftypes,
                                     max(args.threads))
-    hf_cfg = json.load(open(os.path.join(m32.checkpoint_dir, "config.json")))
+    with open(os.path.join(m32.checkpoint_dir, "config.json"), encoding="utf-8") as f:
+        hf_cfg = json.load(f)
     rep.add(f"\n## OpenELM-{preset} (random weights, logit_scale {args.logit_scale:g})\n")
 
     our_bytes = {dt: weight_bytes_per_token(_core.Model(p, False)) for dt, p in ours.items()}
@@ -265,7 +266,9 @@ def quality_section(args, rep, d, worker, ids, ours, ggufs, hf_cfg, m32, ref_our
     rep.add(f"\nQuality against f32 on the same weights: {len(ids)} sequences × {len(ids[0])} tokens of "
             f"real text (BOS + corpus.txt). Reference distributions: mean entropy {sp_['entropy']:.2f} nats, "
             f"mean top-1 probability {sp_['top1_prob']:.2f}, logit std {sp_['logit_std']:.2f}.")
-    rep.add("KL(f32 ‖ type) and top-1 agreement come from the runtimes, each against its own f32 run. "
+    rep.add("KL(f32 ‖ type) and top-1 agreement come from the runtimes, each against its own f32 run "
+            "(llama.cpp with its default context, whose F16 KV cache and flash attention add rounding of "
+            "their own: the first row compares its F32 run with ours). "
             "Layer error = ‖x_type − x_f32‖ / ‖x_f32‖ of the residual stream after a layer, from a NumPy "
             f"forward pass on the dequantized weights ({len(n_layer_ids)} sequences): weight quantization "
             "only, no runtime involved.\n")
