@@ -16,6 +16,7 @@ namespace oelm {
 namespace {
 
 constexpr int64_t kChunk = 256;  // prefill batch: bounds scratch memory, not a limit on length
+constexpr int64_t kAttnTokens = 16;  // tokens per attention work item during prefill
 
 [[noreturn]] void bad(const OelmFile& f, const std::string& what) {
   throw FormatError(f.path() + ": " + what);
@@ -284,12 +285,16 @@ void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, floa
         std::memcpy(vc + (i * max_ctx_ + pos) * hd, v + i * hd, size_t(hd) * sizeof(float));
       }
     });
-    // One work item per (token, query head); query head i reads kv head i / group.
-    pool.parallel_for(T * nq, [&](int64_t b, int64_t e) {
+    // Flash attention in tiles: one work item per (kv head, block of tokens), covering the
+    // `group` query heads that read that kv head, so each key/value is loaded once per tile.
+    const int64_t n_tb = (T + kAttnTokens - 1) / kAttnTokens;
+    pool.parallel_for(nkv * n_tb, [&](int64_t b, int64_t e) {
       for (int64_t it = b; it < e; ++it) {
-        const int64_t t = it / nq, i = it % nq, kvh = i / group;
-        K.attention(qkv_.data() + t * nqkv + i * hd, kc + kvh * max_ctx_ * hd, vc + kvh * max_ctx_ * hd,
-                    p0 + t + 1, hd, scale, attn_.data() + t * nq * hd + i * hd);
+        const int64_t kvh = it / n_tb, t0 = (it % n_tb) * kAttnTokens;
+        const int64_t nt = std::min(kAttnTokens, T - t0);
+        K.attention_tile(qkv_.data() + t0 * nqkv + kvh * group * hd, nqkv, nt, group, p0 + t0,
+                         kc + kvh * max_ctx_ * hd, vc + kvh * max_ctx_ * hd, hd, scale,
+                         attn_.data() + t0 * nq * hd + kvh * group * hd, nq * hd);
       }
     });
     backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D);  // [T, D]
