@@ -29,7 +29,10 @@ distribution is nearly uniform (entropy ~9.9 nats, top-1 probability ~0.001) and
 agreement say nothing. The checkpoint is therefore written with logit_scale=5 (the final
 norm weight, hence every logit, times 5; nothing else changes): mean entropy ~2.8 nats and
 top-1 probability ~0.4 on real text, like a trained small model. The output prints the
-measured spread. Speed does not depend on it.
+measured spread. Speed does not depend on it. Even so, a random network is more sensitive
+to weight noise than a trained one (no redundancy; the error of the residual stream grows a
+few-fold over the layers), so the quality numbers are for comparing weight types and
+runtimes on the same weights, not for predicting a real model's loss.
 
 llama-cpp-python lives in its own venv (--llama-venv, default
 ~/.cache/openelm_rt/llama-venv), created on first use: pip compiles llama.cpp for this CPU,
@@ -271,7 +274,9 @@ def quality_section(args, rep, d, worker, ids, ours, ggufs, hf_cfg, m32, ref_our
             "their own: the first row compares its F32 run with ours). "
             "Layer error = ‖x_type − x_f32‖ / ‖x_f32‖ of the residual stream after a layer, from a NumPy "
             f"forward pass on the dequantized weights ({len(n_layer_ids)} sequences): weight quantization "
-            "only, no runtime involved.\n")
+            "only, no runtime involved. Random weights have no redundancy, and errors grow a few-fold "
+            "from the first layer to the last, so absolute values are far worse than a trained model's "
+            "(at Q4_0 especially): compare the rows with each other, not with published figures.\n")
     rep.add("| runtime | type | KL mean | KL max | top-1 agree | layer err: first | last | max |")
     rep.add("|---|---|---|---|---|---|---|---|")
     for (side, typ), r in rows.items():
