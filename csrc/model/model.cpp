@@ -110,12 +110,18 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
   c.weights_dtype = get_weights_dtype(f, "weights_dtype", nullptr);
   c.embedding_dtype = get_weights_dtype(f, "embedding_dtype", &c.weights_dtype);
 
-  const json::Value* tok = f.metadata().find("tokenizer");
-  const json::Value* tt = tok ? tok->find("type") : nullptr;
-  if (!tt || !tt->is_string() || tt->as_string() != "sentencepiece")
-    bad(f, "metadata: \"tokenizer\" must be {\"type\": \"sentencepiece\", ...}");
-  m->tokenizer_type_ = tt->as_string();
+  m->tokenizer_ = &Tokenizer::stored_tensor(f);
+  m->tokenizer_type_ = "sentencepiece";  // the only type stored_tensor accepts
   m->bind_weights();
+  m->tok_ = Tokenizer::load(f);
+  const Tokenizer& tk = *m->tok_;
+  if (tk.vocab_size() > c.vocab_size)
+    bad(f, "the stored tokenizer has " + std::to_string(tk.vocab_size()) + " pieces but the model only " +
+               std::to_string(c.vocab_size) + " embeddings; re-export with the matching tokenizer.model");
+  if (tk.bos_id() != c.bos_token_id || tk.eos_id() != c.eos_token_id)
+    bad(f, "the stored tokenizer has BOS/EOS ids " + std::to_string(tk.bos_id()) + "/" + std::to_string(tk.eos_id()) +
+               " but the model config says " + std::to_string(c.bos_token_id) + "/" + std::to_string(c.eos_token_id) +
+               "; re-export with the tokenizer the model was trained with");
   return m;
 }
 
@@ -146,13 +152,7 @@ void Model::bind_weights() {
   const DType wd = c.weights_dtype;
   const int64_t D = c.d_model, hd = c.head_dim;
 
-  const json::Value* tok = f.metadata().find("tokenizer");
-  const json::Value* tname = tok->find("tensor");
-  if (!tname || !tname->is_string()) bad(f, "metadata: tokenizer has no \"tensor\" name");
-  expected.insert(tname->as_string());
-  tokenizer_ = f.find(tname->as_string());
-  if (!tokenizer_ || tokenizer_->dtype != DType::u8 || tokenizer_->shape.size() != 1 || tokenizer_->size == 0)
-    bad(f, "tokenizer tensor '" + tname->as_string() + "' is missing or not a non-empty u8 blob");
+  expected.insert(tokenizer_->name);
 
   tok_embd_ = need("token_embd", {c.vocab_size, D}, c.embedding_dtype);
   for (int64_t i = 0; i < c.n_layer; ++i) {
