@@ -28,6 +28,16 @@ using rope_fn = void (*)(float* x, int64_t n_heads, int64_t hd, const float* cos
 using attention_fn = void (*)(const float* q, const float* k, const float* v, int64_t n_kv,
                               int64_t hd, float scale, float* out);
 
+// Causal attention for a tile of queries that share one KV head: n_tok consecutive tokens
+// times n_grp query heads. Query head g of token t is q + t*ldq + g*hd and attends keys
+// 0 .. pos0 + t of k, v ([>= pos0 + n_tok, hd] contiguous); its output goes to
+// out + t*ldo + g*hd. Same result as `attention_fn` row by row; fast variants tile it
+// (flash attention: blocks of keys against blocks of queries, online softmax, each key
+// and value read once per tile instead of once per query).
+using attention_tile_fn = void (*)(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0,
+                                   const float* k, const float* v, int64_t hd, float scale, float* out,
+                                   int64_t ldo);
+
 // out[j] = silu(gate[j]) * up[j], j in [0, n).
 using swiglu_fn = void (*)(const float* gate, const float* up, int64_t n, float* out);
 
@@ -75,6 +85,7 @@ struct KernelTable {
   rmsnorm_fn rmsnorm;
   rope_fn rope;
   attention_fn attention;
+  attention_tile_fn attention_tile;
   swiglu_fn swiglu;
 };
 
@@ -88,6 +99,8 @@ void rmsnorm_ref(const float* x, const float* w, int64_t n, float eps, float* y)
 void rope_ref(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* sin);
 void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv, int64_t hd,
                    float scale, float* out);
+void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
+                        const float* v, int64_t hd, float scale, float* out, int64_t ldo);
 void swiglu_ref(const float* gate, const float* up, int64_t n, float* out);
 
 }  // namespace oelm

@@ -16,6 +16,7 @@ namespace oelm {
 namespace {
 
 constexpr int64_t kChunk = 256;  // prefill batch: bounds scratch memory, not a limit on length
+constexpr int64_t kAttnTokens = 16;  // tokens per attention work item during prefill
 
 [[noreturn]] void bad(const OelmFile& f, const std::string& what) {
   throw FormatError(f.path() + ": " + what);
@@ -101,12 +102,18 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
   else if (wd->as_string() == "bf16") c.weights_dtype = DType::bf16;
   else bad(f, "metadata: weights_dtype \"" + wd->as_string() + "\" is not supported (f32, f16, bf16)");
 
-  const json::Value* tok = f.metadata().find("tokenizer");
-  const json::Value* tt = tok ? tok->find("type") : nullptr;
-  if (!tt || !tt->is_string() || tt->as_string() != "sentencepiece")
-    bad(f, "metadata: \"tokenizer\" must be {\"type\": \"sentencepiece\", ...}");
-  m->tokenizer_type_ = tt->as_string();
+  m->tokenizer_ = &Tokenizer::stored_tensor(f);
+  m->tokenizer_type_ = "sentencepiece";  // the only type stored_tensor accepts
   m->bind_weights();
+  m->tok_ = Tokenizer::load(f);
+  const Tokenizer& tk = *m->tok_;
+  if (tk.vocab_size() > c.vocab_size)
+    bad(f, "the stored tokenizer has " + std::to_string(tk.vocab_size()) + " pieces but the model only " +
+               std::to_string(c.vocab_size) + " embeddings; re-export with the matching tokenizer.model");
+  if (tk.bos_id() != c.bos_token_id || tk.eos_id() != c.eos_token_id)
+    bad(f, "the stored tokenizer has BOS/EOS ids " + std::to_string(tk.bos_id()) + "/" + std::to_string(tk.eos_id()) +
+               " but the model config says " + std::to_string(c.bos_token_id) + "/" + std::to_string(c.eos_token_id) +
+               "; re-export with the tokenizer the model was trained with");
   return m;
 }
 
@@ -137,13 +144,7 @@ void Model::bind_weights() {
   const DType wd = c.weights_dtype;
   const int64_t D = c.d_model, hd = c.head_dim;
 
-  const json::Value* tok = f.metadata().find("tokenizer");
-  const json::Value* tname = tok->find("tensor");
-  if (!tname || !tname->is_string()) bad(f, "metadata: tokenizer has no \"tensor\" name");
-  expected.insert(tname->as_string());
-  tokenizer_ = f.find(tname->as_string());
-  if (!tokenizer_ || tokenizer_->dtype != DType::u8 || tokenizer_->shape.size() != 1 || tokenizer_->size == 0)
-    bad(f, "tokenizer tensor '" + tname->as_string() + "' is missing or not a non-empty u8 blob");
+  expected.insert(tokenizer_->name);
 
   tok_embd_ = need("token_embd", {c.vocab_size, D}, wd);
   for (int64_t i = 0; i < c.n_layer; ++i) {
@@ -284,12 +285,16 @@ void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, floa
         std::memcpy(vc + (i * max_ctx_ + pos) * hd, v + i * hd, size_t(hd) * sizeof(float));
       }
     });
-    // One work item per (token, query head); query head i reads kv head i / group.
-    pool.parallel_for(T * nq, [&](int64_t b, int64_t e) {
+    // Flash attention in tiles: one work item per (kv head, block of tokens), covering the
+    // `group` query heads that read that kv head, so each key/value is loaded once per tile.
+    const int64_t n_tb = (T + kAttnTokens - 1) / kAttnTokens;
+    pool.parallel_for(nkv * n_tb, [&](int64_t b, int64_t e) {
       for (int64_t it = b; it < e; ++it) {
-        const int64_t t = it / nq, i = it % nq, kvh = i / group;
-        K.attention(qkv_.data() + t * nqkv + i * hd, kc + kvh * max_ctx_ * hd, vc + kvh * max_ctx_ * hd,
-                    p0 + t + 1, hd, scale, attn_.data() + t * nq * hd + i * hd);
+        const int64_t kvh = it / n_tb, t0 = (it % n_tb) * kAttnTokens;
+        const int64_t nt = std::min(kAttnTokens, T - t0);
+        K.attention_tile(qkv_.data() + t0 * nqkv + kvh * group * hd, nqkv, nt, group, p0 + t0,
+                         kc + kvh * max_ctx_ * hd, vc + kvh * max_ctx_ * hd, hd, scale,
+                         attn_.data() + t0 * nq * hd + kvh * group * hd, nq * hd);
       }
     });
     backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D);  // [T, D]

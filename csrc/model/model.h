@@ -11,6 +11,7 @@
 
 #include "format/oelm_file.h"
 #include "model/backend.h"
+#include "tokenizer/tokenizer.h"
 
 namespace oelm {
 
@@ -39,7 +40,8 @@ struct LayerWeights {
 
 class Model {
  public:
-  // Maps and validates the file; throws FileNotFound / FormatError.
+  // Maps and validates the file, the tokenizer's vocabulary included; throws
+  // FileNotFound / FormatError.
   static std::shared_ptr<Model> load(const std::string& path, bool verify);
 
   const ModelConfig& config() const { return cfg_; }
@@ -48,7 +50,8 @@ class Model {
   const TensorView& token_embd() const { return *tok_embd_; }
   const TensorView& lm_head() const { return *lm_head_; }
   const float* output_norm() const { return output_norm_; }
-  std::string_view tokenizer_blob() const;
+  std::string_view tokenizer_blob() const;  // the stored SentencePiece model, byte for byte
+  const Tokenizer& tokenizer() const { return *tok_; }
   const std::string& tokenizer_type() const { return tokenizer_type_; }
 
   int64_t max_qkv_dim() const { return max_qkv_; }
@@ -65,6 +68,7 @@ class Model {
   const TensorView* tok_embd_ = nullptr;
   const TensorView* lm_head_ = nullptr;
   const TensorView* tokenizer_ = nullptr;
+  std::unique_ptr<Tokenizer> tok_;
   const float* output_norm_ = nullptr;
   std::string tokenizer_type_;
   int64_t max_qkv_ = 0, max_q_ = 0, max_ffn_ = 0;

@@ -11,6 +11,7 @@
 #include "generate/sampler.h"
 #include "kernels/dispatch.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 
 namespace py = pybind11;
 using namespace oelm;
@@ -132,6 +133,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("names_version", [](const Model& mdl) { return mdl.file().names_version(); })
       .def_property_readonly("file_size", [](const Model& mdl) { return mdl.file().file_size(); })
       .def("tokenizer_blob", [](const Model& mdl) { auto b = mdl.tokenizer_blob(); return py::bytes(b.data(), b.size()); })
+      .def_property_readonly("tokenizer", &Model::tokenizer, py::return_value_policy::reference_internal)
       .def("tensor_names", [](const Model& mdl) {
         std::vector<std::string> n;
         for (const auto& t : mdl.file().tensors()) n.push_back(t.name);
@@ -146,6 +148,39 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         mdl.file().verify_checksums();
       });
+
+  py::class_<Tokenizer>(m, "Tokenizer")
+      .def_static("from_sentencepiece", [](std::string_view model_proto) {
+        return Tokenizer::from_sentencepiece(model_proto, "tokenizer.model bytes");
+      }, py::arg("model_proto"), "A tokenizer from the bytes of a SentencePiece tokenizer.model (for tests and benchmarks).")
+      .def("encode", &Tokenizer::encode, py::arg("text"), py::arg("add_bos") = false,
+           "== sentencepiece EncodeAsIds, with BOS first when add_bos.")
+      .def("encode_batch", [](const Tokenizer& t, const std::vector<std::string>& texts, bool add_bos) {
+        std::vector<std::vector<int32_t>> out(texts.size());
+        {
+          py::gil_scoped_release release;
+          for (size_t i = 0; i < texts.size(); ++i) t.encode_into(texts[i], add_bos, out[i]);
+        }
+        return out;
+      }, py::arg("texts"), py::arg("add_bos") = false, "encode() of each text, on one thread, without the GIL.")
+      .def("decode", [](const Tokenizer& t, const std::vector<int64_t>& ids) {
+        const std::vector<int32_t> tok = to_ids(ids, t.vocab_size());
+        return t.decode(tok.data(), tok.size());
+      }, py::arg("ids"), "== sentencepiece DecodeIds.")
+      .def("piece", [](const Tokenizer& t, int64_t id) { return std::string(t.piece(to_ids({id}, t.vocab_size())[0])); },
+           py::arg("id"))
+      .def("score", [](const Tokenizer& t, int64_t id) { return t.score(to_ids({id}, t.vocab_size())[0]); }, py::arg("id"))
+      .def_property_readonly("vocab_size", &Tokenizer::vocab_size)
+      .def_property_readonly("bos_id", &Tokenizer::bos_id)
+      .def_property_readonly("eos_id", &Tokenizer::eos_id)
+      .def_property_readonly("unk_id", &Tokenizer::unk_id)
+      .def_property_readonly("byte_fallback", &Tokenizer::byte_fallback);
+
+  py::class_<StreamDecoder>(m, "StreamDecoder")
+      .def(py::init<const Tokenizer&>(), py::arg("tokenizer"), py::keep_alive<1, 2>())
+      .def("push", [](StreamDecoder& d, int64_t id) { return d.push(to_ids({id}, d.tokenizer().vocab_size())[0]); },
+           py::arg("id"), "The text completed by this id (never a partial UTF-8 character).")
+      .def("flush", &StreamDecoder::flush, "The held bytes at the end of the stream.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0,

@@ -2,6 +2,7 @@
 
     openelm-rt generate --model M.oelm --prompt TEXT [--max-new-tokens N]
                         [--generate_kwargs repetition_penalty=1.2 top_k=40 ...]
+    openelm-rt generate --model M.oelm --chat [--system TEXT]   (Instruct models; stdin)
     openelm-rt demo     (random OpenELM-270M weights when you have no checkpoint)
     openelm-rt info M.oelm [--verify]
 
@@ -79,12 +80,10 @@ def _speed_line(r) -> str:
             f"finish: {r.finish_reason}")
 
 
-def _run_generation(session, prompt, max_new_tokens, kwargs, echo_prompt=True, stream=True):
+def _print_stream(it, stream=True):
+    """Print a generation stream's text (as it comes, or at the end), a newline, and the
+    speed line on stderr; returns the result."""
     out = sys.stdout
-    if echo_prompt:
-        out.write(prompt)
-        out.flush()
-    it = session.generate(prompt, max_new_tokens=max_new_tokens, stream=True, **kwargs)
     for piece in it:
         if stream:
             out.write(piece)
@@ -98,9 +97,49 @@ def _run_generation(session, prompt, max_new_tokens, kwargs, echo_prompt=True, s
     return r
 
 
+def _run_generation(session, prompt, max_new_tokens, kwargs, echo_prompt=True, stream=True):
+    if echo_prompt:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    return _print_stream(session.generate(prompt, max_new_tokens=max_new_tokens, stream=True, **kwargs), stream)
+
+
+def _user_lines(first):
+    """The user's messages: `first` (from --prompt) if given, then each line of stdin until EOF."""
+    if first is not None:
+        yield first
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\r\n")
+
+
+def _run_chat(session, args, max_new_tokens, kwargs) -> int:
+    """Multi-turn chat: each user message gets a reply, printed (streamed unless --no-stream)
+    and ended by a newline; the whole history is the prompt of the next turn."""
+    history = [{"role": "system", "content": args.system}] if args.system is not None else []
+    for user in _user_lines(args.prompt):
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        r = _print_stream(session.chat(history, max_new_tokens=max_new_tokens, stream=True, **kwargs),
+                          stream=not args.no_stream)
+        history.append({"role": "assistant", "content": r.text})
+    return 0
+
+
 def cmd_generate(args) -> int:
     from .session import Session
 
+    if args.prompt is None and not args.chat:
+        raise UsageError("--prompt is required (or --chat, to read the conversation from stdin)")
+    if args.chat and args.max_length is not None:
+        raise UsageError("--max_length does not apply to --chat; use --max-new-tokens")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat")
     kw = _sampling_from_kwargs(parse_generate_kwargs(args.generate_kwargs))
     if args.seed is not None:
         kw["seed"] = args.seed
@@ -109,6 +148,8 @@ def cmd_generate(args) -> int:
         raise UsageError(f"model file {args.model!r} does not exist; create one with "
                          f"`openelm-rt-export CHECKPOINT_DIR -o {args.model}`")
     with Session(args.model, threads=args.threads, max_context=args.max_context, backend=args.backend) as s:
+        if args.chat:
+            return _run_chat(s, args, max_new, kw)
         if args.max_length is not None:
             n_prompt = len(s.tokenize(args.prompt))
             max_new = args.max_length - n_prompt
@@ -178,11 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate text with an .oelm model; prints the prompt and its "
-                                   "continuation, and the speed on stderr.",
-                       epilog="example: openelm-rt generate --model openelm-270m.oelm --prompt 'Once upon a "
-                              "time there was' --generate_kwargs repetition_penalty=1.2")
+                                   "continuation, and the speed on stderr. With --chat, a multi-turn "
+                                   "conversation with an Instruct model: each line of stdin is a user "
+                                   "message and each reply is printed on its own line, until EOF.",
+                       epilog="examples: openelm-rt generate --model openelm-270m.oelm --prompt 'Once upon a "
+                              "time there was' --generate_kwargs repetition_penalty=1.2\n"
+                              "  echo 'What is the capital of France?' | openelm-rt generate --model "
+                              "openelm-270m-instruct.oelm --chat --system 'Answer briefly.'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--model", required=True, help="path of an .oelm file made by openelm-rt-export")
-    g.add_argument("--prompt", required=True, help="prompt text (BOS is prepended)")
+    g.add_argument("--prompt", default=None,
+                   help="prompt text (BOS is prepended); with --chat, the first user message")
+    g.add_argument("--chat", action="store_true",
+                   help="chat with an OpenELM Instruct model: user messages from stdin, one per line, "
+                        "rendered in the Zephyr-style format it was tuned on (<|user|>, <|assistant|>, "
+                        "</s>; see the README); OpenELM ships no chat template")
+    g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
     g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128,
                    help="most tokens to generate (default 128)")
     g.add_argument("--max_length", "--max-length", dest="max_length", type=int, default=None,

@@ -1,9 +1,10 @@
 """Session: load an .oelm model and run it (tokenize, logits, generate).
 
 A thin layer over the C++ core (`openelm_rt._core`): argument checking with clear
-errors, tokenization (SentencePiece, from the tokenizer stored in the model file),
-text assembly for streaming and stop strings. All numeric work happens in C++ with
-the GIL released. One Session is not safe to use from several threads at once.
+errors, the OpenELM Instruct chat format, text assembly for streaming and stop strings.
+Tokenization is native (the core's SentencePiece-exact tokenizer, built from the
+vocabulary stored in the model file); all numeric work happens in C++ with the GIL
+released. One Session is not safe to use from several threads at once.
 """
 
 from __future__ import annotations
@@ -12,20 +13,18 @@ import numbers
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence, Union
+from typing import Dict, Iterator, List, Sequence, Union
 
 import numpy as np
-import sentencepiece
 
 from . import _core
 
 FormatError = _core.FormatError
 
 Prompt = Union[str, Sequence[int]]
+Message = Dict[str, str]
 
-# How many prompt tokens to decode in front of the generated ones, so that the
-# continuation keeps its leading space ("▁word" at the start of a decode loses it).
-_TEXT_CONTEXT_TOKENS = 4
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -68,6 +67,32 @@ def _check_float(name, value):
     return value
 
 
+def _check_messages(messages) -> list:
+    """Validate a chat: a non-empty list of {"role", "content"} dicts, an optional system
+    message first, ending with a user message (the assistant answers it)."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                         f"got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty; pass at least one {'role': 'user', 'content': ...} message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        extra = set(m) - {"role", "content"}
+        if extra or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}] must have exactly the keys 'role' and 'content', got {sorted(m)}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}]['role'] = {m['role']!r}; the roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}]['content'] must be a str, got {type(m['content']).__name__}")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"messages[{i}] is a system message; only the first message may be one")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last message is from {messages[-1]['role']!r}; a chat must end with a user "
+                         f"message, which the assistant then answers")
+    return list(messages)
+
+
 class Session:
     """An OpenELM model loaded from an .oelm file, ready to generate.
 
@@ -100,16 +125,7 @@ class Session:
             max_context = int(cfg["max_context"])
         max_context = _check_int("max_context", max_context, lo=2)
         self._ctx = _core.Context(self._model, max_context, self._backend)
-        self._sp = sentencepiece.SentencePieceProcessor()
-        try:
-            self._sp.LoadFromSerializedProto(self._model.tokenizer_blob())
-        except RuntimeError as e:
-            raise FormatError(f"{path}: the stored tokenizer is not a valid SentencePiece model ({e}); "
-                              f"re-export with a valid tokenizer.model") from None
-        if self._sp.vocab_size() > self.vocab_size:
-            raise FormatError(
-                f"{path}: the stored tokenizer has {self._sp.vocab_size()} pieces but the model "
-                f"only {self.vocab_size} embeddings; re-export with the matching tokenizer.model")
+        self._tok = self._model.tokenizer  # validated by the core at load
         self.path = path
         self._active = None  # the generation currently using self._ctx
 
@@ -154,12 +170,43 @@ class Session:
         """Token ids of `text`, with BOS first (as OpenELM was trained) unless add_bos=False."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
-        ids = self._open()._sp.encode(text)
-        return [self.bos_token_id] + ids if add_bos else ids
+        return self._open()._tok.encode(text, bool(add_bos))
 
     def detokenize(self, ids) -> str:
         """Text of token ids; BOS/EOS and other control tokens produce no text."""
-        return self._open()._sp.decode(self._check_ids(ids, "ids", allow_empty=True))
+        return self._open()._tok.decode(self._check_ids(ids, "ids", allow_empty=True))
+
+    def chat_token_ids(self, messages: List[Message]) -> list:
+        """The prompt token ids of a conversation, in the format OpenELM Instruct was tuned on.
+
+        BOS, then each turn as the text `<|role|>` newline content, followed by the EOS
+        token and a newline, then the generation prompt `<|assistant|>` newline (the Zephyr
+        format of the alignment-handbook DPO recipe; README, "Chatting with the Instruct
+        models"). The tags are plain text. The text between special tokens is tokenized
+        segment by segment, each with SentencePiece's dummy prefix, as the Hugging Face
+        LLaMA-2 tokenizer used for that tuning splits at special tokens: so every segment
+        after an EOS starts with the piece "▁" before its newline. A literal "</s>" inside
+        a message stays text; it never becomes the EOS token.
+        """
+        msgs = _check_messages(messages)
+        tok, eos = self._open()._tok, self.eos_token_id
+        ids = [self.bos_token_id]
+        for i, m in enumerate(msgs):
+            ids += tok.encode(("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}", False)
+            ids.append(eos)
+        ids += tok.encode("\n<|assistant|>\n", False)
+        return ids
+
+    def chat(self, messages: List[Message], **generate_kwargs):
+        """The assistant's reply to a conversation (OpenELM Instruct models).
+
+        messages: a list of {"role": "system"|"user"|"assistant", "content": str}; an
+        optional system message first, ending with a user message. The prompt is
+        `chat_token_ids(messages)`; generate_kwargs are those of `generate` (stream=True
+        included) and the result is what `generate` returns. Generation normally ends at
+        the EOS token that closes the assistant's turn.
+        """
+        return self.generate(self.chat_token_ids(messages), **generate_kwargs)
 
     def _check_ids(self, ids, name, allow_empty=False):
         if isinstance(ids, (str, bytes)):
@@ -264,7 +311,7 @@ class Session:
 
         Idempotent; any later call on the Session raises ValueError."""
         self._active = None
-        self._ctx = self._backend = self._model = self._sp = None
+        self._ctx = self._backend = self._model = self._tok = None
 
     def __enter__(self):
         return self
@@ -285,9 +332,6 @@ class GenerationStream:
         self._gen = gen
         self._prompt = prompt_ids
         self._stops = stops
-        # Constant for the whole generation: the prompt tail decoded in front of the new ids.
-        self._head = prompt_ids[-_TEXT_CONTEXT_TOKENS:]
-        self._head_text = session._sp.decode(self._head)
         self.result = None
         session._active = self
         gen.start(prompt_ids)  # prefill happens here, so errors surface at the call
@@ -299,14 +343,22 @@ class GenerationStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
-    def _text(self, new_ids):
-        sp = self._s._sp
-        full = sp.decode(self._head + new_ids)
-        return full[len(self._head_text):] if full.startswith(self._head_text) else sp.decode(new_ids)
+    def _find_stop(self, text, start):
+        """Index of the first stop string in text[start:] (start clamped to 0), or -1."""
+        found = [i for i in (text.find(s, max(0, start)) for s in self._stops) if i >= 0]
+        return min(found, default=-1)
 
     def _run(self):
         gen, stops = self._gen, self._stops
+        # The native incremental decoder, after the prompt: the new text then follows the
+        # prompt's (keeping its leading space unless the prompt has no text) and never
+        # ends inside a UTF-8 character. Bytes the prompt leaves unfinished stay its own.
+        dec = _core.StreamDecoder(self._s._tok)
+        for t in self._prompt:
+            dec.push(t)
+        dec.flush()
         new_ids = []
+        text = ""
         emitted = 0
         finish = None
         holdback = max((len(s) for s in stops), default=1) - 1
@@ -318,22 +370,21 @@ class GenerationStream:
             if tok < 0:
                 break
             new_ids.append(tok)
-            text = self._text(new_ids)
-            if stops:
-                cut = min((i for i in (text.find(s, max(0, emitted - holdback)) for s in stops) if i >= 0),
-                          default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
+            text += dec.push(tok)
+            cut = self._find_stop(text, emitted - holdback)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
             safe = len(text) - holdback
-            while safe > emitted and text[safe - 1] == "\ufffd":  # maybe an unfinished UTF-8 char
-                safe -= 1
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
         if finish is None:
             finish = gen.finish_reason
-            text = self._text(new_ids)
+            text += dec.flush()
+            cut = self._find_stop(text, emitted - holdback)  # the flushed bytes (U+FFFD) may end one
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
         if len(text) > emitted:
             yield text[emitted:]
         self.result = GenerationResult(

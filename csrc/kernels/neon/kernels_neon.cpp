@@ -555,6 +555,7 @@ const KernelTable& neon_kernels() {
       rmsnorm_neon,
       rope_neon,
       attention_neon,
+      attention_tile_ref,
       swiglu_neon,
   };
   return table;

@@ -56,6 +56,13 @@ void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv,
   for (int64_t d = 0; d < hd; ++d) out[d] = acc[size_t(d)] * inv;
 }
 
+void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
+                        const float* v, int64_t hd, float scale, float* out, int64_t ldo) {
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t g = 0; g < n_grp; ++g)
+      attention_ref(q + t * ldq + g * hd, k, v, pos0 + t + 1, hd, scale, out + t * ldo + g * hd);
+}
+
 void swiglu_ref(const float* gate, const float* up, int64_t n, float* out) {
   for (int64_t j = 0; j < n; ++j) {
     const float g = gate[j];
@@ -85,6 +92,7 @@ const KernelTable& ref_kernels() {
       rmsnorm_ref,
       rope_ref,
       attention_ref,
+      attention_tile_ref,
       swiglu_ref,
   };
   return table;
