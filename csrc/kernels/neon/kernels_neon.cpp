@@ -441,6 +441,41 @@ void rope_neon(float* x, int64_t n_heads, int64_t hd, const float* cos, const fl
   }
 }
 
+// exp(x) on 4 lanes: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-5 polynomial,
+// 2^n put into the exponent bits. The algorithm and coefficients of Arm's
+// optimized-routines v_expf (polynomial error 1.45 ulp + 0.5 ulp of rounding; subnormal
+// results and overflow to inf handled by splitting 2^n). Measured under qemu against
+// double-precision exp on every 97th float in [-104, 104]: at most 1.875 ulp (libm's
+// expf: 0.501). x is first clamped to [-104, 104], where exp is already 0 or inf in f32,
+// so that +-inf inputs give inf and 0, not NaN.
+inline float32x4_t exp_neon(float32x4_t x) {
+  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-104.0f)), vdupq_n_f32(104.0f));
+  const float32x4_t shift = vdupq_n_f32(0x1.8p23f);
+  const float32x4_t z = vfmaq_f32(shift, x, vdupq_n_f32(0x1.715476p+0f));  // round(x / ln2) in the low bits
+  const float32x4_t n = vsubq_f32(z, shift);
+  float32x4_t r = vfmaq_f32(x, n, vdupq_n_f32(-0x1.62e4p-1f));  // ln2, hi and lo parts
+  r = vfmaq_f32(r, n, vdupq_n_f32(-0x1.7f7d1cp-20f));
+  const uint32x4_t e = vshlq_n_u32(vreinterpretq_u32_f32(z), 23);
+  const float32x4_t scale = vreinterpretq_f32_u32(vaddq_u32(e, vdupq_n_u32(0x3f800000)));
+  const float32x4_t r2 = vmulq_f32(r, r);
+  const float32x4_t p = vfmaq_f32(vdupq_n_f32(0x1.573e2ep-5f), vdupq_n_f32(0x1.0e4020p-7f), r);
+  float32x4_t qq = vfmaq_f32(vdupq_n_f32(0x1.fffdb6p-2f), vdupq_n_f32(0x1.555e66p-3f), r);
+  qq = vfmaq_f32(qq, p, r2);
+  const float32x4_t poly = vfmaq_f32(vmulq_f32(vdupq_n_f32(0x1.ffffecp-1f), r), qq, r2);  // exp(r) - 1
+  const uint32x4_t big = vcagtq_f32(n, vdupq_n_f32(126.0f));
+  if (vmaxvq_u32(big) == 0) return vfmaq_f32(scale, poly, scale);
+  // |n| > 126: 2^n is not a normal float; build it as s1 * s2.
+  const uint32x4_t b = vandq_u32(vclezq_f32(n), vdupq_n_u32(0x82000000u));
+  const float32x4_t s1 = vreinterpretq_f32_u32(vaddq_u32(vdupq_n_u32(0x7f000000u), b));
+  const float32x4_t s2 = vreinterpretq_f32_u32(vsubq_u32(e, b));
+  const uint32x4_t huge = vcagtq_f32(n, vdupq_n_f32(192.0f));
+  const uint32x4_t r_huge = vreinterpretq_u32_f32(vmulq_f32(s1, s1));
+  const uint32x4_t r_big = vreinterpretq_u32_f32(vmulq_f32(vfmaq_f32(s2, poly, s2), s1));
+  const uint32x4_t r_norm = vreinterpretq_u32_f32(vfmaq_f32(scale, poly, scale));
+  return vreinterpretq_f32_u32(
+      vbslq_u32(huge, r_huge, vbslq_u32(big, r_big, r_norm)));
+}
+
 inline float dot_neon(const float* a, const float* b, int64_t n) {
   float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
@@ -488,39 +523,87 @@ void attention_neon(const float* q, const float* k, const float* v, int64_t n_kv
   for (; d < hd; ++d) out[d] = acc[d] * inv;
 }
 
-// exp(x) on 4 lanes: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-5 polynomial,
-// 2^n put into the exponent bits. The algorithm and coefficients of Arm's
-// optimized-routines v_expf (polynomial error 1.45 ulp + 0.5 ulp of rounding; subnormal
-// results and overflow to inf handled by splitting 2^n). Measured under qemu against
-// double-precision exp on every 97th float in [-104, 104]: at most 1.875 ulp (libm's
-// expf: 0.501). x is first clamped to [-104, 104], where exp is already 0 or inf in f32,
-// so that +-inf inputs give inf and 0, not NaN.
-inline float32x4_t exp_neon(float32x4_t x) {
-  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-104.0f)), vdupq_n_f32(104.0f));
-  const float32x4_t shift = vdupq_n_f32(0x1.8p23f);
-  const float32x4_t z = vfmaq_f32(shift, x, vdupq_n_f32(0x1.715476p+0f));  // round(x / ln2) in the low bits
-  const float32x4_t n = vsubq_f32(z, shift);
-  float32x4_t r = vfmaq_f32(x, n, vdupq_n_f32(-0x1.62e4p-1f));  // ln2, hi and lo parts
-  r = vfmaq_f32(r, n, vdupq_n_f32(-0x1.7f7d1cp-20f));
-  const uint32x4_t e = vshlq_n_u32(vreinterpretq_u32_f32(z), 23);
-  const float32x4_t scale = vreinterpretq_f32_u32(vaddq_u32(e, vdupq_n_u32(0x3f800000)));
-  const float32x4_t r2 = vmulq_f32(r, r);
-  const float32x4_t p = vfmaq_f32(vdupq_n_f32(0x1.573e2ep-5f), vdupq_n_f32(0x1.0e4020p-7f), r);
-  float32x4_t qq = vfmaq_f32(vdupq_n_f32(0x1.fffdb6p-2f), vdupq_n_f32(0x1.555e66p-3f), r);
-  qq = vfmaq_f32(qq, p, r2);
-  const float32x4_t poly = vfmaq_f32(vmulq_f32(vdupq_n_f32(0x1.ffffecp-1f), r), qq, r2);  // exp(r) - 1
-  const uint32x4_t big = vcagtq_f32(n, vdupq_n_f32(126.0f));
-  if (vmaxvq_u32(big) == 0) return vfmaq_f32(scale, poly, scale);
-  // |n| > 126: 2^n is not a normal float; build it as s1 * s2.
-  const uint32x4_t b = vandq_u32(vclezq_f32(n), vdupq_n_u32(0x82000000u));
-  const float32x4_t s1 = vreinterpretq_f32_u32(vaddq_u32(vdupq_n_u32(0x7f000000u), b));
-  const float32x4_t s2 = vreinterpretq_f32_u32(vsubq_u32(e, b));
-  const uint32x4_t huge = vcagtq_f32(n, vdupq_n_f32(192.0f));
-  const uint32x4_t r_huge = vreinterpretq_u32_f32(vmulq_f32(s1, s1));
-  const uint32x4_t r_big = vreinterpretq_u32_f32(vmulq_f32(vfmaq_f32(s2, poly, s2), s1));
-  const uint32x4_t r_norm = vreinterpretq_u32_f32(vfmaq_f32(scale, poly, scale));
-  return vreinterpretq_f32_u32(
-      vbslq_u32(huge, r_huge, vbslq_u32(big, r_big, r_norm)));
+// Flash attention over a tile (kernels.h, attention_tile_fn): query rows (t-major) in blocks
+// of kQB, keys in blocks of kKB. Each key row is loaded once for all query rows of the block
+// (scores), then each row's online-softmax state moves to the block's max, and each value
+// row is loaded once for all query rows. Same result as attention_neon row by row up to
+// rounding: the max moves per block instead of per key, and exp is exp_neon.
+void attention_tile_neon(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
+                         const float* v, int64_t hd, float scale, float* out, int64_t ldo) {
+  constexpr int kQB = 4, kKB = 16;
+  constexpr int64_t kMaxHd = 256;
+  if (hd > kMaxHd || hd % 4) {
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t g = 0; g < n_grp; ++g)
+        attention_neon(q + t * ldq + g * hd, k, v, pos0 + t + 1, hd, scale, out + t * ldo + g * hd);
+    return;
+  }
+  const int64_t nv = hd / 4, rows = n_tok * n_grp;
+  for (int64_t r0 = 0; r0 < rows; r0 += kQB) {
+    const int nr = int(std::min<int64_t>(kQB, rows - r0));
+    float32x4_t qv[kQB][kMaxHd / 4], acc[kQB][kMaxHd / 4];
+    float m[kQB], l[kQB];
+    int64_t last[kQB];  // the last key each row may see (causal)
+    for (int i = 0; i < nr; ++i) {
+      const int64_t t = (r0 + i) / n_grp, g = (r0 + i) % n_grp;
+      for (int64_t c = 0; c < nv; ++c) {
+        qv[i][c] = vld1q_f32(q + t * ldq + g * hd + 4 * c);
+        acc[i][c] = vdupq_n_f32(0.0f);
+      }
+      m[i] = -INFINITY;
+      l[i] = 0.0f;
+      last[i] = pos0 + t;
+    }
+    const int64_t n_keys = last[nr - 1] + 1;  // rows are t-major: the last row sees the most
+    for (int64_t s0 = 0; s0 < n_keys; s0 += kKB) {
+      const int ns = int(std::min<int64_t>(kKB, n_keys - s0));
+      float p[kQB][kKB];
+      for (int j = 0; j < ns; ++j) {
+        const float* ks = k + (s0 + j) * hd;
+        float32x4_t dot[kQB];
+        for (int i = 0; i < nr; ++i) dot[i] = vdupq_n_f32(0.0f);
+        for (int64_t c = 0; c < nv; ++c) {
+          const float32x4_t kc = vld1q_f32(ks + 4 * c);
+          for (int i = 0; i < nr; ++i) dot[i] = vfmaq_f32(dot[i], qv[i][c], kc);
+        }
+        for (int i = 0; i < nr; ++i) p[i][j] = vaddvq_f32(dot[i]) * scale;
+      }
+      int valid[kQB];
+      for (int i = 0; i < nr; ++i) {
+        valid[i] = int(std::max<int64_t>(0, std::min<int64_t>(ns, last[i] - s0 + 1)));
+        if (valid[i] == 0) continue;
+        float mx = p[i][0];
+        for (int j = 1; j < valid[i]; ++j) mx = std::max(mx, p[i][j]);
+        if (mx > m[i]) {
+          const float corr = std::exp(m[i] - mx);  // 0 on the first block (m = -inf)
+          l[i] *= corr;
+          for (int64_t c = 0; c < nv; ++c) acc[i][c] = vmulq_n_f32(acc[i][c], corr);
+          m[i] = mx;
+        }
+        for (int j = valid[i]; j < kKB; ++j) p[i][j] = -INFINITY;  // masked: exp gives 0
+        float32x4_t sum = vdupq_n_f32(0.0f);
+        for (int j = 0; j < kKB; j += 4) {
+          const float32x4_t e = exp_neon(vsubq_f32(vld1q_f32(&p[i][j]), vdupq_n_f32(m[i])));
+          vst1q_f32(&p[i][j], e);
+          sum = vaddq_f32(sum, e);
+        }
+        l[i] += vaddvq_f32(sum);
+      }
+      for (int j = 0; j < ns; ++j) {
+        const float* vs = v + (s0 + j) * hd;
+        for (int64_t c = 0; c < nv; ++c) {
+          const float32x4_t vc = vld1q_f32(vs + 4 * c);
+          for (int i = 0; i < nr; ++i)
+            if (j < valid[i]) acc[i][c] = vfmaq_n_f32(acc[i][c], vc, p[i][j]);
+        }
+      }
+    }
+    for (int i = 0; i < nr; ++i) {
+      const int64_t t = (r0 + i) / n_grp, g = (r0 + i) % n_grp;
+      const float inv = 1.0f / l[i];
+      for (int64_t c = 0; c < nv; ++c) vst1q_f32(out + t * ldo + g * hd + 4 * c, vmulq_n_f32(acc[i][c], inv));
+    }
+  }
 }
 
 // out = g / (1 + exp(-g)) * up, in the reference's order; the only difference is exp_neon
@@ -555,7 +638,7 @@ const KernelTable& neon_kernels() {
       rmsnorm_neon,
       rope_neon,
       attention_neon,
-      attention_tile_ref,
+      attention_tile_neon,
       swiglu_neon,
   };
   return table;
