@@ -620,7 +620,7 @@ def test_cli_success_and_errors(tmp_path, ckpt, capsys):
 
     assert main([str(ckpt)]) == 2  # usage error: -o missing
     assert "openelm-rt-export: error: the following arguments are required" in capsys.readouterr().err
-    assert main([str(ckpt), "-o", "x.oelm", "--dtype", "q4"]) == 2
+    assert main([str(ckpt), "-o", "x.oelm", "--dtype", "q3"]) == 2  # not a choice
     capsys.readouterr()
     assert main(["--help"]) == 0
     assert "example:" in capsys.readouterr().out

@@ -39,6 +39,40 @@ size_t dtype_size(DType t) {
   return 0;
 }
 
+bool dtype_from_name(std::string_view name, DType* out) {
+  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4})
+    if (name == dtype_name(t)) {
+      *out = t;
+      return true;
+    }
+  return false;
+}
+
+bool dtype_is_quantized(DType t) { return t == DType::q8 || t == DType::q4; }
+
+bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out) {
+  constexpr uint64_t kMax = ~uint64_t(0);
+  for (int64_t d : shape)
+    if (d < 0) return false;
+  if (dtype_is_quantized(t)) {
+    if (shape.size() != 2 || shape[0] > (int64_t(1) << 40) || shape[1] > (int64_t(1) << 40)) return false;
+    // Np/16 panels of (16 rows x Kp weights + Kp bytes of scales): 17 Kp (q8), 9 Kp (q4).
+    const uint64_t panels = (uint64_t(shape[0]) + 15) / 16;
+    const uint64_t kp = (uint64_t(shape[1]) + 31) / 32 * 32;
+    const uint64_t per_col = t == DType::q8 ? 17 : 9;
+    if (kp != 0 && panels > kMax / per_col / kp) return false;
+    *out = panels * per_col * kp;
+    return true;
+  }
+  uint64_t n = dtype_size(t);
+  for (int64_t d : shape) {
+    if (d != 0 && n > kMax / uint64_t(d)) return false;
+    n *= uint64_t(d);
+  }
+  *out = n;
+  return true;
+}
+
 int64_t TensorView::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -205,30 +239,29 @@ void OelmFile::validate_and_index(bool verify) {
     const json::Value* dt = t.find("dtype");
     if (!dt || !dt->is_string()) bad(path_, "tensor '" + nm + "': \"dtype\" missing");
     const std::string& d = dt->as_string();
-    if (d == "f32") tv.dtype = DType::f32;
-    else if (d == "f16") tv.dtype = DType::f16;
-    else if (d == "bf16") tv.dtype = DType::bf16;
-    else if (d == "u8") tv.dtype = DType::u8;
-    else
+    if (!dtype_from_name(d, &tv.dtype))
       bad(path_, "tensor '" + nm + "': unknown dtype \"" + d +
-                     "\" (this reader knows f32, f16, bf16, u8); upgrade openelm_rt or re-export");
+                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16, q4_b32r16); upgrade "
+                     "openelm_rt or re-export");
     const json::Value* shape = t.find("shape");
     if (!shape || !shape->is_array() || shape->items().empty() || shape->items().size() > 4)
       bad(path_, "tensor '" + nm + "': \"shape\" must be an array of 1 to 4 dimensions");
-    uint64_t numel = 1;
     for (const json::Value& dim : shape->items()) {
       if (!dim.is_integer() || dim.as_int() < 0 || dim.as_int() > (int64_t(1) << 40))
         bad(path_, "tensor '" + nm + "': bad dimension in \"shape\"");
-      uint64_t dd = uint64_t(dim.as_int());
-      if (dd != 0 && numel > size_ / dd) bad(path_, "tensor '" + nm + "': shape is larger than the file");
-      numel *= dd;
       tv.shape.push_back(dim.as_int());
     }
+    if (dtype_is_quantized(tv.dtype) && tv.shape.size() != 2)
+      bad(path_, "tensor '" + nm + "': dtype " + d + " stores 2-D matrices only, but \"shape\" has " +
+                     std::to_string(tv.shape.size()) + " dimensions");
+    uint64_t want = 0;
+    if (!tensor_bytes(tv.dtype, tv.shape, &want) || want > size_)
+      bad(path_, "tensor '" + nm + "': shape is larger than the file");
     uint64_t off = field_u64("offset"), sz = field_u64("size");
     tv.crc32 = uint32_t(field_u64("crc32"));
-    if (sz != numel * dtype_size(tv.dtype))
+    if (sz != want)
       bad(path_, "tensor '" + nm + "': size " + std::to_string(sz) + " bytes does not match its " +
-                     d + " shape (" + std::to_string(numel * dtype_size(tv.dtype)) + " bytes)");
+                     d + " shape (" + std::to_string(want) + " bytes)");
     if (off % align != 0) bad(path_, "tensor '" + nm + "': offset " + std::to_string(off) + " is not aligned to " + std::to_string(align));
     if (off > data_size || sz > data_size - off)
       bad(path_, "tensor '" + nm + "': bytes [" + std::to_string(off) + ", " + std::to_string(off + sz) +

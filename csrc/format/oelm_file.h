@@ -18,6 +18,15 @@ enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5 
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types
+// The DType whose dtype_name() is `name`; false if there is none.
+bool dtype_from_name(std::string_view name, DType* out);
+bool dtype_is_quantized(DType t);  // q8, q4: 2-D only, sized by tensor_bytes()
+
+// Bytes a tensor of this dtype and logical shape occupies (FORMAT.md): product(shape) x
+// dtype_size, or for the block-quantized types (2-D [N, K] only) (Np / 16) * 17 * Kp (q8)
+// or * 9 * Kp (q4). Returns false (out untouched) if the shape is invalid for the dtype
+// (negative, not 2-D for a block type) or the size does not fit in 64 bits.
+bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out);
 
 // A tensor inside the mapped file: no copy, valid while the OelmFile lives.
 struct TensorView {

@@ -102,5 +102,12 @@ void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv,
 void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
                         const float* v, int64_t hd, float scale, float* out, int64_t ldo);
 void swiglu_ref(const float* gate, const float* up, int64_t n, float* out);
+void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);
+void qmatmul_q8_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy);
+void qmatmul_q4_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy);
+void row_to_f32_q8_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
+void row_to_f32_q4_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 
 }  // namespace oelm

@@ -31,11 +31,42 @@ std::shared_ptr<Backend> Backend::create(const std::string& name, int threads, c
   throw InvalidArgument("unknown backend '" + name + "'; available: cpu, ref");
 }
 
+bool Backend::supports(DType t) const {
+  const int i = int(t);
+  return (dtype_is_quantized(t) ? k_->qmatmul[i] != nullptr && k_->quantize_row != nullptr
+                                : k_->matmul[i] != nullptr) &&
+         k_->row_to_f32[i] != nullptr;
+}
+
 void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy) {
   const int64_t N = W.rows(), K = W.cols();
-  matmul_fn fn = k_->matmul[int(W.dtype)];
-  // Chunks of 16 rows keep each thread's slice of W contiguous and cache-line aligned.
-  pool_.parallel_for(N, [&](int64_t n0, int64_t n1) { fn(x, T, K, W.data, n0, n1, y, ldy); }, 16);
+  if (!supports(W.dtype))
+    throw InvalidArgument(std::string("backend '") + name_ + "' (kernels '" + k_->name + "') has no matmul for " +
+                          dtype_name(W.dtype) + " weights (tensor '" + W.name + "')");
+  if (!dtype_is_quantized(W.dtype)) {
+    matmul_fn fn = k_->matmul[int(W.dtype)];
+    // Chunks of 16 rows keep each thread's slice of W contiguous and cache-line aligned.
+    pool_.parallel_for(N, [&](int64_t n0, int64_t n1) { fn(x, T, K, W.data, n0, n1, y, ldy); }, 16);
+    return;
+  }
+  // Quantize the activations once, then every row block reuses them.
+  const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
+  if (act_q_.size() < size_t(T * Kp)) act_q_.resize(size_t(T * Kp));
+  if (act_d_.size() < size_t(T * nb)) {
+    act_d_.resize(size_t(T * nb));
+    act_s_.resize(size_t(T * nb));
+  }
+  quantize_row_fn quantize = k_->quantize_row;
+  auto quantize_rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      quantize(x + t * K, K, act_q_.data() + t * Kp, act_d_.data() + t * nb, act_s_.data() + t * nb);
+  };
+  if (T == 1) quantize_rows(0, 1);
+  else pool_.parallel_for(T, quantize_rows);
+  const QActs acts{act_q_.data(), act_d_.data(), act_s_.data(), Kp};
+  qmatmul_fn fn = k_->qmatmul[int(W.dtype)];
+  // Chunks start at multiples of kQRows: each thread streams whole panels of W.
+  pool_.parallel_for(N, [&](int64_t n0, int64_t n1) { fn(acts, T, W.data, N, n0, n1, y, ldy); }, kQRows);
 }
 
 }  // namespace oelm

@@ -27,7 +27,13 @@ class Backend {
   ThreadPool& pool() { return pool_; }
 
   // y[t*ldy + n] = x[t] . W[n] for all t < T, n < W.rows(); rows split across threads.
+  // For block-quantized W the T activation rows are first quantized (kernels.h, QActs)
+  // into scratch owned by this Backend, so one Backend runs one matmul at a time (as its
+  // thread pool already requires).
   void matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy);
+
+  // True if the kernel table has a matmul and a row lookup for this weight dtype.
+  bool supports(DType t) const;
 
  private:
   Backend(std::string name, const KernelTable* k, int threads)
@@ -35,6 +41,11 @@ class Backend {
   std::string name_;
   const KernelTable* k_;
   ThreadPool pool_;
+  // Quantized activations for block-quantized matmuls: [T][Kp] integers, [T][Kp/32]
+  // scales and integer sums; grown on demand, reused across calls.
+  std::vector<int8_t> act_q_;
+  std::vector<float> act_d_;
+  std::vector<int32_t> act_s_;
 };
 
 }  // namespace oelm

@@ -55,6 +55,18 @@ std::vector<int64_t> get_list(const OelmFile& f, const json::Value& m, const cha
   return out;
 }
 
+// A metadata key naming the dtype of weight matrices; `fallback` (if given) when absent.
+DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallback) {
+  const json::Value* v = f.metadata().find(key);
+  if (!v && fallback) return *fallback;
+  if (!v || !v->is_string()) bad(f, std::string("metadata: \"") + key + "\" is missing or not a string");
+  DType t;
+  if (!dtype_from_name(v->as_string(), &t) || t == DType::u8)
+    bad(f, std::string("metadata: ") + key + " \"" + v->as_string() +
+               "\" is not supported (f32, f16, bf16, q8_b32r16, q4_b32r16); upgrade openelm_rt or re-export");
+  return t;
+}
+
 }  // namespace
 
 std::string_view Model::tokenizer_blob() const {
@@ -95,12 +107,8 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
   const json::Value* tied = mc->find("tied_embeddings");
   if (!tied || !tied->is_bool()) bad(f, "model config: \"tied_embeddings\" must be true or false");
   c.tied_embeddings = tied->as_bool();
-  const json::Value* wd = f.metadata().find("weights_dtype");
-  if (!wd || !wd->is_string()) bad(f, "metadata: \"weights_dtype\" is missing");
-  if (wd->as_string() == "f32") c.weights_dtype = DType::f32;
-  else if (wd->as_string() == "f16") c.weights_dtype = DType::f16;
-  else if (wd->as_string() == "bf16") c.weights_dtype = DType::bf16;
-  else bad(f, "metadata: weights_dtype \"" + wd->as_string() + "\" is not supported (f32, f16, bf16)");
+  c.weights_dtype = get_weights_dtype(f, "weights_dtype", nullptr);
+  c.embedding_dtype = get_weights_dtype(f, "embedding_dtype", &c.weights_dtype);
 
   m->tokenizer_ = &Tokenizer::stored_tensor(f);
   m->tokenizer_type_ = "sentencepiece";  // the only type stored_tensor accepts
@@ -146,7 +154,7 @@ void Model::bind_weights() {
 
   expected.insert(tokenizer_->name);
 
-  tok_embd_ = need("token_embd", {c.vocab_size, D}, wd);
+  tok_embd_ = need("token_embd", {c.vocab_size, D}, c.embedding_dtype);
   for (int64_t i = 0; i < c.n_layer; ++i) {
     const std::string p = "blk." + std::to_string(i) + ".";
     LayerWeights L;
@@ -167,7 +175,7 @@ void Model::bind_weights() {
     layers_.push_back(L);
   }
   output_norm_ = vec("output_norm", D);
-  lm_head_ = c.tied_embeddings ? tok_embd_ : need("output", {c.vocab_size, D}, wd);
+  lm_head_ = c.tied_embeddings ? tok_embd_ : need("output", {c.vocab_size, D}, c.embedding_dtype);
   for (const TensorView& t : f.tensors())
     if (!expected.count(t.name))
       bad(f, "unexpected tensor '" + t.name + "' (not part of an OpenELM model with this config); "
@@ -179,6 +187,10 @@ Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   const ModelConfig& c = model_->config();
   if (max_context < 1 || max_context > (int64_t(1) << 20))
     throw InvalidArgument("max_context must be in [1, 1048576], got " + std::to_string(max_context));
+  for (DType t : {c.weights_dtype, c.embedding_dtype})
+    if (!backend_->supports(t))
+      throw InvalidArgument(std::string("backend '") + backend_->name() + "' has no kernels for " + dtype_name(t) +
+                            " weights; use another backend or re-export with another --dtype");
   const int64_t hd = c.head_dim, half = hd / 2;
   try {
     for (int64_t i = 0; i < c.n_layer; ++i) {

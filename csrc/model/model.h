@@ -23,7 +23,8 @@ struct ModelConfig {
   int64_t max_context = 0;  // training context of the checkpoint
   int32_t bos_token_id = 1, eos_token_id = 2;
   bool tied_embeddings = true;
-  DType weights_dtype = DType::f32;
+  DType weights_dtype = DType::f32;    // every matrix but the vocabulary ones
+  DType embedding_dtype = DType::f32;  // token_embd and (untied) output; = weights_dtype if unset
 };
 
 struct LayerWeights {

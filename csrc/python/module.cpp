@@ -78,6 +78,7 @@ std::vector<int32_t> to_ids(const std::vector<int64_t>& ids, int64_t vocab) {
 
 py::array tensor_copy(const TensorView& t) {
   std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
+  if (dtype_is_quantized(t.dtype)) shape = {py::ssize_t(t.size)};  // not one element per weight
   py::dtype dt;
   switch (t.dtype) {
     case DType::f32: dt = py::dtype::of<float>(); break;
@@ -90,6 +91,24 @@ py::array tensor_copy(const TensorView& t) {
   py::array a(dt, shape);
   std::memcpy(a.mutable_data(), t.data, t.size);
   return a;
+}
+
+// A weight matrix handed in from Python (for the kernel tests): a TensorView over the
+// buffer of a uint8 array, checked to be exactly tensor_bytes(dtype, [N, K]) long.
+TensorView weight_view(const py::array_t<uint8_t, py::array::c_style>& w, const std::string& dtype, int64_t N,
+                       int64_t K) {
+  TensorView v;
+  v.name = "(test matrix)";
+  if (!dtype_from_name(dtype, &v.dtype) || v.dtype == DType::u8)
+    throw InvalidArgument("unknown weight dtype '" + dtype + "'");
+  v.shape = {N, K};
+  uint64_t want = 0;
+  if (N < 1 || K < 1 || !tensor_bytes(v.dtype, v.shape, &want) || uint64_t(w.size()) != want)
+    throw InvalidArgument("a " + dtype + " [" + std::to_string(N) + ", " + std::to_string(K) + "] matrix is " +
+                          std::to_string(want) + " bytes, got " + std::to_string(w.size()));
+  v.data = w.data();
+  v.size = want;
+  return v;
 }
 
 struct PyGenerator {
@@ -128,6 +147,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("config", [](const Model& mdl) { return to_python(*mdl.file().metadata().find("model")); })
       .def_property_readonly("metadata", [](const Model& mdl) { return to_python(mdl.file().metadata()); })
       .def_property_readonly("weights_dtype", [](const Model& mdl) { return dtype_name(mdl.config().weights_dtype); })
+      .def_property_readonly("embedding_dtype", [](const Model& mdl) { return dtype_name(mdl.config().embedding_dtype); })
       .def_property_readonly("vocab_size", [](const Model& mdl) { return mdl.config().vocab_size; })
       .def_property_readonly("format_version", [](const Model& mdl) { return mdl.file().format_version(); })
       .def_property_readonly("names_version", [](const Model& mdl) { return mdl.file().names_version(); })
@@ -191,6 +211,41 @@ PYBIND11_MODULE(_core, m) {
       .def_static("names", &Backend::names)
       .def_static("kernel_variants", &supported_kernel_variants,
                   "Kernel variants this build has and this CPU can run, fastest first")
+      .def("kernel_matmul", [](Backend& b, py::array_t<uint8_t, py::array::c_style> w, const std::string& dtype,
+                               int64_t N, int64_t K, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+        const TensorView W = weight_view(w, dtype, N, K);
+        if (x.ndim() != 2 || x.shape(1) != K) throw InvalidArgument("x must be [T, K] with K = " + std::to_string(K));
+        const int64_t T = x.shape(0);
+        py::array_t<float> y(std::vector<py::ssize_t>{py::ssize_t(T), py::ssize_t(N)});
+        float* dst = y.mutable_data();
+        if (T > 0) {
+          py::gil_scoped_release release;
+          b.matmul(x.data(), T, W, dst, N);
+        }
+        return y;
+      }, py::arg("w"), py::arg("dtype"), py::arg("N"), py::arg("K"), py::arg("x"),
+         "For tests: y [T, N] = x [T, K] @ W^T through Backend::matmul, W given as its .oelm bytes.")
+      .def("kernel_row_to_f32", [](Backend& b, py::array_t<uint8_t, py::array::c_style> w, const std::string& dtype,
+                                   int64_t N, int64_t K, int64_t row) {
+        const TensorView W = weight_view(w, dtype, N, K);
+        if (row < 0 || row >= N) throw InvalidArgument("row must be in [0, N)");
+        row_to_f32_fn fn = b.kernels().row_to_f32[int(W.dtype)];
+        if (!fn) throw InvalidArgument("no row_to_f32 kernel for " + dtype);
+        py::array_t<float> out(py::ssize_t{K});
+        fn(W.data, N, K, row, out.mutable_data());
+        return out;
+      }, py::arg("w"), py::arg("dtype"), py::arg("N"), py::arg("K"), py::arg("row"),
+         "For tests: row `row` of W decoded to f32 by the backend's row_to_f32 kernel.")
+      .def("kernel_quantize_row", [](Backend& b, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+        if (x.ndim() != 1 || x.shape(0) < 1) throw InvalidArgument("x must be a non-empty 1-D array");
+        if (!b.kernels().quantize_row) throw InvalidArgument("no quantize_row kernel");
+        const int64_t K = x.shape(0), Kp = q_padded_k(K);
+        py::array_t<int8_t> q(py::ssize_t{Kp});
+        py::array_t<float> d(py::ssize_t{Kp / kQBlock});
+        py::array_t<int32_t> s(py::ssize_t{Kp / kQBlock});
+        b.kernels().quantize_row(x.data(), K, q.mutable_data(), d.mutable_data(), s.mutable_data());
+        return py::make_tuple(q, d, s);
+      }, py::arg("x"), "For tests: the backend's activation quantization of one row: (q [Kp], d [Kp/32], s [Kp/32]).")
       .def("read_bandwidth", [](Backend& b, size_t bytes, int reps) {
         py::gil_scoped_release release;
         return measure_read_bandwidth(b.pool(), bytes, reps);

@@ -188,7 +188,7 @@ def cmd_info(args) -> int:
     m = _core.Model(args.model, bool(args.verify))
     c = m.config
     print(f"file:          {args.model} ({m.file_size:,} bytes, format {m.format_version}, names {m.names_version})")
-    print(f"weights:       {m.weights_dtype}")
+    print(f"weights:       {m.weights_dtype}   embedding / head {m.embedding_dtype}")
     print(f"layers:        {c['n_layer']}   d_model {c['d_model']}   head_dim {c['head_dim']}   vocab {c['vocab_size']}")
     print(f"q heads:       {c['n_head_q']}")
     print(f"kv heads:      {c['n_head_kv']}")

@@ -2,7 +2,8 @@
 
 Reads config.json, model.safetensors (or shards + model.safetensors.index.json) and a SentencePiece
 tokenizer.model, validates all of it, and writes the file exactly as docs/FORMAT.md specifies,
-one tensor at a time (a 3B checkpoint never sits in memory twice). Also holds read_oelm(), a
+one tensor at a time (a 3B checkpoint never sits in memory twice), converting or block-quantizing
+(quant.py) the matrices to the chosen weight type. Also holds read_oelm(), a
 minimal reader for tests and debugging; the validating reader is the C++ one (csrc/format).
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from . import quant
 from .checkpoint import CLASSIFIER, HFCheckpoint, ProgressBar
 from .hf_config import ExportError, ModelSpec, parse_config, tensor_layout
 from .safetensors_io import bf16_to_f32, f32_to_bf16
@@ -44,7 +46,9 @@ assert _HEADER.size == HEADER_SIZE
 _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"),
           "u8": np.dtype("u1")}
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
-WEIGHT_DTYPES = ("f32", "f16", "bf16")
+# --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
+WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q4")
+_FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q4": quant.Q4}
 TOKENIZER_TENSOR = "tokenizer.model"
 
 _CHUNK_BYTES = 16 << 20  # conversion granularity: bounds temporaries and keeps the bar moving
@@ -116,7 +120,7 @@ class _Entry:
 
     @property
     def size(self) -> int:
-        return math.prod(self.shape) * _NUMPY[self.dtype].itemsize
+        return quant.tensor_nbytes(self.dtype, self.shape)
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
@@ -165,7 +169,7 @@ def _choose_dtype(requested: str, ckpt: HFCheckpoint, layout) -> str:
     if requested != "auto":
         if requested not in WEIGHT_DTYPES:
             raise ExportError(f"dtype {requested!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}")
-        return requested
+        return _FILE_DTYPE[requested]
     # Norm weights are stored f32 whatever is chosen, so only the matrices decide.
     found = {ckpt.where[t.hf_name].dtype(t.hf_name) for t in layout if not t.is_norm}
     if len(found) == 1:
@@ -173,6 +177,20 @@ def _choose_dtype(requested: str, ckpt: HFCheckpoint, layout) -> str:
     log.info("checkpoint matrices mix dtypes %s; --dtype auto writes f32, which holds each of "
              "them exactly (pass --dtype to choose another)", ", ".join(sorted(found)))
     return "f32"
+
+
+def _choose_embedding_dtype(requested: str | None, weights: str) -> str:
+    """The dtype of the vocabulary matrices (token_embd, and output when untied).
+
+    Default: the weights' dtype, except q8 for q4 weights. With a tied head this matrix is the
+    LM head, whose rounding error goes straight into every logit (llama.cpp likewise keeps
+    its output matrix at Q6_K in a Q4_0 model); q8 costs 4 more bits on 2-12% of the weights.
+    """
+    if requested is None:
+        return quant.Q8 if weights == quant.Q4 else weights
+    if requested not in WEIGHT_DTYPES:
+        raise ExportError(f"embedding dtype {requested!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    return _FILE_DTYPE[requested]
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -219,6 +237,16 @@ def _convert(x: np.ndarray, src: str, dst: str, hf_name: str, row0: int) -> np.n
     return y
 
 
+def _quantize(x: np.ndarray, src: str, entry: _Entry, row0: int) -> np.ndarray:
+    """One chunk of whole panels (rows row0 ..) of a matrix, block-quantized and packed."""
+    w = _convert(x, src, "f32", entry.hf_name, row0)  # checks finiteness
+    try:
+        return np.frombuffer(quant.quantize_packed(w, entry.dtype), np.uint8)
+    except ValueError as e:
+        raise ExportError(f"tensor {entry.hf_name} (rows from {row0}) cannot be stored as "
+                          f"{entry.dtype}: {e}") from None
+
+
 def _chunks(entry: _Entry, ckpt: HFCheckpoint | None, tokenizer: bytes):
     """The bytes of one output tensor, as contiguous arrays of at most ~_CHUNK_BYTES."""
     if entry.hf_name is None:
@@ -229,6 +257,11 @@ def _chunks(entry: _Entry, ckpt: HFCheckpoint | None, tokenizer: bytes):
     a = st.get(entry.hf_name)
     row_bytes = math.prod(a.shape[1:]) * a.itemsize  # a 1-D norm: one element per "row"
     rows = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    if entry.dtype in quant.QUANT_DTYPES:  # whole panels of 16 rows, so the chunks concatenate
+        rows = max(1, rows // quant.QROWS) * quant.QROWS
+        for r in range(0, a.shape[0], rows):
+            yield _quantize(a[r:r + rows], src, entry, r)
+        return
     for r in range(0, a.shape[0], rows):
         yield np.ascontiguousarray(_convert(a[r:r + rows], src, entry.dtype, entry.hf_name, r))
 
@@ -255,11 +288,14 @@ def _metadata_bytes(meta: dict) -> bytes:
 # ----------------------------------------------------------------------------- export
 
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
-                      progress: bool | None = None) -> Path:
+                      progress: bool | None = None, embedding_dtype: str | None = None) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
-    mix dtypes), "f32", "f16" or "bf16"; norm weights are always f32. tokenizer: path of a
+    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q4" (FORMAT.md, quant.py);
+    norm weights are always f32. embedding_dtype: one of those (not auto) for the token
+    embedding, which is also the LM head when tied (and for `output` when untied); default
+    the weights' dtype, but q8 for q4 weights (_choose_embedding_dtype). tokenizer: path of a
     SentencePiece tokenizer.model (default src_dir/tokenizer.model). progress: show a bar on
     stderr (None: only if stderr is a terminal). Everything is validated before a byte is
     written; NaN/Inf and out-of-range values are found while converting, and then, as on any
@@ -294,9 +330,15 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     try:
         layout = _check_tensors(ckpt, spec, cfg)
         wdtype = _choose_dtype(dtype, ckpt, layout)
+        edtype = _choose_embedding_dtype(embedding_dtype, wdtype)
+
+        def dtype_of(t) -> str:
+            if t.is_norm:
+                return "f32"
+            return edtype if t.oelm_name in ("token_embd", "output") else wdtype
+
         entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))]
-        entries += [_Entry(t.oelm_name, "f32" if t.is_norm else wdtype, t.shape, hf_name=t.hf_name)
-                    for t in layout]
+        entries += [_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name) for t in layout]
         offset = 0
         for e in entries:
             e.offset = _align(offset)
@@ -307,6 +349,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             "format": "openelm_rt",
             "writer": f"{PROG} {_writer_version()}",
             "weights_dtype": wdtype,
+            "embedding_dtype": edtype,
             "model": spec.to_metadata(),
             "tokenizer": {"type": "sentencepiece", "tensor": TOKENIZER_TENSOR},
             "source": {"hf_config": cfg},
@@ -379,10 +422,14 @@ class OelmFile:
         return list(self._tensors)
 
     def tensor(self, name: str) -> np.ndarray:
-        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8."""
+        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8; the
+        block-quantized types as their raw bytes (1-D uint8; decode with quant.dequantize)."""
         t = self._tensors[name]
         begin = self.header["data_offset"] + t["offset"]
-        return self._map[begin:begin + t["size"]].view(_NUMPY[t["dtype"]]).reshape(t["shape"])
+        raw = self._map[begin:begin + t["size"]]
+        if t["dtype"] in quant.QUANT_DTYPES:
+            return raw
+        return raw.view(_NUMPY[t["dtype"]]).reshape(t["shape"])
 
     def close(self) -> None:
         self._map = None
@@ -416,7 +463,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="output file (written atomically: a temporary file, renamed at the end)")
     p.add_argument("--dtype", choices=("auto",) + WEIGHT_DTYPES, default="auto",
                    help="weight type: auto keeps the checkpoint's (F32 -> f32, BF16 -> bf16); "
-                        "norm weights are always f32 (default: %(default)s)")
+                        "q8 / q4 are 8-bit / 4-bit blocks of 32 weights with a 16-bit scale "
+                        "(8.5 / 4.5 bits per weight, like llama.cpp Q8_0 / Q4_0); norm weights "
+                        "are always f32 (default: %(default)s)")
+    p.add_argument("--embedding-dtype", choices=WEIGHT_DTYPES, default=None,
+                   help="type of the token embedding, which is also the LM head (default: as "
+                        "--dtype, but q8 for q4: the head's rounding goes straight into the "
+                        "logits)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="SentencePiece tokenizer.model (default: SRC/tokenizer.model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -439,11 +492,13 @@ def main(argv=None) -> int:
     try:
         t0 = time.monotonic()
         out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
-                                progress=False if args.no_progress else None)
+                                progress=False if args.no_progress else None,
+                                embedding_dtype=args.embedding_dtype)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
-        print(f"{PROG}: wrote {out} ({out.stat().st_size:,} bytes, {n} tensors, weights {wd}) "
-              f"in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            ed = f.metadata["embedding_dtype"]
+        print(f"{PROG}: wrote {out} ({out.stat().st_size:,} bytes, {n} tensors, weights {wd}, "
+              f"embedding {ed}) in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         return 0
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

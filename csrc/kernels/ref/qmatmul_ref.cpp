@@ -1,0 +1,118 @@
+// Reference kernels for the block-quantized weight types q8_b32r16 and q4_b32r16
+// (layout: docs/FORMAT.md; contract: kernels.h): activation quantization, the integer
+// matmul, and row decoding. Plain loops that read one weight at a time through the
+// layout formulas, no intrinsics: the truth the SIMD variants are tested against.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/half.h"
+#include "kernels/kernels.h"
+
+namespace oelm {
+
+namespace {
+
+// Bytes per panel column (16 rows): 16 weights + one 2-byte scale per 32 columns.
+constexpr int64_t kPanelColBytesQ8 = 17;
+constexpr int64_t kPanelColBytesQ4 = 9;
+
+// Start of the panel holding row n.
+template <int64_t ColBytes>
+const uint8_t* panel_of(const void* W, int64_t Kp, int64_t n) {
+  return static_cast<const uint8_t*>(W) + (n / kQRows) * ColBytes * Kp;
+}
+
+// Scale of row r (within its panel), block b: bytes 2 (16 b + r) of the panel.
+float scale_at(const uint8_t* panel, int64_t r, int64_t b) {
+  uint16_t h;
+  std::memcpy(&h, panel + 2 * (kQRows * b + r), sizeof h);
+  return f16_to_f32(h);
+}
+
+// Weight integer q of row r, column k = 32 b + c, as FORMAT.md places it.
+int32_t q8_at(const uint8_t* panel, int64_t Kp, int64_t r, int64_t k) {
+  const int64_t b = k / kQBlock, c = k % kQBlock;
+  return int32_t(panel[Kp + 512 * b + 64 * (c / 4) + 4 * r + c % 4]) - 128;
+}
+
+int32_t q4_at(const uint8_t* panel, int64_t Kp, int64_t r, int64_t k) {
+  const int64_t b = k / kQBlock, c = k % kQBlock;
+  const uint8_t byte = panel[Kp + 256 * b + 64 * ((c % 16) / 4) + 4 * r + c % 4];
+  return int32_t(c < 16 ? byte & 0x0F : byte >> 4) - 8;
+}
+
+template <int64_t ColBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t, int64_t)>
+void qmatmul_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy) {
+  const int64_t Kp = x.Kp, nb = Kp / kQBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* panel = panel_of<ColBytes>(W, Kp, n);
+    const int64_t r = n % kQRows;
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* xq = x.q + t * Kp;
+      const float* xd = x.d + t * nb;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t isum = 0;  // |isum| <= 32 * 127 * 127: exact in int32 and in float
+        for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) isum += QAt(panel, Kp, r, k) * int32_t(xq[k]);
+        acc = std::fmaf(float(isum) * xd[b], scale_at(panel, r, b), acc);
+      }
+      y[t * ldy + n] = acc;
+    }
+  }
+}
+
+template <int64_t ColBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t, int64_t)>
+void row_to_f32_quant(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
+  const int64_t Kp = q_padded_k(K);
+  const uint8_t* panel = panel_of<ColBytes>(W, Kp, row);
+  const int64_t r = row % kQRows;
+  // An 11-bit scale times an integer of at most 8 bits: exact in float.
+  for (int64_t k = 0; k < K; ++k) out[k] = scale_at(panel, r, k / kQBlock) * float(QAt(panel, Kp, r, k));
+}
+
+}  // namespace
+
+void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
+  const int64_t Kp = q_padded_k(K);
+  for (int64_t b = 0; b < Kp / kQBlock; ++b) {
+    const int64_t k0 = b * kQBlock, k1 = std::min(K, k0 + kQBlock);
+    float amax = 0.0f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    int32_t sum = 0;
+    if (amax == 0.0f) {
+      d[b] = 0.0f;
+      for (int64_t k = k0; k < k0 + kQBlock; ++k) q[k] = 0;
+    } else {
+      d[b] = amax / 127.0f;
+      const float inv = 127.0f / amax;
+      for (int64_t k = k0; k < k0 + kQBlock; ++k) {
+        // |x * inv| <= 127 up to one rounding, so the nearest integer fits in int8.
+        q[k] = k < K ? int8_t(std::nearbyint(x[k] * inv)) : int8_t(0);
+        sum += q[k];
+      }
+    }
+    s[b] = sum;
+  }
+}
+
+void qmatmul_q8_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy) {
+  qmatmul_ref<kPanelColBytesQ8, q8_at>(x, T, W, N, n0, n1, y, ldy);
+}
+
+void qmatmul_q4_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy) {
+  qmatmul_ref<kPanelColBytesQ4, q4_at>(x, T, W, N, n0, n1, y, ldy);
+}
+
+void row_to_f32_q8_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
+  row_to_f32_quant<kPanelColBytesQ8, q8_at>(W, N, K, row, out);
+}
+
+void row_to_f32_q4_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
+  row_to_f32_quant<kPanelColBytesQ4, q4_at>(W, N, K, row, out);
+}
+
+}  // namespace oelm
