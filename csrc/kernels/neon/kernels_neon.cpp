@@ -14,16 +14,16 @@
 #include "common/half.h"
 #include "kernels/kernels.h"
 
-// sdot (ARMv8.2 dot product) is enabled for the functions that use it only, by this
-// attribute; everything else is baseline ARMv8-A Advanced SIMD. No -march flag for the
-// file: inline functions from headers compiled with it could be the copy the linker keeps
-// for every caller, including on CPUs without sdot. (A target pragma does not reach class
-// template members: GCC instantiates them at the end of the file, after the pragma's pop.)
+// sdot (ARMv8.2 dot product) is enabled by this attribute on the few functions that use
+// it (the quantized panel kernel); everything else is baseline ARMv8-A Advanced SIMD. No
+// -march flag for the file: inline functions from headers compiled with it could be the
+// copy the linker keeps for every caller, including on CPUs without sdot; and all the
+// attributed functions have internal linkage.
 #if defined(__clang__)
 #define OELM_DOTPROD __attribute__((target("dotprod")))
 #else
-// GCC's arm_neon.h declares sdot for armv8.2-a+dotprod, so a caller needs at least that;
-// every CPU with the dot product (HWCAP_ASIMDDP) implements ARMv8.2-A.
+// GCC's arm_neon.h declares sdot for armv8.2-a+dotprod ("+dotprod" alone does not let a
+// caller inline it); every CPU with the dot product (HWCAP_ASIMDDP) implements ARMv8.2-A.
 #define OELM_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 #endif
 
