@@ -26,7 +26,8 @@ command -v ninja >/dev/null && gen=(-G Ninja)
 build_check() {  # build_check DIR [cmake args...]: configures DIR and builds only kernel_check
   local dir=$1
   shift
-  cmake -S . -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DOPENELM_RT_PYTHON=OFF "$@" >/dev/null
+  cmake -S . -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DOPENELM_RT_PYTHON=OFF \
+        -DOPENELM_RT_C_LIBRARY=OFF -DOPENELM_RT_TESTS=OFF "$@" >/dev/null
   cmake --build "$dir" --target kernel_check -j2 >/dev/null
 }
 

@@ -139,3 +139,19 @@ def test_environment_variable_rejects_unknown_variant():
 def test_backend_rejects_kernels_for_ref_backend(core):
     with pytest.raises(ValueError, match="backend 'ref' always runs the reference kernels"):
         core.Backend("ref", 1, kernels=_variants()[0] if _variants()[0] != "ref" else "avx2")
+
+
+def test_ffn_width_off_panel_uses_unfused_swiglu(core, work_dir, tokenizer_path):
+    """gate/up + SwiGLU is fused per 16-row panel; an FFN width that is not a multiple of 16
+    (possible with ffn_dim_divisor 8) must take the unfused path and still be right."""
+    from conftest import build_model
+    from openelm_rt.hf_config import parse_config
+    m = build_model(work_dir, tokenizer_path, "ffn_div8", seed=5, config_overrides={"ffn_dim_divisor": 8})
+    assert any(f % 16 for f in parse_config(m.cfg).ffn_dim), "the config must have an FFN width % 16 != 0"
+    ids = prompt_ids(9, m.cfg["vocab_size"])
+    ref = oracle.forward(m.weights, m.cfg, ids)
+    model = core.Model(str(m.oelm), False)
+    for variant in _variants():
+        got = np.asarray(_ctx(core, model, variant, threads=2).eval(ids, True), np.float64)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err <= REL_TOL, f"{variant}: rel err {err:.3e} > {REL_TOL}"

@@ -1,7 +1,10 @@
 # Cross build for 64-bit Arm Linux with Debian's cross compiler (apt-get install
-# g++-aarch64-linux-gnu); run the results with qemu-user:
-#   cmake -S . -B build-aarch64 -DCMAKE_TOOLCHAIN_FILE=cmake/toolchains/aarch64-linux-gnu.cmake -DOPENELM_RT_PYTHON=OFF
-#   qemu-aarch64 -L /usr/aarch64-linux-gnu build-aarch64/kernel_check
+# g++-aarch64-linux-gnu); run the results with qemu-user (README, "Testing the SIMD
+# kernels"; .ci/neon.sh):
+#   cmake -S . -B build/aarch64 -DCMAKE_TOOLCHAIN_FILE=cmake/toolchains/aarch64-linux-gnu.cmake \
+#         -DOPENELM_RT_PYTHON=OFF -DOPENELM_RT_C_LIBRARY=OFF -DOPENELM_RT_TESTS=OFF
+#   cmake --build build/aarch64 --target kernel_check
+#   qemu-aarch64 -L /usr/aarch64-linux-gnu build/aarch64/kernel_check
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)

@@ -52,15 +52,17 @@ void Generator::start(const std::vector<int32_t>& prompt, const InterruptFn& int
   prefill_s_ = now() - t0;
 }
 
+bool Generator::done() const {
+  // The sequence (prompt + generated) filling the context ends it too.
+  return finish_ != FinishReason::none || n_generated_ >= max_new_ ||
+         int64_t(history_.size()) >= ctx_.max_context();
+}
+
 int32_t Generator::next(const InterruptFn& interrupt) {
   if (!started_) throw InvalidArgument("Generator::next called before start");
-  if (finish_ != FinishReason::none) return -1;
-  if (n_generated_ >= max_new_) {
-    finish_ = FinishReason::length;
-    return -1;
-  }
-  if (int64_t(history_.size()) >= ctx_.max_context()) {  // prompt + generated fill the context
-    finish_ = FinishReason::context;
+  if (done()) {
+    if (finish_ == FinishReason::none)
+      finish_ = n_generated_ >= max_new_ ? FinishReason::length : FinishReason::context;
     return -1;
   }
   const double t0 = now();

@@ -27,6 +27,10 @@ class Generator {
   // An EOS token is returned, then the following call returns -1.
   int32_t next(const InterruptFn& interrupt = {});
 
+  // Whether generation has ended: the next call to next() returns -1 without evaluating.
+  // True right after next() returned the last token (so a streaming caller can flush).
+  bool done() const;
+
   FinishReason finish_reason() const { return finish_; }
   const std::vector<int32_t>& tokens() const { return history_; }  // prompt + generated
   int64_t n_prompt() const { return n_prompt_; }

@@ -38,16 +38,15 @@ bool Backend::supports(DType t) const {
          k_->row_to_f32[i] != nullptr;
 }
 
-void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy) {
+std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, int64_t T, const TensorView& W,
+                                                             float* y, int64_t ldy) {
   const int64_t N = W.rows(), K = W.cols();
   if (!supports(W.dtype))
     throw InvalidArgument(std::string("backend '") + name_ + "' (kernels '" + k_->name + "') has no matmul for " +
                           dtype_name(W.dtype) + " weights (tensor '" + W.name + "')");
   if (!dtype_is_quantized(W.dtype)) {
     matmul_fn fn = k_->matmul[int(W.dtype)];
-    // Chunks of 16 rows keep each thread's slice of W contiguous and cache-line aligned.
-    pool_.parallel_for(N, [&](int64_t n0, int64_t n1) { fn(x, T, K, W.data, n0, n1, y, ldy); }, 16);
-    return;
+    return [=](int64_t n0, int64_t n1) { fn(x, T, K, W.data, n0, n1, y, ldy); };
   }
   // Quantize the activations once, then every row block reuses them.
   const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
@@ -65,8 +64,34 @@ void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, i
   else pool_.parallel_for(T, quantize_rows);
   const QActs acts{act_q_.data(), act_d_.data(), act_s_.data(), Kp};
   qmatmul_fn fn = k_->qmatmul[int(W.dtype)];
-  // Chunks start at multiples of kQRows: each thread streams whole panels of W.
-  pool_.parallel_for(N, [&](int64_t n0, int64_t n1) { fn(acts, T, W.data, N, n0, n1, y, ldy); }, kQRows);
+  const uint8_t* w = W.data;
+  return [=](int64_t n0, int64_t n1) { fn(acts, T, w, N, n0, n1, y, ldy); };
+}
+
+void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy) {
+  // Chunks start at multiples of 16 rows (kQRows): each thread streams whole panels of
+  // quantized W, and slices of float W that are contiguous and cache-line aligned.
+  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), kQRows);
+}
+
+void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up, float* gu, float* act) {
+  const int64_t F = gate_up.rows() / 2;
+  const auto rows = prepare_matmul(x, T, gate_up, gu, 2 * F);
+  swiglu_fn swiglu = k_->swiglu;
+  if (F % kQRows != 0) {  // the up half would not start on a panel: no fusion
+    pool_.parallel_for(2 * F, rows, kQRows);
+    pool_.parallel_for(T, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) swiglu(gu + t * 2 * F, gu + t * 2 * F + F, F, act + t * F);
+    });
+    return;
+  }
+  // Each thread computes gate rows [f0, f1) and the matching up rows, then SwiGLU on them
+  // while they are still in its cache.
+  pool_.parallel_for(F, [&](int64_t f0, int64_t f1) {
+    rows(f0, f1);
+    rows(F + f0, F + f1);
+    for (int64_t t = 0; t < T; ++t) swiglu(gu + t * 2 * F + f0, gu + t * 2 * F + F + f0, f1 - f0, act + t * F + f0);
+  }, kQRows);
 }
 
 }  // namespace oelm

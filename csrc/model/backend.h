@@ -32,10 +32,20 @@ class Backend {
   // thread pool already requires).
   void matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy);
 
+  // SwiGLU feed-forward input: gu[t, 0:2F] = x[t] . gate_up (rows [0, F) gate, [F, 2F) up)
+  // and act[t*F + j] = silu(gu[t, j]) * gu[t, F + j], fused so each thread applies SwiGLU
+  // to the gate and up rows it has just computed (one pass and one join fewer).
+  void matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up, float* gu, float* act);
+
   // True if the kernel table has a matmul and a row lookup for this weight dtype.
   bool supports(DType t) const;
 
  private:
+  // Checks W's dtype, quantizes x if W is block-quantized, and returns the function that
+  // computes output rows [n0, n1) (n0 a multiple of kQRows).
+  std::function<void(int64_t, int64_t)> prepare_matmul(const float* x, int64_t T, const TensorView& W, float* y,
+                                                       int64_t ldy);
+
   Backend(std::string name, const KernelTable* k, int threads)
       : name_(std::move(name)), k_(k), pool_(threads) {}
   std::string name_;

@@ -273,7 +273,7 @@ void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, floa
   for (size_t li = 0; li < model_->layers().size(); ++li) {
     if (interrupt && interrupt()) throw Interrupted();
     const LayerWeights& L = model_->layers()[li];
-    const int64_t nq = L.n_head_q, nkv = L.n_head_kv, F = L.ffn_dim;
+    const int64_t nq = L.n_head_q, nkv = L.n_head_kv;
     const int64_t nqkv = (nq + 2 * nkv) * hd, group = nq / nkv;
     float* kc = k_cache_[li].data();  // [nkv][max_ctx][hd]
     float* vc = v_cache_[li].data();
@@ -314,17 +314,7 @@ void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, floa
 
     // --- feed-forward (SwiGLU) ---
     over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.ffn_norm, D, eps, h + t * D); });
-    backend_->matmul(h, T, *L.gate_up, ffn_.data(), 2 * F);  // [T, 2F]: gate | up
-    if (T == 1) {  // decode: split the width, there is only one token
-      pool.parallel_for(F, [&](int64_t b, int64_t e) {
-        K.swiglu(ffn_.data() + b, ffn_.data() + F + b, e - b, act_.data() + b);
-      }, 64);
-    } else {
-      over_tokens([&](int64_t t) {
-        const float* gu = ffn_.data() + t * 2 * F;
-        K.swiglu(gu, gu + F, F, act_.data() + t * F);
-      });
-    }
+    backend_->matmul_swiglu(h, T, *L.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
     backend_->matmul(act_.data(), T, *L.down, tmp, D);  // [T, D]
     for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
   }
