@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# SIMD kernel checks, called from .ci/run: cross-builds the C++ core and kernel_check for
-# aarch64 with Debian's cross compiler and runs it under qemu-user (every NEON kernel
-# against the scalar reference), proves that a CPU without the dot product falls back to
-# ref and that forcing neon there is a clear error, then runs kernel_check natively (the
-# x86 variants this machine supports). Installs the cross compiler and qemu when missing.
+# SIMD kernel checks, called from .ci/run: cross-builds the C++ core, kernel_check and the
+# C API tests for aarch64 with Debian's cross compiler and runs them under qemu-user:
+# every NEON kernel against the scalar reference, a CPU without the dot product falling
+# back to ref (and forcing neon there refused with a message), and the C API suite
+# (tests/cpp, logits and generations equal to the Python path's) with neon forced, which
+# runs the whole model on the NEON kernels. Then kernel_check natively (the x86 variants
+# this machine supports). Installs the cross compiler and qemu when missing; needs
+# python3 that can import openelm_rt (for the C API test fixtures), as tests/cpp/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -23,19 +26,14 @@ installed=$SECONDS
 
 gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
-build_check() {  # build_check DIR [cmake args...]: configures DIR and builds only kernel_check
-  local dir=$1
-  shift
-  cmake -S . -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DOPENELM_RT_PYTHON=OFF \
-        -DOPENELM_RT_C_LIBRARY=OFF -DOPENELM_RT_TESTS=OFF "$@" >/dev/null
-  cmake --build "$dir" --target kernel_check -j2 >/dev/null
-}
-
-echo "-- aarch64 cross build"
-build_check build/ci-aarch64 -DCMAKE_TOOLCHAIN_FILE=cmake/toolchains/aarch64-linux-gnu.cmake
+echo "-- aarch64 cross build (core, kernel_check, C library and its tests)"
+cross=build/ci-aarch64
+cmake -S . -B "$cross" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DOPENELM_RT_PYTHON=OFF \
+      -DCMAKE_TOOLCHAIN_FILE=cmake/toolchains/aarch64-linux-gnu.cmake >/dev/null
+cmake --build "$cross" --target all kernel_check -j2 >/dev/null
 built=$SECONDS
 qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
-check=build/ci-aarch64/kernel_check
+check=$cross/kernel_check
 
 echo "-- kernel_check under qemu-aarch64 -cpu max (NEON with dot product)"
 "${qemu[@]}" -cpu max "$check"
@@ -53,11 +51,25 @@ if [ "$rc" -ne 2 ] || ! grep -q "kernel variant 'neon' is compiled in but this C
   echo "FAIL: expected exit 2 and the InvalidArgument message, got exit $rc"
   exit 1
 fi
+
+echo "-- C API tests under qemu-aarch64 -cpu max with OPENELM_RT_KERNELS=neon (the model on NEON)"
+data=$(mktemp -d "${TMPDIR:-/tmp}/openelm_rt_neon.XXXXXX")
+trap 'rm -rf "$data"' EXIT
+python3 tests/cpp/make_fixtures.py "$data" >/dev/null
+# The toolchain file's CMAKE_CROSSCOMPILING_EMULATOR makes ctest run the tests in qemu.
+if ! out=$(cd "$cross" && OELM_TEST_DATA="$data" QEMU_CPU=max OPENELM_RT_KERNELS=neon ctest -j2 --output-on-failure 2>&1); then
+  echo "$out"
+  exit 1
+fi
+grep "tests passed" <<<"$out"
 emulated=$SECONDS
 
 echo "-- kernel_check, native"
-build_check build/ci-native
-build/ci-native/kernel_check
+native=build/ci-native
+cmake -S . -B "$native" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DOPENELM_RT_PYTHON=OFF \
+      -DOPENELM_RT_C_LIBRARY=OFF -DOPENELM_RT_TESTS=OFF >/dev/null
+cmake --build "$native" --target kernel_check -j2 >/dev/null
+"$native/kernel_check"
 
 echo "-- SIMD kernel checks took $((SECONDS - start)) s (install $((installed - start)) s, cross build" \
      "$((built - installed)) s, qemu $((emulated - built)) s, native $((SECONDS - emulated)) s)"
