@@ -90,7 +90,8 @@ def _split_shards(entries: list[tuple[str, str, tuple]], shards: int) -> list[li
 
 
 def write_random_checkpoint(out_dir, config: dict, dtype: str = "f32", seed: int = 0,
-                            shards: int = 1, progress: bool = False) -> Path:
+                            shards: int = 1, progress: bool = False,
+                            logit_scale: float = 1.0) -> Path:
     """Write config.json and random weights in HF OpenELM layout into out_dir; returns out_dir.
 
     dtype "f32" (like the base repos) or "bf16" (like -Instruct). shards > 1 writes
@@ -98,7 +99,15 @@ def write_random_checkpoint(out_dir, config: dict, dtype: str = "f32", seed: int
     Each tensor is drawn from its own stream (seed, tensor index), so values do not depend on
     sharding, and a bf16 checkpoint holds the bf16 rounding of the f32 one with the same seed.
     Norm weights are 1 + 0.1*N(0,1), not CoreNet's ones, so a skipped norm changes the output.
+
+    logit_scale multiplies the final norm weight (transformer.norm.weight) and so every logit,
+    and nothing else. With the default 1.0 the logits have a standard deviation of about 1
+    over the vocabulary: next-token distributions are nearly uniform, unlike a trained
+    model's. Quality comparisons (KL divergence, top-1 agreement) need peaked ones, so the
+    benchmarks pass a larger value.
     """
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
     if dtype not in _ST_DTYPE:
         raise ValueError(f"dtype must be 'f32' or 'bf16', got {dtype!r}")
     cfg = json.loads(json.dumps(config))  # deep copy that also proves it is JSON
@@ -122,6 +131,8 @@ def write_random_checkpoint(out_dir, config: dict, dtype: str = "f32", seed: int
         if std is None:
             w *= np.float32(0.1)
             w += np.float32(1.0)
+            if name == "transformer.norm.weight" and logit_scale != 1.0:
+                w *= np.float32(logit_scale)
         else:
             w *= np.float32(std)
         return f32_to_bf16(w) if dtype == "bf16" else w

@@ -34,12 +34,15 @@ def _log(msg):
 
 
 def ensure_random_model(preset: str = "270M", dtype: str = "f32", cache_dir: str | None = None,
-                        tokenizer: str | None = None, log=_log) -> RandomModel:
+                        tokenizer: str | None = None, log=_log,
+                        logit_scale: float = 1.0) -> RandomModel:
     """Returns a cached random OpenELM model of `preset` shape, building what is missing.
 
     tokenizer: a tokenizer.model to use (e.g. LLaMA-2's); by default one with the
     model's vocabulary size is trained locally (Python's standard library sources give
     enough text for 32000 pieces; the shipped corpus serves small test vocabularies).
+    logit_scale: see checkpoint.write_random_checkpoint; a value other than 1 gets its own
+    checkpoint and .oelm files in the cache.
     """
     cache = os.path.abspath(cache_dir or default_cache_dir())
     os.makedirs(cache, exist_ok=True)
@@ -55,13 +58,16 @@ def ensure_random_model(preset: str = "270M", dtype: str = "f32", cache_dir: str
             log(f"training a tokenizer ({tok_desc}) ...")
             tokenizer_train.train_sentencepiece(tok_path, vocab, source=source)
     with open(tok_path, "rb") as f:  # the .oelm embeds the tokenizer: key the cache on its bytes
-        tag = f"{preset}-{dtype}-tok{zlib.crc32(f.read()):08x}"
-    ckpt = os.path.join(cache, f"random-openelm-{preset}")
+        tok_crc = zlib.crc32(f.read())
+    name = preset if logit_scale == 1.0 else f"{preset}-ls{logit_scale:g}"
+    tag = f"{name}-{dtype}-tok{tok_crc:08x}"
+    ckpt = os.path.join(cache, f"random-openelm-{name}")
     model_path = os.path.join(cache, f"random-openelm-{tag}.oelm")
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         log(f"writing a Hugging Face-format OpenELM-{preset} checkpoint with random weights to {ckpt} ...")
         t0 = time.time()
-        checkpoint.write_random_checkpoint(ckpt, cfg, dtype="f32", seed=0, progress=sys.stderr.isatty())
+        checkpoint.write_random_checkpoint(ckpt, cfg, dtype="f32", seed=0, progress=sys.stderr.isatty(),
+                                           logit_scale=logit_scale)
         log(f"  done in {time.time() - t0:.1f} s")
     if not os.path.exists(model_path):
         log(f"exporting it to {model_path} ...")

@@ -1,0 +1,112 @@
+"""The llama.cpp side of bench_llama.py, seen from our Python: the llama-cpp-python venv,
+the worker process (llama_worker.py) and the GGUF files made from the same weights.
+
+llama-cpp-python runs in its own venv (default ~/.cache/openelm_rt/llama-venv), created
+here when missing: pip compiles llama.cpp from the sdist for the host CPU, which takes
+about 10 minutes once (pip's wheel cache makes a re-creation quick).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+VENV_PACKAGES = [LLAMA_CPP_PYTHON, "gguf==0.19.0", "numpy", "sentencepiece"]
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_worker.py")
+# our .oelm dtype -> the llama.cpp file type it is compared with (same bits per weight)
+LLAMA_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0"}
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def venv_python(venv: str) -> str:
+    return os.path.join(venv, "bin", "python")
+
+
+def _venv_ready(venv: str) -> bool:
+    py = venv_python(venv)
+    if not os.path.exists(py):
+        return False
+    check = ("import llama_cpp, gguf, numpy, sentencepiece; "
+             f"assert llama_cpp.__version__ == {LLAMA_CPP_PYTHON.split('==')[1]!r}")
+    return subprocess.run([py, "-c", check], capture_output=True).returncode == 0
+
+
+def ensure_venv(venv: str) -> str:
+    """Path of the venv's python, creating the venv (python -m venv + pip install) if needed."""
+    venv = os.path.abspath(venv)
+    if _venv_ready(venv):
+        return venv_python(venv)
+    if os.path.exists(venv):
+        _log(f"{venv} exists but lacks {LLAMA_CPP_PYTHON}; re-creating it")
+        shutil.rmtree(venv)
+    _log(f"creating {venv} with {' '.join(VENV_PACKAGES)}: pip compiles llama.cpp for this CPU, "
+         f"which takes about 10 minutes the first time ...")
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([venv_python(venv), "-m", "pip", "install", *VENV_PACKAGES], check=True)
+    if not _venv_ready(venv):
+        raise RuntimeError(f"{venv} was created but cannot import llama_cpp/gguf; see pip's output")
+    return venv_python(venv)
+
+
+class LlamaWorker:
+    """llama_worker.py in a subprocess; call(cmd, **args) -> reply dict (raises on error)."""
+
+    def __init__(self, python: str):
+        self.proc = subprocess.Popen([python, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def call(self, cmd: str, **args) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llama worker exited (code {self.proc.wait()}) during {cmd!r}")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise RuntimeError(f"llama worker, {cmd!r}: {reply['error']}\n{reply.get('trace', '')}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def gguf_path(f32_oelm: str, ftype: str) -> str:
+    """Cache path of the GGUF of the same weights, next to our f32 .oelm (same name key)."""
+    stem = os.path.splitext(f32_oelm)[0]
+    head, sep, tail = stem.rpartition("-f32-")
+    return f"{head}-gguf-{ftype}-{tail}.gguf" if sep else f"{stem}-gguf-{ftype}.gguf"
+
+
+def ensure_ggufs(worker: LlamaWorker, ckpt_dir: str, tokenizer: str, f32_oelm: str, ftypes,
+                 threads: int) -> dict:
+    """{ftype: path}: the F32 GGUF written by our converter from the HF checkpoint, and the
+    others made from it by llama.cpp's own quantizer (llama_model_quantize, default
+    parameters: what llama-quantize gives its users)."""
+    paths = {"F32": gguf_path(f32_oelm, "F32")}
+    if not os.path.exists(paths["F32"]):
+        _log(f"converting {ckpt_dir} to {paths['F32']} ...")
+        worker.call("convert", ckpt=ckpt_dir, tokenizer=tokenizer, out=paths["F32"])
+    for ft in ftypes:
+        if ft == "F32":
+            continue
+        paths[ft] = gguf_path(f32_oelm, ft)
+        if not os.path.exists(paths[ft]):
+            _log(f"llama.cpp quantizing to {ft}: {paths[ft]} ...")
+            worker.call("quantize", src=paths["F32"], dst=paths[ft], ftype=ft, threads=threads)
+    return paths
