@@ -1,0 +1,719 @@
+// kernel_check: every SIMD kernel variant compiled into this binary that this CPU can run
+// (dispatch.h), checked kernel by kernel against the scalar reference on random data: all
+// weight dtypes, odd sizes and tails, and every weight matrix shape of the four OpenELM
+// sizes (openelm_shapes.inc). Block-quantized kernels (and the reference's own) are also
+// checked against a scalar computation written here straight from docs/FORMAT.md.
+// Self-contained (no test framework) so it runs under qemu-user for cross builds.
+//
+//   kernel_check                          check every supported variant except ref
+//   OPENELM_RT_KERNELS=neon kernel_check  check that variant only ("ref": the FORMAT.md checks)
+//
+// Prints one line per variant and kernel (cases, failures, worst error / tolerance), then
+// "N passed, N failed"; exits 1 if any check failed, 2 if the forced variant cannot run.
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "common/half.h"
+#include "kernels/dispatch.h"
+#include "kernels/kernels.h"
+
+using namespace oelm;
+
+namespace {
+
+constexpr double kU = 0x1p-24;  // unit roundoff of f32 (half an ulp of 1)
+
+// ----------------------------------------------------------------------------- data
+
+struct Rng {  // splitmix64: the same numbers on every platform and standard library
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * float(next() >> 40) * 0x1p-24f; }
+  int64_t below(int64_t n) { return int64_t(next() % uint64_t(n)); }
+};
+
+// Random binary16: mostly normal numbers of magnitude 2^-7..2^0 (weights), 1 in 32 a
+// subnormal or zero, so widening is exercised on every kind of finite number.
+uint16_t random_f16(Rng& r) {
+  const uint16_t sign = uint16_t((r.next() & 1) << 15), mant = uint16_t(r.next() & 0x3FF);
+  if (r.below(32) == 0) return uint16_t(sign | mant);  // subnormal or zero
+  return uint16_t(sign | ((8 + r.below(8)) << 10) | mant);
+}
+uint16_t random_bf16(Rng& r) {
+  float f = r.uniform(-1.0f, 1.0f);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t(u >> 16);
+}
+
+// A buffer of zeros that costs memory only where written (calloc of a large size maps
+// pages lazily): the big OpenELM matrices are allocated whole, but only the rows a case
+// checks are filled.
+struct Zeros {
+  std::unique_ptr<uint8_t, decltype(&std::free)> p{nullptr, &std::free};
+  explicit Zeros(size_t bytes) : p(static_cast<uint8_t*>(std::calloc(bytes ? bytes : 1, 1)), &std::free) {
+    if (!p) {
+      std::fprintf(stderr, "kernel_check: cannot allocate %zu bytes\n", bytes);
+      std::exit(3);
+    }
+  }
+  uint8_t* get() const { return p.get(); }
+};
+
+size_t dtype_bytes(int dt) { return dt == int(DType::f32) ? 4 : 2; }
+float widen(int dt, const uint8_t* W, int64_t i) {
+  if (dt == int(DType::f32)) return reinterpret_cast<const float*>(W)[i];
+  const uint16_t h = reinterpret_cast<const uint16_t*>(W)[i];
+  return dt == int(DType::f16) ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// ----------------------------------------------------------------------------- report
+
+constexpr float kSentinel = -12345.678f;  // outputs a kernel must not write
+
+struct KernelStats {
+  int64_t cases = 0, failed = 0;
+  double worst = 0;  // largest |got - want| / tolerance seen (0 when compared bitwise)
+  bool bitwise = false;
+};
+
+class Report {
+ public:
+  // Compares got with want element-wise: |got - want| <= tol[i], or bitwise when tol is
+  // null. NaN must meet NaN, and an infinity the same infinity. One call is one case; prints the first mismatches.
+  bool compare(const std::string& key, const std::string& what, const float* got, const float* want,
+               const double* tol, int64_t n) {
+    KernelStats& st = entry(key);
+    st.bitwise = tol == nullptr;
+    ++st.cases;
+    int64_t bad = 0, first = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      bool ok;
+      if (std::isnan(want[i])) {
+        ok = std::isnan(got[i]);
+      } else if (!tol || std::isinf(want[i])) {  // an infinity must be met exactly
+        ok = std::memcmp(&got[i], &want[i], sizeof(float)) == 0;
+      } else {
+        const double err = std::fabs(double(got[i]) - double(want[i]));
+        ok = err <= tol[i];  // false for a NaN got
+        if (ok && tol[i] > 0) st.worst = std::max(st.worst, err / tol[i]);
+      }
+      if (!ok && bad++ == 0) first = i;
+    }
+    if (bad) {
+      ++st.failed;
+      if (st.failed <= 3)  // the first few of each kernel
+        std::printf("FAIL %s %s: %" PRId64 " of %" PRId64 " values differ; first at %" PRId64
+                    ": got %.9g, want %.9g (tolerance %.3g)\n",
+                    key.c_str(), what.c_str(), bad, n, first, double(got[first]), double(want[first]),
+                    tol ? tol[first] : 0.0);
+    }
+    return bad == 0;
+  }
+
+  bool expect(const std::string& key, const std::string& what, bool ok) {
+    const float got = ok ? 1.0f : 0.0f, want = 1.0f;
+    return compare(key, what, &got, &want, nullptr, 1);
+  }
+
+  // Integer arrays (quantized activations) must match exactly.
+  template <typename I>
+  bool compare_int(const std::string& key, const std::string& what, const I* got, const I* want, int64_t n) {
+    std::vector<float> g(static_cast<size_t>(n)), w(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) g[size_t(i)] = float(got[i]), w[size_t(i)] = float(want[i]);
+    return compare(key, what, g.data(), w.data(), nullptr, n);
+  }
+
+  int summary() const {
+    int64_t passed = 0, failed = 0;
+    std::printf("\n%-34s %8s %8s  %s\n", "variant kernel", "cases", "failed", "worst err/tol");
+    for (const std::string& k : order_) {
+      const KernelStats& st = stats_.at(k);
+      if (st.bitwise)
+        std::printf("%-34s %8" PRId64 " %8" PRId64 "  bitwise\n", k.c_str(), st.cases, st.failed);
+      else
+        std::printf("%-34s %8" PRId64 " %8" PRId64 "  %.3f\n", k.c_str(), st.cases, st.failed, st.worst);
+      passed += st.cases - st.failed;
+      failed += st.failed;
+    }
+    std::printf("%" PRId64 " passed, %" PRId64 " failed\n", passed, failed);
+    return failed ? 1 : 0;
+  }
+
+ private:
+  KernelStats& entry(const std::string& key) {
+    auto it = stats_.find(key);
+    if (it == stats_.end()) {
+      order_.push_back(key);
+      it = stats_.emplace(key, KernelStats{}).first;
+    }
+    return it->second;
+  }
+  std::map<std::string, KernelStats> stats_;
+  std::vector<std::string> order_;
+};
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+  char buf[256];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+// Checks that a kernel wrote y only inside [n0, n1) of each of T rows of width ldy.
+void check_untouched(Report& rep, const std::string& key, const std::string& what, const std::vector<float>& y,
+                     int64_t T, int64_t ldy, int64_t n0, int64_t n1) {
+  std::vector<float> outside, want;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < ldy; ++n)
+      if (n < n0 || n >= n1) outside.push_back(y[size_t(t * ldy + n)]);
+  if (outside.empty()) return;
+  want.assign(outside.size(), kSentinel);
+  rep.compare(key + " (writes)", what, outside.data(), want.data(), nullptr, int64_t(outside.size()));
+}
+
+struct Shape {
+  const char* model;
+  int64_t N, K;
+  const char* matrices;
+};
+const Shape kOpenElmShapes[] = {
+#include "openelm_shapes.inc"
+};
+
+// ----------------------------------------------------------------------------- matmul (f32, f16, bf16)
+
+const char* kDtypeNames[kNumDTypes] = {"f32", "f16", "bf16", "u8", "q8", "q4"};
+
+// Tolerance |y - y_ref| <= 16 u * sum_k |x_k w_k|. Both kernels round every partial sum
+// of K products in f32, in different orders (lane counts, tiles, fma or not); for data
+// with random signs the difference stays near u * sum|x w| / sqrt(lanes) whatever K is,
+// so 16u leaves a wide margin, while one dropped or doubled term (~ sum|x w| / K, K up to
+// 24576: >= 680u) or a wrong tail is far outside it.
+void matmul_case(Report& rep, const std::string& key, const KernelTable& v, const KernelTable& ref, int dt,
+                 const uint8_t* W, int64_t K, const float* x, int64_t T, int64_t n0, int64_t n1, int64_t ldy,
+                 const std::string& what) {
+  std::vector<float> yv(static_cast<size_t>(T * ldy), kSentinel), yr(static_cast<size_t>(T * ldy), kSentinel);
+  v.matmul[dt](x, T, K, W, n0, n1, yv.data(), ldy);
+  ref.matmul[dt](x, T, K, W, n0, n1, yr.data(), ldy);
+  std::vector<float> got, want;
+  std::vector<double> tol;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = n0; n < n1; ++n) {
+      double mag = 0;
+      for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[t * K + k]) * double(widen(dt, W, n * K + k)));
+      got.push_back(yv[size_t(t * ldy + n)]);
+      want.push_back(yr[size_t(t * ldy + n)]);
+      tol.push_back(16 * kU * mag);
+    }
+  rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
+  check_untouched(rep, key, what, yv, T, ldy, n0, n1);
+}
+
+void fill_rows(Rng& r, int dt, uint8_t* W, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t i = n0 * K; i < n1 * K; ++i) {
+    if (dt == int(DType::f32))
+      reinterpret_cast<float*>(W)[i] = r.uniform(-1.0f, 1.0f);
+    else
+      reinterpret_cast<uint16_t*>(W)[i] = dt == int(DType::f16) ? random_f16(r) : random_bf16(r);
+  }
+}
+
+void check_matmul(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
+  for (int dt = 0; dt < kNumDTypes; ++dt) {
+    if (!v.matmul[dt] || !ref.matmul[dt]) continue;
+    const std::string key = name + " matmul_" + kDtypeNames[dt];
+    // Odd sizes: K around every vector width and unroll (4, 8, 16, 32), N around tiles of
+    // 4, 8 and blocks of 16, T through the decode (<= 4) and prefill (> 4) paths and
+    // their 4-token tiles; full row ranges and sub-ranges; ldy wider than N.
+    for (int64_t N : {1, 3, 8, 17, 37})
+      for (int64_t K : {1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 31, 32, 33, 63, 100, 257}) {
+        std::vector<uint8_t> W(static_cast<size_t>(N * K) * dtype_bytes(dt));
+        fill_rows(r, dt, W.data(), K, 0, N);
+        for (int64_t T : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17}) {
+          std::vector<float> x(static_cast<size_t>(T * K));
+          for (float& e : x) e = r.uniform(-1.0f, 1.0f);
+          const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
+          matmul_case(rep, key, v, ref, dt, W.data(), K, x.data(), T, 0, N, N + 3, what);
+          if (N >= 3) matmul_case(rep, key, v, ref, dt, W.data(), K, x.data(), T, 1, N - 1, N, what + " rows 1..N-1");
+        }
+      }
+    // Longer prefills over several row blocks.
+    for (int64_t T : {33, 64}) {
+      const int64_t N = 40, K = 1000;
+      std::vector<uint8_t> W(static_cast<size_t>(N * K) * dtype_bytes(dt));
+      fill_rows(r, dt, W.data(), K, 0, N);
+      std::vector<float> x(static_cast<size_t>(T * K));
+      for (float& e : x) e = r.uniform(-1.0f, 1.0f);
+      matmul_case(rep, key, v, ref, dt, W.data(), K, x.data(), T, 0, N, N, fmt("N=40 K=1000 T=%" PRId64, T));
+    }
+    // Every OpenELM matrix shape, with its full K: the first and the last 16 rows (how a
+    // thread's share of rows is passed), one decode token and a 5-token prefill.
+    for (const Shape& s : kOpenElmShapes) {
+      Zeros W(static_cast<size_t>(s.N * s.K) * dtype_bytes(dt));
+      fill_rows(r, dt, W.get(), s.K, 0, 16);
+      fill_rows(r, dt, W.get(), s.K, s.N - 16, s.N);
+      for (int64_t T : {1, 5}) {
+        std::vector<float> x(static_cast<size_t>(T * s.K));
+        for (float& e : x) e = r.uniform(-1.0f, 1.0f);
+        const std::string what = fmt("%s %s [%" PRId64 ", %" PRId64 "] T=%" PRId64, s.model, s.matrices, s.N, s.K, T);
+        matmul_case(rep, key, v, ref, dt, W.get(), s.K, x.data(), T, 0, 16, s.N, what);
+        matmul_case(rep, key, v, ref, dt, W.get(), s.K, x.data(), T, s.N - 16, s.N, s.N, what + " last rows");
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- block-quantized (FORMAT.md)
+
+// The activation quantizer exactly as kernels.h states it.
+void quantize_row_spec(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
+  const int64_t Kp = q_padded_k(K);
+  for (int64_t b = 0; b < Kp / kQBlock; ++b) {
+    float amax = 0;
+    for (int64_t k = b * kQBlock; k < std::min(K, (b + 1) * kQBlock); ++k) amax = std::max(amax, std::fabs(x[k]));
+    s[b] = 0;
+    d[b] = amax / 127.0f;
+    const float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
+    for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) {
+      q[k] = k < K && amax != 0.0f ? int8_t(std::nearbyint(x[k] * inv)) : int8_t(0);
+      s[b] += q[k];
+    }
+  }
+}
+
+// A block-quantized matrix built from integers and scales, packed as FORMAT.md lays it out.
+// Only the panels in `panels` are generated (the others stay zero bytes and are never read).
+struct QMatrix {
+  bool q4;
+  int64_t N, K, Kp, nb, panel_bytes;
+  std::map<int64_t, std::vector<int8_t>> q;     // row -> q[Kp] (0 beyond K)
+  std::map<int64_t, std::vector<uint16_t>> d;   // row -> binary16 scale per block
+  Zeros bytes;
+
+  QMatrix(bool is_q4, int64_t N_, int64_t K_, const std::vector<int64_t>& panels, Rng& r)
+      : q4(is_q4), N(N_), K(K_), Kp(q_padded_k(K_)), nb(Kp / kQBlock), panel_bytes((is_q4 ? 9 : 17) * Kp),
+        bytes(static_cast<size_t>(q_padded_n(N_) / kQRows * (is_q4 ? 9 : 17) * q_padded_k(K_))) {
+    for (int64_t p : panels)
+      for (int64_t rr = 0; rr < kQRows; ++rr) {
+        const int64_t row = p * kQRows + rr;
+        std::vector<int8_t>& qr = q[row];
+        std::vector<uint16_t>& dr = d[row];
+        qr.assign(static_cast<size_t>(Kp), 0);
+        dr.assign(static_cast<size_t>(nb), 0);
+        if (row >= N) continue;  // padding rows: q = 0, scale 0
+        for (int64_t k = 0; k < K; ++k)
+          qr[size_t(k)] = q4 ? int8_t(r.below(16) - 8) : int8_t(r.below(255) - 127);
+        for (int64_t b = 0; b < nb; ++b) dr[size_t(b)] = random_f16(r);  // either sign; some 0 or subnormal
+        pack_row(row);
+      }
+  }
+
+  void pack_row(int64_t row) {
+    uint8_t* panel = bytes.get() + (row / kQRows) * panel_bytes;
+    const int64_t rr = row % kQRows;
+    for (int64_t b = 0; b < nb; ++b) {
+      std::memcpy(panel + 2 * (16 * b + rr), &d[row][size_t(b)], 2);
+      for (int64_t c = 0; c < kQBlock; ++c) {
+        const int8_t v = q[row][size_t(32 * b + c)];
+        if (q4) {
+          uint8_t& byte = panel[Kp + 256 * b + 64 * ((c % 16) / 4) + 4 * rr + (c % 4)];
+          const uint8_t u = uint8_t(v + 8);
+          byte = c < 16 ? uint8_t((byte & 0xF0) | u) : uint8_t((byte & 0x0F) | (u << 4));
+        } else {
+          panel[Kp + 512 * b + 64 * (c / 4) + 4 * rr + (c % 4)] = uint8_t(v + 128);
+        }
+      }
+    }
+  }
+
+  // The contract of qmatmul_fn in kernels.h, from the unpacked integers and scales.
+  float dot(const QActs& x, int64_t t, int64_t row) const {
+    const std::vector<int8_t>& qr = q.at(row);
+    const std::vector<uint16_t>& dr = d.at(row);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t isum = 0;
+      for (int64_t c = 0; c < kQBlock; ++c) isum += int32_t(qr[size_t(32 * b + c)]) * x.q[t * Kp + 32 * b + c];
+      acc = std::fma(float(isum) * x.d[t * nb + b], f16_to_f32(dr[size_t(b)]), acc);
+    }
+    return acc;
+  }
+};
+
+struct QActsBuf {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+  QActs view(int64_t Kp) const { return {q.data(), d.data(), s.data(), Kp}; }
+};
+
+// Activations with every kind of block: random, all zero, one non-zero value, ties.
+QActsBuf quantized_acts(Rng& r, int64_t T, int64_t K) {
+  const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
+  QActsBuf a;
+  a.q.resize(static_cast<size_t>(T * Kp));
+  a.d.resize(static_cast<size_t>(T * nb));
+  a.s.resize(static_cast<size_t>(T * nb));
+  std::vector<float> x(static_cast<size_t>(K));
+  for (int64_t t = 0; t < T; ++t) {
+    const float mag = std::ldexp(1.0f, int(r.below(20)) - 10);
+    for (float& e : x) e = mag * r.uniform(-1.0f, 1.0f);
+    if (t % 3 == 1) std::fill(x.begin(), x.begin() + std::min<int64_t>(K, 32), 0.0f);
+    if (t % 3 == 2) x[size_t(r.below(K))] = -2 * mag;
+    quantize_row_spec(x.data(), K, a.q.data() + t * Kp, a.d.data() + t * nb, a.s.data() + t * nb);
+  }
+  return a;
+}
+
+// qmatmul: bitwise against the FORMAT.md computation (the contract fixes every rounding),
+// and bitwise against the reference when it has the kernel.
+void qmatmul_case(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, int dt,
+                  const QMatrix& W, const QActsBuf& a, int64_t T, int64_t n0, int64_t n1, const std::string& what) {
+  const QActs x = a.view(W.Kp);
+  const int64_t ldy = W.N + 1;
+  const std::string key = name + " qmatmul_" + kDtypeNames[dt];
+  auto run = [&](const KernelTable& k, std::vector<float>& y) {
+    y.assign(static_cast<size_t>(T * ldy), kSentinel);
+    k.qmatmul[dt](x, T, W.bytes.get(), W.N, n0, n1, y.data(), ldy);
+    std::vector<float> out;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = n0; n < n1; ++n) out.push_back(y[size_t(t * ldy + n)]);
+    return out;
+  };
+  std::vector<float> want, yv, yr;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = n0; n < n1; ++n) want.push_back(W.dot(x, t, n));
+  const std::vector<float> got = run(v, yv);
+  rep.compare(key + " vs FORMAT.md", what, got.data(), want.data(), nullptr, int64_t(got.size()));
+  check_untouched(rep, key, what, yv, T, ldy, n0, n1);
+  if (&v != &ref && ref.qmatmul[dt]) {
+    const std::vector<float> r = run(ref, yr);
+    rep.compare(key, what, got.data(), r.data(), nullptr, int64_t(got.size()));
+  }
+}
+
+void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
+  for (int dt : {int(DType::q8), int(DType::q4)}) {
+    if (!v.qmatmul[dt]) continue;
+    const bool q4 = dt == int(DType::q4);
+    // Odd sizes: N not a multiple of 16 (a partial last panel), K not a multiple of 32
+    // (padded blocks), T odd and even (token pairs), sub-ranges of panels.
+    for (int64_t N : {1, 5, 16, 17, 40, 64})
+      for (int64_t K : {1, 31, 32, 33, 64, 95, 160, 1000}) {
+        std::vector<int64_t> panels;
+        for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
+        const QMatrix W(q4, N, K, panels, r);
+        for (int64_t T : {1, 2, 3, 4, 5, 6, 7, 8, 9, 16}) {
+          const QActsBuf a = quantized_acts(r, T, K);
+          const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
+          qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, N, what);
+          if (N > 16) {
+            qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, 16, what + " rows 0..16");
+            qmatmul_case(rep, name, v, ref, dt, W, a, T, 16, N, what + " rows 16..N");
+          }
+        }
+      }
+    for (const Shape& s : kOpenElmShapes) {
+      const int64_t last = q_padded_n(s.N) / kQRows - 1;
+      const QMatrix W(q4, s.N, s.K, {0, last}, r);
+      for (int64_t T : {1, 5}) {
+        const QActsBuf a = quantized_acts(r, T, s.K);
+        const std::string what = fmt("%s %s [%" PRId64 ", %" PRId64 "] T=%" PRId64, s.model, s.matrices, s.N, s.K, T);
+        qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, 16, what);
+        qmatmul_case(rep, name, v, ref, dt, W, a, T, last * kQRows, s.N, what + " last panel");
+      }
+    }
+  }
+}
+
+// quantize_row: q, d and s bitwise equal to the rule kernels.h states (so variants and
+// reference agree with each other too).
+void check_quantize_row(Report& rep, const std::string& name, const KernelTable& v, Rng& r) {
+  if (!v.quantize_row) return;
+  std::vector<int64_t> sizes;
+  for (int64_t K = 1; K <= 70; ++K) sizes.push_back(K);
+  for (int64_t K : {95, 96, 1000, 1280, 3072, 8192}) sizes.push_back(K);
+  for (int64_t K : sizes)
+    for (int kind = 0; kind < 4; ++kind) {
+      std::vector<float> x(static_cast<size_t>(K));
+      const float mag = std::ldexp(1.0f, int(r.below(40)) - 20);
+      for (float& e : x) e = mag * r.uniform(-1.0f, 1.0f);
+      if (kind == 1) std::fill(x.begin(), x.begin() + std::min<int64_t>(K, 40), 0.0f);  // zero block(s)
+      if (kind == 2) {  // amax = 127 makes the multiplier exactly 1: every .5 is a tie to even
+        for (float& e : x) e = float(r.below(255) - 127) + (r.below(2) ? 0.5f : 0.0f);
+        for (int64_t k = 0; k < K; k += 32) x[size_t(k)] = r.below(2) ? 127.0f : -127.0f;
+      }
+      if (kind == 3)
+        for (float& e : x) e = std::ldexp(r.uniform(-1.0f, 1.0f), int(r.below(60)) - 30);  // wide range in a block
+      const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
+      std::vector<int8_t> qw(static_cast<size_t>(Kp)), qg(static_cast<size_t>(Kp), 99);
+      std::vector<float> dw(static_cast<size_t>(nb)), dg(static_cast<size_t>(nb));
+      std::vector<int32_t> sw(static_cast<size_t>(nb)), sg(static_cast<size_t>(nb));
+      quantize_row_spec(x.data(), K, qw.data(), dw.data(), sw.data());
+      const std::string what = fmt("K=%" PRId64 " kind %d", K, kind);
+      const std::string key = name + " quantize_row vs kernels.h";
+      v.quantize_row(x.data(), K, qg.data(), dg.data(), sg.data());
+      rep.compare_int(key + " (q)", what, qg.data(), qw.data(), Kp);
+      rep.compare(key + " (d)", what, dg.data(), dw.data(), nullptr, nb);
+      rep.compare_int(key + " (s)", what, sg.data(), sw.data(), nb);
+    }
+}
+
+// ----------------------------------------------------------------------------- row_to_f32
+
+void check_row_to_f32(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref,
+                      Rng& r) {
+  // Plain dtypes: bitwise equal to the reference (widening is exact). f16 and bf16 go
+  // through every one of the 65536 bit patterns (subnormals, infinities, NaNs).
+  for (int dt : {int(DType::f32), int(DType::f16), int(DType::bf16)}) {
+    if (!v.row_to_f32[dt] || !ref.row_to_f32[dt] || &v == &ref) continue;
+    const std::string key = name + " row_to_f32_" + kDtypeNames[dt];
+    for (int64_t K : {1, 3, 7, 8, 9, 17, 33, 65536}) {
+      const int64_t N = 3;
+      std::vector<uint8_t> W(static_cast<size_t>(N * K) * dtype_bytes(dt));
+      fill_rows(r, dt, W.data(), K, 0, N);
+      if (dt != int(DType::f32) && K == 65536)
+        for (int64_t k = 0; k < K; ++k) reinterpret_cast<uint16_t*>(W.data())[K + k] = uint16_t(k);
+      for (int64_t row = 0; row < N; ++row) {
+        std::vector<float> got(static_cast<size_t>(K) + 1, kSentinel), want(static_cast<size_t>(K) + 1, kSentinel);
+        v.row_to_f32[dt](W.data(), N, K, row, got.data());
+        ref.row_to_f32[dt](W.data(), N, K, row, want.data());
+        rep.compare(key, fmt("K=%" PRId64 " row %" PRId64, K, row), got.data(), want.data(), nullptr, K + 1);
+      }
+    }
+  }
+  // Block-quantized: d * q exactly, against FORMAT.md.
+  for (int dt : {int(DType::q8), int(DType::q4)}) {
+    if (!v.row_to_f32[dt]) continue;
+    const std::string key = name + " row_to_f32_" + kDtypeNames[dt] + " vs FORMAT.md";
+    for (int64_t N : {1, 17, 37})
+      for (int64_t K : {1, 31, 33, 100, 2048}) {
+        std::vector<int64_t> panels;
+        for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
+        const QMatrix W(dt == int(DType::q4), N, K, panels, r);
+        for (int64_t row = 0; row < N; ++row) {
+          std::vector<float> got(static_cast<size_t>(K) + 1, kSentinel), want(static_cast<size_t>(K) + 1, kSentinel);
+          v.row_to_f32[dt](W.bytes.get(), N, K, row, got.data());
+          for (int64_t c = 0; c < K; ++c)
+            want[size_t(c)] = f16_to_f32(W.d.at(row)[size_t(c / kQBlock)]) * float(W.q.at(row)[size_t(c)]);
+          rep.compare(key, fmt("N=%" PRId64 " K=%" PRId64 " row %" PRId64, N, K, row), got.data(), want.data(),
+                      nullptr, K + 1);
+        }
+      }
+  }
+}
+
+// ----------------------------------------------------------------------------- element-wise ops
+
+void check_ops(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
+  // rmsnorm: the reference sums the squares in double; a variant may sum them in f32 in
+  // any order. The rounding error of n positive terms then grows like sqrt(n) u (random
+  // walk; the proven worst case, n u, would hide a dropped element, which moves the
+  // scale by ~1/(2n)), the square root halves it, and the two final multiplies add 1u
+  // each: |y - y_ref| <= (4 + sqrt(n)) u |y_ref|. (A variant summing in double, as neon
+  // does, lands within 1 ulp.) |x| up to 1e15: x^2 sums stay finite in f32.
+  for (int64_t n : {1, 3, 4, 5, 7, 16, 17, 64, 127, 128, 1280, 1536, 2048, 3072})
+    for (float mag : {1.0f, 1e-20f, 1e15f})
+      for (bool in_place : {false, true}) {
+        std::vector<float> x(static_cast<size_t>(n)), w(static_cast<size_t>(n)), yv(static_cast<size_t>(n)), yr(static_cast<size_t>(n));
+        for (float& e : x) e = mag * r.uniform(-1.0f, 1.0f);
+        for (float& e : w) e = r.uniform(0.5f, 1.5f);
+        std::vector<float> xv = x;
+        v.rmsnorm(xv.data(), w.data(), n, 1e-6f, in_place ? xv.data() : yv.data());
+        if (in_place) yv = xv;
+        ref.rmsnorm(x.data(), w.data(), n, 1e-6f, yr.data());
+        std::vector<double> tol(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) tol[size_t(i)] = (4 + std::sqrt(double(n))) * kU * std::fabs(double(yr[size_t(i)]));
+        rep.compare(name + " rmsnorm", fmt("n=%" PRId64 " |x|~%g%s", n, double(mag), in_place ? " in place" : ""),
+                    yv.data(), yr.data(), tol.data(), n);
+      }
+
+  // rope: each output is two products and a sum; evaluated with or without fma, results
+  // differ by at most about one rounding of the terms: 2u (|a cos| + |b sin|).
+  for (int64_t n_heads : {1, 3, 12})
+    for (int64_t hd : {2, 6, 8, 16, 18, 24, 64, 128}) {
+      const int64_t half = hd / 2;
+      std::vector<float> x(static_cast<size_t>(n_heads * hd)), c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
+      for (float& e : x) e = r.uniform(-4.0f, 4.0f);
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = r.uniform(-100.0f, 100.0f);
+        c[size_t(j)] = std::cos(a);
+        s[size_t(j)] = std::sin(a);
+      }
+      std::vector<float> xv = x, xr = x;
+      v.rope(xv.data(), n_heads, hd, c.data(), s.data());
+      ref.rope(xr.data(), n_heads, hd, c.data(), s.data());
+      std::vector<double> tol(x.size());
+      for (int64_t h = 0; h < n_heads; ++h)
+        for (int64_t j = 0; j < half; ++j) {
+          const double a = x[size_t(h * hd + j)], b = x[size_t(h * hd + j + half)];
+          const double m = std::fabs(a * c[size_t(j)]) + std::fabs(b * s[size_t(j)]) +
+                           std::fabs(b * c[size_t(j)]) + std::fabs(a * s[size_t(j)]);
+          tol[size_t(h * hd + j)] = tol[size_t(h * hd + j + half)] = 2 * kU * m;
+        }
+      rep.compare(name + " rope", fmt("heads=%" PRId64 " hd=%" PRId64, n_heads, hd), xv.data(), xr.data(),
+                  tol.data(), int64_t(x.size()));
+    }
+
+  // attention: the kernels may differ in each score's rounding (the q.k dot, bounded as
+  // for matmul: delta = 16u * scale * max_s sum_d |q_d k_sd|) and in exp (a vector exp of a
+  // few ulp). A score error delta moves each softmax weight by a factor within exp(+-2 delta),
+  // so out moves by at most ~2 delta max|v|; 64u max|v| covers the exps and the
+  // accumulation. One missed key (weight ~ 1/n_kv) is far outside it.
+  auto attention_tol = [](const float* q, const float* k, const float* vv, int64_t n_kv, int64_t hd, float scale) {
+    double qk = 0, vmax = 0;
+    for (int64_t s = 0; s < n_kv; ++s) {
+      double m = 0;
+      for (int64_t d = 0; d < hd; ++d) {
+        m += std::fabs(double(q[d]) * k[s * hd + d]);
+        vmax = std::max(vmax, std::fabs(double(vv[s * hd + d])));
+      }
+      qk = std::max(qk, m);
+    }
+    return (2 * 16 * kU * scale * qk + 64 * kU) * vmax;
+  };
+  for (int64_t hd : {1, 3, 16, 20, 64, 128})
+    for (int64_t n_kv : {1, 2, 5, 17, 128, 1000})
+      for (float sharp : {1.0f, 8.0f}) {
+        std::vector<float> q(static_cast<size_t>(hd)), k(static_cast<size_t>(n_kv * hd)),
+            vv(static_cast<size_t>(n_kv * hd));
+        for (float& e : q) e = r.uniform(-1.0f, 1.0f);
+        for (float& e : k) e = r.uniform(-1.0f, 1.0f);
+        for (float& e : vv) e = r.uniform(-1.0f, 1.0f);
+        const float scale = sharp / std::sqrt(float(hd));
+        std::vector<float> ov(static_cast<size_t>(hd)), orf(static_cast<size_t>(hd));
+        v.attention(q.data(), k.data(), vv.data(), n_kv, hd, scale, ov.data());
+        ref.attention(q.data(), k.data(), vv.data(), n_kv, hd, scale, orf.data());
+        std::vector<double> tol(static_cast<size_t>(hd), attention_tol(q.data(), k.data(), vv.data(), n_kv, hd, scale));
+        rep.compare(name + " attention", fmt("hd=%" PRId64 " n_kv=%" PRId64 " scale x%g", hd, n_kv, double(sharp)),
+                    ov.data(), orf.data(), tol.data(), hd);
+      }
+
+  // attention_tile: a tile of n_tok tokens x n_grp query heads sharing one KV head, token t
+  // seeing keys 0..pos0+t; tolerance per query row as for attention. Tiles smaller and
+  // larger than the kernels' query and key blocks, row strides wider than the rows (the
+  // gaps of out must stay untouched), head widths the vector kernels take and ones they
+  // hand to the row-by-row path.
+  if (v.attention_tile && ref.attention_tile)
+    for (int64_t hd : {3, 16, 64, 128})
+      for (int64_t n_grp : {1, 2, 5})
+        for (int64_t n_tok : {1, 3, 17})
+          for (int64_t pos0 : {0, 6, 100}) {
+            const int64_t n_kv = pos0 + n_tok, ldq = n_grp * hd + 5, ldo = n_grp * hd + 3;
+            const float scale = 1.0f / std::sqrt(float(hd));
+            std::vector<float> q(static_cast<size_t>(n_tok * ldq)), k(static_cast<size_t>(n_kv * hd)),
+                vv(static_cast<size_t>(n_kv * hd));
+            for (float& e : q) e = r.uniform(-2.0f, 2.0f);
+            for (float& e : k) e = r.uniform(-1.0f, 1.0f);
+            for (float& e : vv) e = r.uniform(-1.0f, 1.0f);
+            std::vector<float> ov(static_cast<size_t>(n_tok * ldo), kSentinel), orf = ov;
+            v.attention_tile(q.data(), ldq, n_tok, n_grp, pos0, k.data(), vv.data(), hd, scale, ov.data(), ldo);
+            ref.attention_tile(q.data(), ldq, n_tok, n_grp, pos0, k.data(), vv.data(), hd, scale, orf.data(), ldo);
+            std::vector<double> tol(ov.size(), 0.0);  // the gaps: bitwise, the sentinel
+            for (int64_t t = 0; t < n_tok; ++t)
+              for (int64_t g = 0; g < n_grp; ++g) {
+                const double tl = attention_tol(q.data() + t * ldq + g * hd, k.data(), vv.data(), pos0 + t + 1, hd, scale);
+                for (int64_t d = 0; d < hd; ++d) tol[size_t(t * ldo + g * hd + d)] = tl;
+              }
+            rep.compare(name + " attention_tile",
+                        fmt("hd=%" PRId64 " n_grp=%" PRId64 " n_tok=%" PRId64 " pos0=%" PRId64, hd, n_grp, n_tok, pos0),
+                        ov.data(), orf.data(), tol.data(), int64_t(ov.size()));
+          }
+
+  // swiglu: out = g / (1 + exp(-g)) * up in the same order; only exp may differ: a vector
+  // exp within 2 ulp (<= 4u relative) against libm's within 1 ulp (<= 2u), carried through
+  // 1 + exp(-g) into out, whose own two roundings may then land on different sides:
+  // |out - ref| <= 12u |ref| (neon's measured worst is ~5u). Plus 1e-30 |up|: below
+  // g = -87 exp(-g) overflows and the reference returns 0 for silu(g), whose true value
+  // (|g| e^g < 1e-35) a more accurate variant may return.
+  // Gates cover the range where exp(-g) overflows or underflows, and +-0.
+  const float specials[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 87.0f, -87.0f, 88.5f, -88.5f, 89.0f, -89.0f,
+                            100.0f, -100.0f, 104.0f, -104.0f, 1e4f, -1e4f};
+  for (int64_t n : {1, 3, 4, 5, 15, 16, 17, 100, 1000, 4096}) {
+    std::vector<float> g(static_cast<size_t>(n)), u(static_cast<size_t>(n)), ov(static_cast<size_t>(n)), orf(static_cast<size_t>(n));
+    for (float& e : g) e = r.uniform(-20.0f, 20.0f);
+    for (float& e : u) e = r.uniform(-2.0f, 2.0f);
+    if (n >= 100)
+      for (size_t i = 0; i < sizeof specials / sizeof specials[0]; ++i) g[size_t(r.below(n))] = specials[i];
+    if (n == 4096)
+      for (int64_t i = 0; i < n; ++i) g[size_t(i)] = -110.0f + 220.0f * float(i) / float(n);  // a sweep
+    v.swiglu(g.data(), u.data(), n, ov.data());
+    ref.swiglu(g.data(), u.data(), n, orf.data());
+    std::vector<double> tol(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) tol[size_t(i)] = 12 * kU * std::fabs(double(orf[size_t(i)])) + 1e-30 * std::fabs(double(u[size_t(i)]));
+    rep.compare(name + " swiglu", fmt("n=%" PRId64, n), ov.data(), orf.data(), tol.data(), n);
+  }
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<KernelVariant>& compiled = compiled_kernel_variants();
+  std::string names;
+  for (const KernelVariant& k : compiled) names += std::string(names.empty() ? "" : ", ") + k.name;
+  std::string supported;
+  for (const std::string& s : supported_kernel_variants()) supported += (supported.empty() ? "" : ", ") + s;
+  std::printf("kernel_check: compiled variants: %s; supported by this CPU: %s\n", names.c_str(), supported.c_str());
+
+  const KernelTable& ref = ref_kernels();
+  std::vector<const KernelTable*> tables;
+  Report rep;
+  const char* env = std::getenv("OPENELM_RT_KERNELS");
+  try {
+    const KernelTable& chosen = select_kernels();  // auto, or the variant OPENELM_RT_KERNELS forces
+    std::printf("kernel_check: select_kernels() picks %s\n", chosen.name);
+    if (env && *env) {
+      tables.push_back(&chosen);
+    } else {
+      // auto must pick the fastest supported variant (the first in the list).
+      const std::string first = supported_kernel_variants().front();
+      rep.expect("dispatch: auto picks " + first, "select_kernels()", first == chosen.name);
+      for (const KernelVariant& k : compiled)
+        if (k.cpu_supports() && std::string(k.name) != "ref") tables.push_back(&k.table());
+    }
+  } catch (const InvalidArgument& e) {
+    std::printf("kernel_check: %s\n", e.what());
+    return 2;
+  }
+  // The reference's own block-quantized kernels are checked against FORMAT.md in any case.
+  if (std::find(tables.begin(), tables.end(), &ref) == tables.end()) tables.push_back(&ref);
+
+  for (const KernelTable* t : tables) {
+    const std::string name = t->name;
+    const KernelTable& v = *t;
+    Rng r(0x6F656C6DULL);  // the same data for every variant
+    std::printf("kernel_check: checking %s\n", name.c_str());
+    std::fflush(stdout);
+    if (&v != &ref) {
+      check_matmul(rep, name, v, ref, r);
+      check_ops(rep, name, v, ref, r);
+    }
+    check_qmatmul(rep, name, v, ref, r);
+    check_quantize_row(rep, name, v, r);
+    check_row_to_f32(rep, name, v, ref, r);
+  }
+  if (tables.size() == 1 && !(env && *env))
+    std::printf("kernel_check: no SIMD variant compiled in that this CPU supports; only the reference's "
+                "block-quantized kernels were checked (against FORMAT.md)\n");
+  return rep.summary();
+}
