@@ -71,7 +71,13 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
 void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy) {
   // Chunks start at multiples of 16 rows (kQRows): each thread streams whole panels of
   // quantized W, and slices of float W that are contiguous and cache-line aligned.
-  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), kQRows);
+  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), row_align(W.dtype));
+}
+
+int64_t Backend::row_align(DType t) {
+  // Quantized decode kernels stream four panels at a time (kernels_x86.inc): chunks of
+  // whole groups keep every thread on that path.
+  return dtype_is_quantized(t) ? 4 * kQRows : kQRows;
 }
 
 void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up, float* gu, float* act) {
@@ -79,7 +85,7 @@ void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up
   const auto rows = prepare_matmul(x, T, gate_up, gu, 2 * F);
   swiglu_fn swiglu = k_->swiglu;
   if (F % kQRows != 0) {  // the up half would not start on a panel: no fusion
-    pool_.parallel_for(2 * F, rows, kQRows);
+    pool_.parallel_for(2 * F, rows, row_align(gate_up.dtype));
     pool_.parallel_for(T, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) swiglu(gu + t * 2 * F, gu + t * 2 * F + F, F, act + t * F);
     });
@@ -91,7 +97,7 @@ void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up
     rows(f0, f1);
     rows(F + f0, F + f1);
     for (int64_t t = 0; t < T; ++t) swiglu(gu + t * 2 * F + f0, gu + t * 2 * F + F + f0, f1 - f0, act + t * F + f0);
-  }, kQRows);
+  }, row_align(gate_up.dtype));
 }
 
 }  // namespace oelm

@@ -46,6 +46,9 @@ class Backend {
   std::function<void(int64_t, int64_t)> prepare_matmul(const float* x, int64_t T, const TensorView& W, float* y,
                                                        int64_t ldy);
 
+  // Row chunk size multiple for splitting a matmul with these weights across threads.
+  static int64_t row_align(DType t);
+
   Backend(std::string name, const KernelTable* k, int threads)
       : name_(std::move(name)), k_(k), pool_(threads) {}
   std::string name_;
