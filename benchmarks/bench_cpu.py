@@ -52,7 +52,7 @@ def time_decode(model, backend, n_tokens, rng) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="270M", choices=("tiny", "270M", "450M", "1_1B", "3B"))
-    p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"))
+    p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16", "q8", "q4"))
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--pp", type=int, nargs="+", default=[128, 512], help="prefill lengths")
     p.add_argument("--tg", type=int, default=128, help="decode length")
