@@ -155,3 +155,17 @@ def test_ffn_width_off_panel_uses_unfused_swiglu(core, work_dir, tokenizer_path)
         got = np.asarray(_ctx(core, model, variant, threads=2).eval(ids, True), np.float64)
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err <= REL_TOL, f"{variant}: rel err {err:.3e} > {REL_TOL}"
+
+
+def test_session_reports_the_forced_variant(tiny_f32):
+    """Session.kernels (and its repr) names the variant the environment variable chose."""
+    variant = _variants()[-2] if len(_variants()) > 1 else "ref"
+    env = env_with_pythonpath()
+    env["OPENELM_RT_KERNELS"] = variant
+    code = ("import sys, openelm_rt; s = openelm_rt.Session(sys.argv[1], threads=1); "
+            "print(s.kernels); print(repr(s))")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_f32.oelm)], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    name, rep = r.stdout.splitlines()
+    assert name == variant and f"kernels={variant!r}" in rep

@@ -159,10 +159,17 @@ class Session:
     def backend(self) -> str:
         return self._backend.name
 
+    @property
+    def kernels(self) -> str:
+        """The kernel variant in use ("avx512vnni", "avx2", "neon", "ref", ...): the fastest
+        this CPU supports unless OPENELM_RT_KERNELS names one."""
+        return self._backend.kernels
+
     def __repr__(self):
         c = self.config
         return (f"Session({self.path!r}, layers={c['n_layer']}, d_model={c['d_model']}, "
-                f"dtype={self._model.weights_dtype}, backend={self.backend!r}, threads={self.threads}, "
+                f"dtype={self._model.weights_dtype}, backend={self.backend!r}, kernels={self.kernels!r}, "
+                f"threads={self.threads}, "
                 f"max_context={self.max_context})")
 
     # -- tokenizer ------------------------------------------------------------------
