@@ -69,8 +69,8 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
 }
 
 void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy) {
-  // Chunks start at multiples of 16 rows (kQRows): each thread streams whole panels of
-  // quantized W, and slices of float W that are contiguous and cache-line aligned.
+  // Chunks start at multiples of row_align(): each thread streams whole (groups of) panels
+  // of quantized W, and slices of float W that are contiguous and cache-line aligned.
   pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), row_align(W.dtype));
 }
 
