@@ -71,8 +71,10 @@ class OelmFile {
   void validate_and_index(bool verify);
 
   std::string path_;
-  const uint8_t* base_ = nullptr;
+  const uint8_t* base_ = nullptr;  // the file's first byte
   uint64_t size_ = 0;
+  void* map_base_ = nullptr;  // what to munmap (may start before base_, see map_file)
+  size_t map_size_ = 0;
   uint32_t format_version_ = 0;
   uint32_t names_version_ = 0;
   json::Value meta_;
