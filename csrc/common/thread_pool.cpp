@@ -16,7 +16,6 @@ inline void cpu_relax() {
 #endif
 }
 constexpr int kSpinIterations = 20000;  // ~50-100 us before falling back to sleeping
-constexpr int64_t kChunksPerThread = 4;  // load balance vs. claim overhead
 constexpr uint64_t kClosed = 0xFFFFFFFFull;
 }  // namespace
 
@@ -74,7 +73,8 @@ void ThreadPool::worker() {
   }
 }
 
-void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align) {
+void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align,
+                              int chunks_per_thread) {
   if (n <= 0) return;
   align = std::max<int64_t>(1, align);
   if (n_threads_ == 1 || n <= align) {
@@ -82,7 +82,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
     return;
   }
   const int64_t units = (n + align - 1) / align;
-  const int64_t chunks = std::min<int64_t>(units, int64_t(n_threads_) * kChunksPerThread);
+  const int64_t chunks = std::min<int64_t>(units, int64_t(n_threads_) * std::max(1, chunks_per_thread));
   fn_ = &fn;
   n_ = n;
   chunk_ = (units + chunks - 1) / chunks * align;

@@ -26,8 +26,11 @@ class ThreadPool {
   int size() const { return n_threads_; }
 
   // Calls fn(begin, end) over disjoint chunks covering [0, n); chunk boundaries are
-  // multiples of `align`. Rethrows the first exception a chunk threw.
-  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align = 1);
+  // multiples of `align`, and there are at most chunks_per_thread * size() of them
+  // (more balance the load when a thread is slow; fewer give each thread longer
+  // contiguous runs). Rethrows the first exception a chunk threw.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align = 1,
+                    int chunks_per_thread = 4);
 
  private:
   void worker();

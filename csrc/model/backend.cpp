@@ -71,7 +71,15 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
 void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy) {
   // Chunks start at multiples of row_align(): each thread streams whole (groups of) panels
   // of quantized W, and slices of float W that are contiguous and cache-line aligned.
-  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), row_align(W.dtype));
+  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), row_align(W.dtype), chunks_per_thread(T));
+}
+
+int Backend::chunks_per_thread(int64_t T) {
+  // Decode streams W once from memory: one contiguous slice per thread keeps the
+  // kernels' prefetch of the next panels inside the thread's own rows (two-thread
+  // 270M q4 decode 175 -> 189 tok/s, interleaved). Prefill is compute-bound: more,
+  // smaller chunks balance the load.
+  return T == 1 ? 1 : 4;
 }
 
 int64_t Backend::row_align(DType t) {
@@ -85,7 +93,7 @@ void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up
   const auto rows = prepare_matmul(x, T, gate_up, gu, 2 * F);
   swiglu_fn swiglu = k_->swiglu;
   if (F % kQRows != 0) {  // the up half would not start on a panel: no fusion
-    pool_.parallel_for(2 * F, rows, row_align(gate_up.dtype));
+    pool_.parallel_for(2 * F, rows, row_align(gate_up.dtype), chunks_per_thread(T));
     pool_.parallel_for(T, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) swiglu(gu + t * 2 * F, gu + t * 2 * F + F, F, act + t * F);
     });
@@ -97,7 +105,7 @@ void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up
     rows(f0, f1);
     rows(F + f0, F + f1);
     for (int64_t t = 0; t < T; ++t) swiglu(gu + t * 2 * F + f0, gu + t * 2 * F + F + f0, f1 - f0, act + t * F + f0);
-  }, row_align(gate_up.dtype));
+  }, row_align(gate_up.dtype), chunks_per_thread(T));
 }
 
 }  // namespace oelm

@@ -48,6 +48,8 @@ class Backend {
 
   // Row chunk size multiple for splitting a matmul with these weights across threads.
   static int64_t row_align(DType t);
+  // How many chunks per thread a matmul over T tokens is split into.
+  static int chunks_per_thread(int64_t T);
 
   Backend(std::string name, const KernelTable* k, int threads)
       : name_(std::move(name)), k_(k), pool_(threads) {}

@@ -433,6 +433,23 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
           }
         }
       }
+    // Decode takes groups of 8 and 4 panels (x86) and prefetches the next group only
+    // inside the rows it was given: whole groups, remainders and chunks that start and
+    // end mid-matrix (at multiples of 64 rows, as the thread pool cuts them).
+    for (int64_t N : {136, 264, 392, 520})
+      for (int64_t K : {32, 95, 160}) {
+        std::vector<int64_t> panels;
+        for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
+        const QMatrix W(q4, N, K, panels, r);
+        for (int64_t T : {1, 2}) {
+          const QActsBuf a = quantized_acts(r, T, K);
+          const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
+          qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, N, what);
+          qmatmul_case(rep, name, v, ref, dt, W, a, T, 64, N, what + " rows 64..N");
+          qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, 128, what + " rows 0..128");
+          qmatmul_case(rep, name, v, ref, dt, W, a, T, 64, std::min<int64_t>(N, 320), what + " rows 64..320");
+        }
+      }
     for (const Shape& s : kOpenElmShapes) {
       const int64_t last = q_padded_n(s.N) / kQRows - 1;
       const QMatrix W(q4, s.N, s.K, {0, last}, r);
