@@ -21,7 +21,10 @@ What it does, per model:
    medians. llama.cpp runs in its own process (its venv's Python) with its default context
    settings, threads = threads_batch = n, n_batch = n_ubatch = 512, a fresh KV cache per run.
    The decode bound is the read bandwidth measured in the same run (per thread count) divided
-   by each side's weight bytes per token.
+   by each side's weight bytes per token. Each timed run starts after --settle seconds of
+   idle: llama.cpp's OpenMP threads keep spinning after its run, and without the pause they
+   took a core from the next run of ours (270M q4, two threads: ours 120 tok/s right after
+   llama.cpp, 172 after a 0.5 s pause, in the same benchmark; llama.cpp 142 / 136).
 
 Random weights need one change to be useful for quality numbers: with the usual init the
 logits have a standard deviation of ~1 over the 32000-token vocabulary, so every next-token
@@ -165,10 +168,15 @@ def speed(model_path: str, gguf: str, worker, args, backends) -> dict:
             r = res[t]
             r["bw"].append(be.read_bandwidth(1 << 30, 3))
             seed = int(rng.integers(1 << 30))
+            settle = lambda: time.sleep(args.settle)  # noqa: E731 (see the docstring, step 5)
             for n in args.pp:  # interleaved: ours, then llama.cpp, test by test
+                settle()
                 r[f"ours_pp{n}"].append(time_prefill(model, be, n, rng))
+                settle()
                 r[f"llama_pp{n}"].append(worker.call("pp", n=n, threads=t, seed=seed)["tok_s"])
+            settle()
             r[f"ours_tg{args.tg}"].append(time_decode(model, be, args.tg, rng))
+            settle()
             r[f"llama_tg{args.tg}"].append(worker.call("tg", n=args.tg, threads=t, seed=seed)["tok_s"])
         log(f"  repeat {rep + 1}/{args.repeats} done")
     return {t: {k: statistics.median(v) for k, v in r.items()} for t, r in res.items()}
@@ -331,6 +339,9 @@ def main(argv=None) -> int:
                         "(f16-F16, bf16-BF16, q8-Q8_0, q4-Q4_0); default f16 q8 q4")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="seconds of idle before each timed run, so that neither runtime's "
+                        "spinning threads run into the other's (default 0.5)")
     p.add_argument("--pp", type=int, nargs="+", default=None, help="prefill lengths (default 128 512)")
     p.add_argument("--tg", type=int, default=None, help="decode length (default 128)")
     p.add_argument("--quick", action="store_true",
