@@ -163,12 +163,15 @@ def speed(model_path: str, gguf: str, worker, args, backends) -> dict:
     tests = [f"pp{n}" for n in args.pp] + [f"tg{args.tg}"]
     res = {t: {"bw": [], **{f"{side}_{k}": [] for k in tests for side in ("ours", "llama")}}
            for t in args.threads}
+
+    def settle():  # idle before each timed run (see the docstring, step 5)
+        time.sleep(args.settle)
+
     for rep in range(args.repeats):
         for t, be in backends.items():
             r = res[t]
             r["bw"].append(be.read_bandwidth(1 << 30, 3))
             seed = int(rng.integers(1 << 30))
-            settle = lambda: time.sleep(args.settle)  # noqa: E731 (see the docstring, step 5)
             for n in args.pp:  # interleaved: ours, then llama.cpp, test by test
                 settle()
                 r[f"ours_pp{n}"].append(time_prefill(model, be, n, rng))
