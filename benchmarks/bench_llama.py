@@ -93,7 +93,7 @@ class OelmWeights:
             return a.astype(np.float32)
         if dtype == "bf16":
             return bf16_to_f32(a)
-        from openelm_rt import quant  # block-quantized q8_b32r16 / q4_b32r16: raw bytes
+        from openelm_rt import quant  # block-quantized q8_b32r16i / q4_b32r16i: raw bytes
         N, K = self.info[name]["shape"]
         return quant.dequantize(a, dtype, N, K)
 

@@ -1,4 +1,4 @@
-"""Block-quantized weights (q8_b32r16, q4_b32r16): the NumPy quantizer and packer against
+"""Block-quantized weights (q8_b32r16i, q4_b32r16i): the NumPy quantizer and packer against
 docs/FORMAT.md and llama.cpp's Q8_0 / Q4_0 rules, and every registered backend's kernels
 (row decoding, activation quantization, the integer matmul) against NumPy.
 
@@ -71,17 +71,18 @@ def _layout_by_formula(d: np.ndarray, q: np.ndarray, dtype: str, N: int, K: int)
     """FORMAT.md's byte-placement table, applied weight by weight (independent of pack_*)."""
     Np, Kp = quant.padded_n(N), quant.padded_k(K)
     col = 17 if dtype == quant.Q8 else 9
+    bb = 32 * col  # bytes of one block of a panel: 32 of scales, then 512 (q8) or 256 (q4)
     out = bytearray(Np // 16 * col * Kp)
     for n in range(N):
         base, r = n // 16 * col * Kp, n % 16
         for b in range(Kp // 32):
-            out[base + 2 * (16 * b + r): base + 2 * (16 * b + r) + 2] = f16(d[n, b]).tobytes()
+            out[base + bb * b + 2 * r: base + bb * b + 2 * r + 2] = f16(d[n, b]).tobytes()
             for c in range(32):
                 v = int(q[n, 32 * b + c])
                 if dtype == quant.Q8:
-                    out[base + Kp + 512 * b + 64 * (c // 4) + 4 * r + c % 4] = v + 128
+                    out[base + bb * b + 32 + 64 * (c // 4) + 4 * r + c % 4] = v + 128
                 else:
-                    at = base + Kp + 256 * b + 64 * ((c % 16) // 4) + 4 * r + c % 4
+                    at = base + bb * b + 32 + 64 * ((c % 16) // 4) + 4 * r + c % 4
                     out[at] |= (v + 8) << (4 if c >= 16 else 0)
     # Padding rows keep q = 0 (stored u = offset) and scale 0.
     for n in range(N, Np):
@@ -89,9 +90,9 @@ def _layout_by_formula(d: np.ndarray, q: np.ndarray, dtype: str, N: int, K: int)
         for b in range(Kp // 32):
             for c in range(32):
                 if dtype == quant.Q8:
-                    out[base + Kp + 512 * b + 64 * (c // 4) + 4 * r + c % 4] = 128
+                    out[base + bb * b + 32 + 64 * (c // 4) + 4 * r + c % 4] = 128
                 else:
-                    at = base + Kp + 256 * b + 64 * ((c % 16) // 4) + 4 * r + c % 4
+                    at = base + bb * b + 32 + 64 * ((c % 16) // 4) + 4 * r + c % 4
                     out[at] |= 8 << (4 if c >= 16 else 0)
     return bytes(out)
 
@@ -477,7 +478,7 @@ def test_export_cli_q4(tiny_f32, tmp_path, tokenizer_path, q_exports, capsys):
     out = tmp_path / "cli_q4.oelm"
     assert main([str(tiny_f32.ckpt_dir), "-o", str(out), "--dtype", "q4", "--embedding-dtype", "q4",
                  "--tokenizer", str(tokenizer_path), "--no-progress"]) == 0
-    assert "weights q4_b32r16, embedding q4_b32r16" in capsys.readouterr().err
+    assert "weights q4_b32r16i, embedding q4_b32r16i" in capsys.readouterr().err
     assert out.read_bytes() == q_exports["q4e4"].read_bytes()
     assert main([str(tiny_f32.ckpt_dir), "-o", str(out), "--embedding-dtype", "q5"]) == 2
     assert "invalid choice: 'q5'" in capsys.readouterr().err
@@ -689,10 +690,25 @@ def test_reader_rejects_q_shape_wrong_for_the_model(ort, q_exports, tmp_path):
     _expect(ort, img, tmp_path, r"blk\.0\.attn_qkv", "shape")
 
 
+@pytest.mark.parametrize("legacy", quant.LEGACY_QUANT_DTYPES)
+def test_reader_refuses_the_earlier_quantized_layout_and_says_re_export(ort, q_exports, tmp_path, legacy):
+    """Files from before the scales moved next to their blocks have the same sizes: only the
+    dtype id tells them apart, and the reader must refuse them rather than misread them."""
+    img = _q_image(q_exports)
+    for t in img.meta["tensors"]:
+        if t["dtype"] in quant.QUANT_DTYPES:
+            t["dtype"] = legacy
+    msg = _expect(ort, img, tmp_path, legacy, "earlier openelm_rt", "re-export", "openelm-rt-export")
+    assert legacy + "i" in msg
+    img = _q_image(q_exports)  # only the metadata's weights_dtype says the old name
+    img.meta["weights_dtype"] = legacy
+    _expect(ort, img, tmp_path, "weights_dtype", legacy, "re-export")
+
+
 def test_reader_rejects_dtypes_that_disagree_with_the_metadata(ort, q_exports, tmp_path):
     img = _q_image(q_exports)
     img.meta["embedding_dtype"] = quant.Q4  # token_embd is stored q8
-    _expect(ort, img, tmp_path, "token_embd", "q8_b32r16", "q4_b32r16")
+    _expect(ort, img, tmp_path, "token_embd", "q8_b32r16i", "q4_b32r16i")
     img = _q_image(q_exports)
     img.meta["weights_dtype"] = quant.Q8
     _expect(ort, img, tmp_path, r"blk\.0\.attn_qkv", "dtype")

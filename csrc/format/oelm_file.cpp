@@ -21,8 +21,8 @@ const char* dtype_name(DType t) {
     case DType::f16: return "f16";
     case DType::bf16: return "bf16";
     case DType::u8: return "u8";
-    case DType::q8: return "q8_b32r16";
-    case DType::q4: return "q4_b32r16";
+    case DType::q8: return "q8_b32r16i";
+    case DType::q4: return "q4_b32r16i";
   }
   return "?";
 }
@@ -50,13 +50,20 @@ bool dtype_from_name(std::string_view name, DType* out) {
 
 bool dtype_is_quantized(DType t) { return t == DType::q8 || t == DType::q4; }
 
+std::string legacy_dtype_hint(std::string_view name) {
+  if (name != "q8_b32r16" && name != "q4_b32r16") return "";
+  return "dtype \"" + std::string(name) + "\" is the quantized layout of earlier openelm_rt versions " +
+         "(scales stored apart from their blocks), which this version no longer reads; re-export the " +
+         "checkpoint with openelm-rt-export (it writes \"" + std::string(name) + "i\")";
+}
+
 bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out) {
   constexpr uint64_t kMax = ~uint64_t(0);
   for (int64_t d : shape)
     if (d < 0) return false;
   if (dtype_is_quantized(t)) {
     if (shape.size() != 2 || shape[0] > (int64_t(1) << 40) || shape[1] > (int64_t(1) << 40)) return false;
-    // Np/16 panels of (16 rows x Kp weights + Kp bytes of scales): 17 Kp (q8), 9 Kp (q4).
+    // Np/16 panels of nb blocks of (32 bytes of scales + 16 rows x 32 weights): 17 Kp (q8), 9 Kp (q4).
     const uint64_t panels = (uint64_t(shape[0]) + 15) / 16;
     const uint64_t kp = (uint64_t(shape[1]) + 31) / 32 * 32;
     const uint64_t per_col = t == DType::q8 ? 17 : 9;
@@ -282,9 +289,10 @@ void OelmFile::validate_and_index(bool verify) {
     const json::Value* dt = t.find("dtype");
     if (!dt || !dt->is_string()) bad(path_, "tensor '" + nm + "': \"dtype\" missing");
     const std::string& d = dt->as_string();
+    if (!legacy_dtype_hint(d).empty()) bad(path_, "tensor '" + nm + "': " + legacy_dtype_hint(d));
     if (!dtype_from_name(d, &tv.dtype))
       bad(path_, "tensor '" + nm + "': unknown dtype \"" + d +
-                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16, q4_b32r16); upgrade "
+                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q4_b32r16i); upgrade "
                      "openelm_rt or re-export");
     const json::Value* shape = t.find("shape");
     if (!shape || !shape->is_array() || shape->items().empty() || shape->items().size() > 4)

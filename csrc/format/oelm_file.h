@@ -13,7 +13,7 @@
 
 namespace oelm {
 
-// q8 and q4 are the block-quantized weight types "q8_b32r16" and "q4_b32r16" (FORMAT.md).
+// q8 and q4 are the block-quantized weight types "q8_b32r16i" and "q4_b32r16i" (FORMAT.md).
 enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5 };
 
 const char* dtype_name(DType t);
@@ -21,6 +21,9 @@ size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized typ
 // The DType whose dtype_name() is `name`; false if there is none.
 bool dtype_from_name(std::string_view name, DType* out);
 bool dtype_is_quantized(DType t);  // q8, q4: 2-D only, sized by tensor_bytes()
+// For "q8_b32r16" / "q4_b32r16", the quantized layout of older files that this reader no
+// longer accepts: what happened and the fix. Empty for any other name.
+std::string legacy_dtype_hint(std::string_view name);
 
 // Bytes a tensor of this dtype and logical shape occupies (FORMAT.md): product(shape) x
 // dtype_size, or for the block-quantized types (2-D [N, K] only) (Np / 16) * 17 * Kp (q8)

@@ -46,13 +46,18 @@ using swiglu_fn = void (*)(const float* gate, const float* up, int64_t n, float*
 // rows come back as scale * q, which is exact in f32).
 using row_to_f32_fn = void (*)(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 
-// --- Block-quantized weights (q8_b32r16, q4_b32r16; layout in docs/FORMAT.md) ---
+// --- Block-quantized weights (q8_b32r16i, q4_b32r16i; layout in docs/FORMAT.md) ---
 // Integer kernels multiply int8 activations by the stored integer weights. Activations are
 // quantized per block of kQBlock values: d = amax / 127, q = nearbyint(x * (127 / amax))
 // (q = 0 and d = 0 for an all-zero block), s = sum of the block's q. A row of K values is
 // padded with zeros to Kp = round_up(K, kQBlock).
 constexpr int64_t kQBlock = 32;   // weights and activations share the block size along K
 constexpr int64_t kQRows = 16;    // rows interleaved in one panel of a quantized matrix
+// A panel is nb blocks one after another; a block is the 16 rows' binary16 scales, then
+// their 32 weights each (4 consecutive weights of every row per 64 bytes).
+constexpr int64_t kQScaleBytes = 2 * kQRows;
+constexpr int64_t kQ8BlockBytes = kQScaleBytes + kQRows * kQBlock;      // 544 = 17 * 32
+constexpr int64_t kQ4BlockBytes = kQScaleBytes + kQRows * kQBlock / 2;  // 288 = 9 * 32
 inline int64_t q_padded_k(int64_t K) { return (K + kQBlock - 1) / kQBlock * kQBlock; }
 inline int64_t q_padded_n(int64_t N) { return (N + kQRows - 1) / kQRows * kQRows; }
 
@@ -79,7 +84,7 @@ constexpr int kNumDTypes = 6;  // DType values index the per-dtype tables below
 struct KernelTable {
   const char* name;
   matmul_fn matmul[kNumDTypes];    // f32, f16, bf16 weights (nullptr for the others)
-  qmatmul_fn qmatmul[kNumDTypes];  // q8_b32r16, q4_b32r16 weights (nullptr for the others)
+  qmatmul_fn qmatmul[kNumDTypes];  // q8_b32r16i, q4_b32r16i weights (nullptr for the others)
   row_to_f32_fn row_to_f32[kNumDTypes];
   quantize_row_fn quantize_row;
   rmsnorm_fn rmsnorm;

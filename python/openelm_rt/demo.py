@@ -60,7 +60,8 @@ def ensure_random_model(preset: str = "270M", dtype: str = "f32", cache_dir: str
     with open(tok_path, "rb") as f:  # the .oelm embeds the tokenizer: key the cache on its bytes
         tok_crc = zlib.crc32(f.read())
     name = preset if logit_scale == 1.0 else f"{preset}-ls{logit_scale:g}"
-    tag = f"{name}-{dtype}-tok{tok_crc:08x}"
+    # q8/q4 files are named by their layout's dtype id, so a layout change re-exports them.
+    tag = f"{name}-{export.FILE_DTYPE.get(dtype, dtype)}-tok{tok_crc:08x}"
     ckpt = os.path.join(cache, f"random-openelm-{name}")
     model_path = os.path.join(cache, f"random-openelm-{tag}.oelm")
     if not os.path.exists(os.path.join(ckpt, "config.json")):

@@ -48,7 +48,7 @@ _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 # --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
 WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q4")
-_FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q4": quant.Q4}
+FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q4": quant.Q4}
 TOKENIZER_TENSOR = "tokenizer.model"
 
 _CHUNK_BYTES = 16 << 20  # conversion granularity: bounds temporaries and keeps the bar moving
@@ -169,7 +169,7 @@ def _choose_dtype(requested: str, ckpt: HFCheckpoint, layout) -> str:
     if requested != "auto":
         if requested not in WEIGHT_DTYPES:
             raise ExportError(f"dtype {requested!r} is not one of auto, {', '.join(WEIGHT_DTYPES)}")
-        return _FILE_DTYPE[requested]
+        return FILE_DTYPE[requested]
     # Norm weights are stored f32 whatever is chosen, so only the matrices decide.
     found = {ckpt.where[t.hf_name].dtype(t.hf_name) for t in layout if not t.is_norm}
     if len(found) == 1:
@@ -190,7 +190,7 @@ def _choose_embedding_dtype(requested: str | None, weights: str) -> str:
         return quant.Q8 if weights == quant.Q4 else weights
     if requested not in WEIGHT_DTYPES:
         raise ExportError(f"embedding dtype {requested!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    return _FILE_DTYPE[requested]
+    return FILE_DTYPE[requested]
 
 
 # ----------------------------------------------------------------------------- conversion

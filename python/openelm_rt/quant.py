@@ -1,4 +1,4 @@
-"""Block-quantized weight matrices (`q8_b32r16`, `q4_b32r16`): the NumPy reference quantizer,
+"""Block-quantized weight matrices (`q8_b32r16i`, `q4_b32r16i`): the NumPy reference quantizer,
 packer and dequantizer for the layout in docs/FORMAT.md ("Block-quantized matrices").
 
 The exporter writes what `quantize_q8/q4` + `pack_q8/q4` produce; the C++ reader decodes the
@@ -38,9 +38,11 @@ import numpy as np
 QBLOCK = 32   # weights per block (one scale) along K: kernels.h kQBlock
 QROWS = 16    # rows interleaved in one panel: kernels.h kQRows
 
-Q8 = "q8_b32r16"
-Q4 = "q4_b32r16"
+Q8 = "q8_b32r16i"
+Q4 = "q4_b32r16i"
 QUANT_DTYPES = (Q8, Q4)
+# The layout before scales moved next to their blocks (FORMAT.md): no longer read or written.
+LEGACY_QUANT_DTYPES = ("q8_b32r16", "q4_b32r16")
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1}
 
 # m in d = max / -m (module docstring). The first, 8, is llama.cpp Q4_0's rule.
@@ -188,32 +190,32 @@ def _panels(d: np.ndarray, q: np.ndarray, N: int):
     return d.reshape(P, QROWS, -1), q.reshape(P, QROWS, -1)
 
 
-def _scales(d: np.ndarray) -> np.ndarray:
-    """[P, 16, nb] -> bytes [P, Kp]: scale of (row r, block b) at 2 * (16 b + r)."""
-    P = d.shape[0]
-    return d.astype("<f2").transpose(0, 2, 1).copy().view(np.uint8).reshape(P, -1)
+def _block_scales(d: np.ndarray) -> np.ndarray:
+    """[P, 16, nb] -> bytes [P, nb, 32]: the 16 rows' binary16 scales of each block."""
+    P, _, nb = d.shape
+    return d.astype("<f2").transpose(0, 2, 1).copy().view(np.uint8).reshape(P, nb, 2 * QROWS)
 
 
 def pack_q8(d: np.ndarray, q: np.ndarray, N: int, K: int) -> bytes:
-    """FORMAT.md q8_b32r16 bytes of the quantized [N, K] matrix (d [N, nb], q [N, Kp])."""
+    """FORMAT.md q8_b32r16i bytes of the quantized [N, K] matrix (d [N, nb], q [N, Kp])."""
     _check_parts(d, q, N, K, -127, 127)
     dp, qp = _panels(d, q, N)
     P, nb = dp.shape[0], dp.shape[2]
     u = (qp.astype(np.int16) + 128).astype(np.uint8)
     # byte (b, c // 4, r, c % 4) of the panel's weights: [P, r, b, g, j] -> [P, b, g, r, j]
-    u = u.reshape(P, QROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(P, -1)
-    return np.concatenate([_scales(dp), u], axis=1).tobytes()
+    u = u.reshape(P, QROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(P, nb, -1)
+    return np.concatenate([_block_scales(dp), u], axis=2).tobytes()
 
 
 def pack_q4(d: np.ndarray, q: np.ndarray, N: int, K: int) -> bytes:
-    """FORMAT.md q4_b32r16 bytes of the quantized [N, K] matrix (d [N, nb], q [N, Kp])."""
+    """FORMAT.md q4_b32r16i bytes of the quantized [N, K] matrix (d [N, nb], q [N, Kp])."""
     _check_parts(d, q, N, K, -8, 7)
     dp, qp = _panels(d, q, N)
     P, nb = dp.shape[0], dp.shape[2]
     u = (qp + 8).astype(np.uint8).reshape(P, QROWS, nb, 2, 4, 4)  # [P, r, b, half, g, j]
     byte = u[:, :, :, 0] | (u[:, :, :, 1] << 4)                   # c < 16 low, c >= 16 high
-    byte = byte.transpose(0, 2, 3, 1, 4).reshape(P, -1)           # [P, b, g, r, j]
-    return np.concatenate([_scales(dp), byte], axis=1).tobytes()
+    byte = byte.transpose(0, 2, 3, 1, 4).reshape(P, nb, -1)       # [P, b, g, r, j]
+    return np.concatenate([_block_scales(dp), byte], axis=2).tobytes()
 
 
 def unpack(raw, dtype: str, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,9 +228,9 @@ def unpack(raw, dtype: str, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
                          f"got {buf.size}")
     Kp, Np = padded_k(K), padded_n(N)
     P, nb = Np // QROWS, Kp // QBLOCK
-    panels = buf.reshape(P, -1)
-    d = panels[:, :Kp].copy().view("<f2").reshape(P, nb, QROWS).transpose(0, 2, 1)
-    body = panels[:, Kp:]
+    blocks = buf.reshape(P, nb, -1)  # [P, b, 32 scale bytes + body]
+    d = blocks[:, :, :2 * QROWS].copy().view("<f2").reshape(P, nb, QROWS).transpose(0, 2, 1)
+    body = blocks[:, :, 2 * QROWS:]
     if dtype == Q8:
         u = body.reshape(P, nb, 8, QROWS, 4).transpose(0, 3, 1, 2, 4)  # [P, r, b, g, j]
         q = u.astype(np.int16) - 128

@@ -311,8 +311,9 @@ struct QMatrix {
   Zeros bytes;
 
   QMatrix(bool is_q4, int64_t N_, int64_t K_, const std::vector<int64_t>& panels, Rng& r)
-      : q4(is_q4), N(N_), K(K_), Kp(q_padded_k(K_)), nb(Kp / kQBlock), panel_bytes((is_q4 ? 9 : 17) * Kp),
-        bytes(static_cast<size_t>(q_padded_n(N_) / kQRows * (is_q4 ? 9 : 17) * q_padded_k(K_))) {
+      : q4(is_q4), N(N_), K(K_), Kp(q_padded_k(K_)), nb(Kp / kQBlock),
+        panel_bytes(nb * (is_q4 ? kQ4BlockBytes : kQ8BlockBytes)),
+        bytes(static_cast<size_t>(q_padded_n(N_) / kQRows * panel_bytes)) {
     for (int64_t p : panels)
       for (int64_t rr = 0; rr < kQRows; ++rr) {
         const int64_t row = p * kQRows + rr;
@@ -332,15 +333,16 @@ struct QMatrix {
     uint8_t* panel = bytes.get() + (row / kQRows) * panel_bytes;
     const int64_t rr = row % kQRows;
     for (int64_t b = 0; b < nb; ++b) {
-      std::memcpy(panel + 2 * (16 * b + rr), &d[row][size_t(b)], 2);
+      uint8_t* block = panel + b * (q4 ? kQ4BlockBytes : kQ8BlockBytes);
+      std::memcpy(block + 2 * rr, &d[row][size_t(b)], 2);
       for (int64_t c = 0; c < kQBlock; ++c) {
         const int8_t v = q[row][size_t(32 * b + c)];
         if (q4) {
-          uint8_t& byte = panel[Kp + 256 * b + 64 * ((c % 16) / 4) + 4 * rr + (c % 4)];
+          uint8_t& byte = block[kQScaleBytes + 64 * ((c % 16) / 4) + 4 * rr + (c % 4)];
           const uint8_t u = uint8_t(v + 8);
           byte = c < 16 ? uint8_t((byte & 0xF0) | u) : uint8_t((byte & 0x0F) | (u << 4));
         } else {
-          panel[Kp + 512 * b + 64 * (c / 4) + 4 * rr + (c % 4)] = uint8_t(v + 128);
+          block[kQScaleBytes + 64 * (c / 4) + 4 * rr + (c % 4)] = uint8_t(v + 128);
         }
       }
     }
@@ -433,9 +435,8 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
           }
         }
       }
-    // Decode takes groups of 8 and 4 panels (x86) and prefetches the next group only
-    // inside the rows it was given: whole groups, remainders and chunks that start and
-    // end mid-matrix (at multiples of 64 rows, as the thread pool cuts them).
+    // Decode-sized matrices: whole matrices and chunks that start and end mid-matrix (at
+    // multiples of 64 rows, as the thread pool cuts them).
     for (int64_t N : {136, 264, 392, 520})
       for (int64_t K : {32, 95, 160}) {
         std::vector<int64_t> panels;

@@ -241,9 +241,7 @@ struct QBlock {
 template <bool Q4, int TT>
 OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float out[][16]) {
   const int64_t Kp = x.Kp, nb = Kp / kQBlock;
-  const uint16_t* wd = reinterpret_cast<const uint16_t*>(panel);  // [nb][16] binary16 scales
-  const uint8_t* wq = panel + Kp;
-  const int64_t block_bytes = Q4 ? 256 : 512;
+  const int64_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;  // 16 binary16 scales, then weights
   float32x4_t acc[TT][4];
   for (int t = 0; t < TT; ++t)
     for (int j = 0; j < 4; ++j) acc[t][j] = vdupq_n_f32(0.0f);
@@ -256,13 +254,14 @@ OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float
       const int32x4_t init = vdupq_n_s32(Q4 ? -8 * x.s[(t0 + t) * nb + b] : 0);
       for (int j = 0; j < 4; ++j) q.isum[t][j] = init;
     }
-    const uint8_t* wb = wq + b * block_bytes;
+    const uint16_t* wd = reinterpret_cast<const uint16_t*>(panel + b * block_bytes);
+    const uint8_t* wb = panel + b * block_bytes + kQScaleBytes;
     if constexpr (Q4)
       q.q4(wb, std::make_integer_sequence<int, 4>{});
     else
       q.q8(wb, std::make_integer_sequence<int, 8>{});
-    const float16x8_t d01 = vreinterpretq_f16_u16(vld1q_u16(wd + 16 * b));
-    const float16x8_t d23 = vreinterpretq_f16_u16(vld1q_u16(wd + 16 * b + 8));
+    const float16x8_t d01 = vreinterpretq_f16_u16(vld1q_u16(wd));
+    const float16x8_t d23 = vreinterpretq_f16_u16(vld1q_u16(wd + 8));
     const float32x4_t d[4] = {vcvt_f32_f16(vget_low_f16(d01)), vcvt_high_f32_f16(d01),
                               vcvt_f32_f16(vget_low_f16(d23)), vcvt_high_f32_f16(d23)};
     for (int t = 0; t < TT; ++t) {
@@ -280,7 +279,7 @@ OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float
 template <bool Q4>
 void qmatmul_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
-  const int64_t panel_bytes = (Q4 ? 9 : 17) * x.Kp;
+  const int64_t panel_bytes = x.Kp / kQBlock * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
   const uint8_t* base = static_cast<const uint8_t*>(W);
   float out[2][16];
   for (int64_t p0 = n0; p0 < n1; p0 += kQRows) {
@@ -369,24 +368,25 @@ void row_16bit_neon(const void* W, int64_t, int64_t K, int64_t row, float* out) 
 template <bool Q4>
 void row_q_neon(const void* W, int64_t, int64_t K, int64_t row, float* out) {
   const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
-  const uint8_t* panel = static_cast<const uint8_t*>(W) + (row / kQRows) * (Q4 ? 9 : 17) * Kp;
+  const int64_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+  const uint8_t* panel = static_cast<const uint8_t*>(W) + (row / kQRows) * nb * block_bytes;
   const int64_t r = row % kQRows;
-  const uint16_t* wd = reinterpret_cast<const uint16_t*>(panel);
-  const uint8_t* wq = panel + Kp;
   for (int64_t b = 0; b < nb; ++b) {
+    const uint16_t* wd = reinterpret_cast<const uint16_t*>(panel + b * block_bytes);
+    const uint8_t* wq = panel + b * block_bytes + kQScaleBytes;
     int8_t qv[kQBlock];
     if (Q4) {
       for (int g = 0; g < 4; ++g)
         for (int c = 0; c < 4; ++c) {
-          const uint8_t u = wq[256 * b + 64 * g + 4 * r + c];
+          const uint8_t u = wq[64 * g + 4 * r + c];
           qv[4 * g + c] = int8_t((u & 0x0F) - 8);
           qv[16 + 4 * g + c] = int8_t((u >> 4) - 8);
         }
     } else {
       for (int g = 0; g < 8; ++g)
-        for (int c = 0; c < 4; ++c) qv[4 * g + c] = int8_t(wq[512 * b + 64 * g + 4 * r + c] ^ 0x80);
+        for (int c = 0; c < 4; ++c) qv[4 * g + c] = int8_t(wq[64 * g + 4 * r + c] ^ 0x80);
     }
-    const float scale = f16_to_f32(wd[16 * b + r]);
+    const float scale = f16_to_f32(wd[r]);
     const int64_t n = std::min<int64_t>(kQBlock, K - b * kQBlock);
     float vals[kQBlock];
     for (int i = 0; i < kQBlock; i += 8) {

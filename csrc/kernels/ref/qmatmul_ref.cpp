@@ -1,4 +1,4 @@
-// Reference kernels for the block-quantized weight types q8_b32r16 and q4_b32r16
+// Reference kernels for the block-quantized weight types q8_b32r16i and q4_b32r16i
 // (layout: docs/FORMAT.md; contract: kernels.h): activation quantization, the integer
 // matmul, and row decoding. Plain loops that read one weight at a time through the
 // layout formulas, no intrinsics: the truth the SIMD variants are tested against.
@@ -13,41 +13,38 @@ namespace oelm {
 
 namespace {
 
-// Bytes per panel column (16 rows): 16 weights + one 2-byte scale per 32 columns.
-constexpr int64_t kPanelColBytesQ8 = 17;
-constexpr int64_t kPanelColBytesQ4 = 9;
-
-// Start of the panel holding row n.
-template <int64_t ColBytes>
+// Start of the panel holding row n: nb = Kp / 32 blocks of BlockBytes.
+template <int64_t BlockBytes>
 const uint8_t* panel_of(const void* W, int64_t Kp, int64_t n) {
-  return static_cast<const uint8_t*>(W) + (n / kQRows) * ColBytes * Kp;
+  return static_cast<const uint8_t*>(W) + (n / kQRows) * (Kp / kQBlock) * BlockBytes;
 }
 
-// Scale of row r (within its panel), block b: bytes 2 (16 b + r) of the panel.
+// Scale of row r (within its panel), block b: the block's bytes 2 r, 2 r + 1.
+template <int64_t BlockBytes>
 float scale_at(const uint8_t* panel, int64_t r, int64_t b) {
   uint16_t h;
-  std::memcpy(&h, panel + 2 * (kQRows * b + r), sizeof h);
+  std::memcpy(&h, panel + BlockBytes * b + 2 * r, sizeof h);
   return f16_to_f32(h);
 }
 
 // Weight integer q of row r, column k = 32 b + c, as FORMAT.md places it.
-int32_t q8_at(const uint8_t* panel, int64_t Kp, int64_t r, int64_t k) {
+int32_t q8_at(const uint8_t* panel, int64_t r, int64_t k) {
   const int64_t b = k / kQBlock, c = k % kQBlock;
-  return int32_t(panel[Kp + 512 * b + 64 * (c / 4) + 4 * r + c % 4]) - 128;
+  return int32_t(panel[kQ8BlockBytes * b + kQScaleBytes + 64 * (c / 4) + 4 * r + c % 4]) - 128;
 }
 
-int32_t q4_at(const uint8_t* panel, int64_t Kp, int64_t r, int64_t k) {
+int32_t q4_at(const uint8_t* panel, int64_t r, int64_t k) {
   const int64_t b = k / kQBlock, c = k % kQBlock;
-  const uint8_t byte = panel[Kp + 256 * b + 64 * ((c % 16) / 4) + 4 * r + c % 4];
+  const uint8_t byte = panel[kQ4BlockBytes * b + kQScaleBytes + 64 * ((c % 16) / 4) + 4 * r + c % 4];
   return int32_t(c < 16 ? byte & 0x0F : byte >> 4) - 8;
 }
 
-template <int64_t ColBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t, int64_t)>
+template <int64_t BlockBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t)>
 void qmatmul_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                  int64_t ldy) {
   const int64_t Kp = x.Kp, nb = Kp / kQBlock;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* panel = panel_of<ColBytes>(W, Kp, n);
+    const uint8_t* panel = panel_of<BlockBytes>(W, Kp, n);
     const int64_t r = n % kQRows;
     for (int64_t t = 0; t < T; ++t) {
       const int8_t* xq = x.q + t * Kp;
@@ -55,21 +52,21 @@ void qmatmul_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0
       float acc = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t isum = 0;  // |isum| <= 32 * 127 * 127: exact in int32 and in float
-        for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) isum += QAt(panel, Kp, r, k) * int32_t(xq[k]);
-        acc = std::fmaf(float(isum) * xd[b], scale_at(panel, r, b), acc);
+        for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) isum += QAt(panel, r, k) * int32_t(xq[k]);
+        acc = std::fmaf(float(isum) * xd[b], scale_at<BlockBytes>(panel, r, b), acc);
       }
       y[t * ldy + n] = acc;
     }
   }
 }
 
-template <int64_t ColBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t, int64_t)>
+template <int64_t BlockBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t)>
 void row_to_f32_quant(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
   const int64_t Kp = q_padded_k(K);
-  const uint8_t* panel = panel_of<ColBytes>(W, Kp, row);
+  const uint8_t* panel = panel_of<BlockBytes>(W, Kp, row);
   const int64_t r = row % kQRows;
   // An 11-bit scale times an integer of at most 8 bits: exact in float.
-  for (int64_t k = 0; k < K; ++k) out[k] = scale_at(panel, r, k / kQBlock) * float(QAt(panel, Kp, r, k));
+  for (int64_t k = 0; k < K; ++k) out[k] = scale_at<BlockBytes>(panel, r, k / kQBlock) * float(QAt(panel, r, k));
 }
 
 }  // namespace
@@ -99,20 +96,20 @@ void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* d, int32_t* s
 
 void qmatmul_q8_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                     int64_t ldy) {
-  qmatmul_ref<kPanelColBytesQ8, q8_at>(x, T, W, N, n0, n1, y, ldy);
+  qmatmul_ref<kQ8BlockBytes, q8_at>(x, T, W, N, n0, n1, y, ldy);
 }
 
 void qmatmul_q4_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                     int64_t ldy) {
-  qmatmul_ref<kPanelColBytesQ4, q4_at>(x, T, W, N, n0, n1, y, ldy);
+  qmatmul_ref<kQ4BlockBytes, q4_at>(x, T, W, N, n0, n1, y, ldy);
 }
 
 void row_to_f32_q8_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
-  row_to_f32_quant<kPanelColBytesQ8, q8_at>(W, N, K, row, out);
+  row_to_f32_quant<kQ8BlockBytes, q8_at>(W, N, K, row, out);
 }
 
 void row_to_f32_q4_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
-  row_to_f32_quant<kPanelColBytesQ4, q4_at>(W, N, K, row, out);
+  row_to_f32_quant<kQ4BlockBytes, q4_at>(W, N, K, row, out);
 }
 
 }  // namespace oelm
