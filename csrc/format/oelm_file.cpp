@@ -289,7 +289,7 @@ void OelmFile::validate_and_index(bool verify) {
     const json::Value* dt = t.find("dtype");
     if (!dt || !dt->is_string()) bad(path_, "tensor '" + nm + "': \"dtype\" missing");
     const std::string& d = dt->as_string();
-    if (!legacy_dtype_hint(d).empty()) bad(path_, "tensor '" + nm + "': " + legacy_dtype_hint(d));
+    if (const std::string hint = legacy_dtype_hint(d); !hint.empty()) bad(path_, "tensor '" + nm + "': " + hint);
     if (!dtype_from_name(d, &tv.dtype))
       bad(path_, "tensor '" + nm + "': unknown dtype \"" + d +
                      "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q4_b32r16i); upgrade "

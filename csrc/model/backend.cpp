@@ -76,9 +76,9 @@ void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, i
 
 int Backend::chunks_per_thread(int64_t T) {
   // Decode streams W once from memory: long contiguous slices per thread let the
-  // prefetchers run ahead (the kernels' own prefetch stops at a slice's end). Two-thread
-  // 270M decode, 9 interleaved runs, 1 / 2 / 4 chunks per thread: q4 161 / 163 / 157,
-  // q8 107 / 108 / 104 tok/s. Two rather than one, so that a thread the OS deschedules
+  // hardware prefetchers run ahead. Two-thread 270M decode, 9 interleaved runs, 1 / 2 / 4
+  // chunks per thread: q4 161 / 163 / 157, q8 107 / 108 / 104 tok/s (the earlier q layout;
+  // with the current one, 1 and 2 measured the same). Two rather than one, so that a thread the OS deschedules
   // holds up half of its share, not all of it. Prefill is compute-bound: more, smaller
   // chunks balance the load.
   return T == 1 ? 2 : 4;

@@ -61,8 +61,8 @@ DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallbac
   if (!v && fallback) return *fallback;
   if (!v || !v->is_string()) bad(f, std::string("metadata: \"") + key + "\" is missing or not a string");
   DType t;
-  if (!legacy_dtype_hint(v->as_string()).empty())
-    bad(f, std::string("metadata: ") + key + ": " + legacy_dtype_hint(v->as_string()));
+  if (const std::string hint = legacy_dtype_hint(v->as_string()); !hint.empty())
+    bad(f, std::string("metadata: ") + key + ": " + hint);
   if (!dtype_from_name(v->as_string(), &t) || t == DType::u8)
     bad(f, std::string("metadata: ") + key + " \"" + v->as_string() +
                "\" is not supported (f32, f16, bf16, q8_b32r16i, q4_b32r16i); upgrade openelm_rt or re-export");
