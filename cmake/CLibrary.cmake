@@ -1,6 +1,6 @@
 # libopenelm_rt: the C API over the core, and its install rules: the header, the
 # library and the CMake package files, so that consumers write
-#   find_package(openelm_rt 0.1 REQUIRED)
+#   find_package(openelm_rt 0.2 REQUIRED)
 #   target_link_libraries(app PRIVATE openelm_rt::openelm_rt)
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
@@ -13,7 +13,7 @@ target_include_directories(openelm_rt PUBLIC
 target_link_libraries(openelm_rt PRIVATE openelm_rt_core)
 target_compile_definitions(openelm_rt PRIVATE OPENELM_RT_BUILDING)
 # Only what the header marks OELM_API is exported. While the version is 0.x the
-# minor number is the ABI, hence SOVERSION 0.1 (libopenelm_rt.so.0.1).
+# minor number is the ABI, hence SOVERSION 0.2 (libopenelm_rt.so.0.2).
 set_target_properties(openelm_rt PROPERTIES
   CXX_VISIBILITY_PRESET hidden
   VISIBILITY_INLINES_HIDDEN ON

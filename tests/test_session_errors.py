@@ -132,9 +132,12 @@ _CTRL_C_SCRIPT = textwrap.dedent("""
     import openelm_rt
     s = openelm_rt.Session(sys.argv[1], threads=1, backend="ref")
     stream = sys.argv[2] == "stream"
-    # one long C++ call: the prefill of a prompt as long as the context allows
-    ids = [1] + [5 + (i * 7919) % 1000 for i in range(s.max_context - 2)]
+    # one long C++ call: the prefill of a prompt as long as the context allows (a new one
+    # each time: the prefix cache would serve a repeated prompt at once)
+    k = 0
     while True:
+        k += 1
+        ids = [1, 5 + k] + [5 + (i * 7919) % 1000 for i in range(s.max_context - 3)]
         t0 = time.time()
         r = s.generate(ids, max_new_tokens=1, stream=stream)
         if stream:

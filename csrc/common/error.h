@@ -22,6 +22,12 @@ struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// The KV cache budget cannot hold what was asked (an InvalidArgument: the caller can fix it by
+// asking for less or configuring a larger budget); the message names the budget.
+struct KvBudgetExceeded : InvalidArgument {
+  using InvalidArgument::InvalidArgument;
+};
+
 // A long computation was asked to stop (e.g. Ctrl-C in Python).
 struct Interrupted : std::runtime_error {
   Interrupted() : std::runtime_error("interrupted") {}

@@ -28,15 +28,30 @@ using rope_fn = void (*)(float* x, int64_t n_heads, int64_t hd, const float* cos
 using attention_fn = void (*)(const float* q, const float* k, const float* v, int64_t n_kv,
                               int64_t hd, float scale, float* out);
 
+// The KV cache of one KV head of one sequence, in blocks of `block` positions (a multiple of
+// kKvAlign, so a kernel's 16-key step never crosses a block): the key of position s is row
+// s % block of block table[s / block], whose rows start at k + table[s / block] * stride
+// (elements of `type`); values alike from v. Rows are hd elements, contiguous.
+constexpr int64_t kKvAlign = 16;
+enum class KvType : int { f32 = 0, f16 = 1 };  // f16: IEEE binary16, widened exactly on load
+struct KvView {
+  const void* k;
+  const void* v;
+  const int32_t* table;
+  int64_t stride;  // elements from block id i to block id i + 1
+  int64_t block;   // positions per block
+  KvType type;
+};
+
 // Causal attention for a tile of queries that share one KV head: n_tok consecutive tokens
-// times n_grp query heads. Query head g of token t is q + t*ldq + g*hd and attends keys
-// 0 .. pos0 + t of k, v ([>= pos0 + n_tok, hd] contiguous); its output goes to
-// out + t*ldo + g*hd. Same result as `attention_fn` row by row; fast variants tile it
-// (flash attention: blocks of keys against blocks of queries, online softmax, each key
-// and value read once per tile instead of once per query).
+// times n_grp query heads. Query head g of token t is q + t*ldq + g*hd and attends positions
+// 0 .. pos0 + t of kv; its output goes to out + t*ldo + g*hd. Same result as `attention_fn`
+// row by row on the widened keys and values; fast variants tile it (flash attention: blocks
+// of keys against blocks of queries, online softmax, each key and value read once per tile
+// instead of once per query). A row's result must not depend on the other rows of the tile
+// (the batched step relies on it: a sequence's logits never depend on its neighbours).
 using attention_tile_fn = void (*)(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0,
-                                   const float* k, const float* v, int64_t hd, float scale, float* out,
-                                   int64_t ldo);
+                                   const KvView& kv, int64_t hd, float scale, float* out, int64_t ldo);
 
 // out[j] = silu(gate[j]) * up[j], j in [0, n).
 using swiglu_fn = void (*)(const float* gate, const float* up, int64_t n, float* out);
@@ -104,8 +119,8 @@ void rmsnorm_ref(const float* x, const float* w, int64_t n, float eps, float* y)
 void rope_ref(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* sin);
 void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv, int64_t hd,
                    float scale, float* out);
-void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
-                        const float* v, int64_t hd, float scale, float* out, int64_t ldo);
+void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const KvView& kv,
+                        int64_t hd, float scale, float* out, int64_t ldo);
 void swiglu_ref(const float* gate, const float* up, int64_t n, float* out);
 void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);
 void qmatmul_q8_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,

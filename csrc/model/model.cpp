@@ -1,7 +1,5 @@
-// Model loading (metadata -> ModelConfig, tensor table -> weight views, each checked
-// by name, shape and dtype) and the OpenELM forward pass (see shared OPENELM.md §3):
-//   x = E[ids]; per layer: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x));
-//   logits = RMSNorm(x) @ E^T (tied head).
+// Model loading: metadata -> ModelConfig, tensor table -> weight views, each checked by
+// name, shape and dtype. The forward pass is in forward_cpu.cpp (executor.h).
 #include "model/model.h"
 
 #include <algorithm>
@@ -14,9 +12,6 @@
 namespace oelm {
 
 namespace {
-
-constexpr int64_t kChunk = 256;  // prefill batch: bounds scratch memory, not a limit on length
-constexpr int64_t kAttnTokens = 16;  // tokens per attention work item during prefill
 
 [[noreturn]] void bad(const OelmFile& f, const std::string& what) {
   throw FormatError(f.path() + ": " + what);
@@ -182,150 +177,6 @@ void Model::bind_weights() {
     if (!expected.count(t.name))
       bad(f, "unexpected tensor '" + t.name + "' (not part of an OpenELM model with this config); "
              "the file was written by a different tool or version, re-export it");
-}
-
-Context::Context(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int64_t max_context)
-    : model_(std::move(model)), backend_(std::move(backend)), max_ctx_(max_context) {
-  const ModelConfig& c = model_->config();
-  if (max_context < 1 || max_context > (int64_t(1) << 20))
-    throw InvalidArgument("max_context must be in [1, 1048576], got " + std::to_string(max_context));
-  for (DType t : {c.weights_dtype, c.embedding_dtype})
-    if (!backend_->supports(t))
-      throw InvalidArgument(std::string("backend '") + backend_->name() + "' has no kernels for " + dtype_name(t) +
-                            " weights; use another backend or re-export with another --dtype");
-  const int64_t hd = c.head_dim, half = hd / 2;
-  try {
-    for (int64_t i = 0; i < c.n_layer; ++i) {
-      const size_t n = size_t(c.n_head_kv[size_t(i)] * max_ctx_ * hd);
-      k_cache_.emplace_back(n);
-      v_cache_.emplace_back(n);
-    }
-  } catch (const std::bad_alloc&) {
-    throw InvalidArgument("cannot allocate the KV cache for max_context " + std::to_string(max_context) +
-                          "; use a smaller max_context");
-  }
-  // RoPE tables as HF computes them (float32): inv_freq_j = 1 / theta^(2j/hd),
-  // angle = float(p) * inv_freq_j, then cos/sin of that float32 angle.
-  rope_cos_.resize(size_t(max_ctx_ * half));
-  rope_sin_.resize(size_t(max_ctx_ * half));
-  for (int64_t j = 0; j < half; ++j) {
-    const float inv_freq = float(1.0 / std::pow(double(c.rope_theta), double(2 * j) / double(hd)));
-    for (int64_t p = 0; p < max_ctx_; ++p) {
-      const float angle = float(p) * inv_freq;
-      rope_cos_[size_t(p * half + j)] = float(std::cos(double(angle)));
-      rope_sin_[size_t(p * half + j)] = float(std::sin(double(angle)));
-    }
-  }
-  const int64_t T = std::min(kChunk, max_ctx_);
-  x_.resize(size_t(T * c.d_model));
-  h_.resize(size_t(T * c.d_model));
-  tmp_.resize(size_t(T * c.d_model));
-  qkv_.resize(size_t(T * model_->max_qkv_dim()));
-  attn_.resize(size_t(T * model_->max_q_dim()));
-  ffn_.resize(size_t(T * 2 * model_->max_ffn_dim()));
-  act_.resize(size_t(T * model_->max_ffn_dim()));
-}
-
-void Context::eval(const int32_t* ids, int64_t n, bool all_logits, float* out, const InterruptFn& interrupt) {
-  const ModelConfig& c = model_->config();
-  if (n <= 0) throw InvalidArgument("eval needs at least one token");
-  if (n_past_ + n > max_ctx_)
-    throw InvalidArgument("context is full: " + std::to_string(n_past_) + " cached + " + std::to_string(n) +
-                          " new tokens exceed max_context " + std::to_string(max_ctx_) +
-                          "; reset the context or create it with a larger max_context");
-  for (int64_t i = 0; i < n; ++i)
-    if (ids[i] < 0 || ids[i] >= c.vocab_size)
-      throw InvalidArgument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
-                            " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
-  const int64_t start = n_past_;
-  try {
-    for (int64_t done = 0; done < n;) {
-      const int64_t T = std::min<int64_t>(int64_t(x_.size()) / c.d_model, n - done);
-      const bool last_chunk = done + T == n;
-      float* dst = all_logits ? out + done * c.vocab_size : (last_chunk ? out : nullptr);
-      forward_chunk(ids + done, T, all_logits, dst, interrupt);
-      n_past_ += T;
-      done += T;
-    }
-  } catch (...) {
-    n_past_ = start;  // cache rows beyond n_past are garbage and will be overwritten
-    throw;
-  }
-}
-
-void Context::forward_chunk(const int32_t* ids, int64_t T, bool all_logits, float* out,
-                            const InterruptFn& interrupt) {
-  const ModelConfig& c = model_->config();
-  const KernelTable& K = backend_->kernels();
-  ThreadPool& pool = backend_->pool();
-  const int64_t D = c.d_model, hd = c.head_dim, half = hd / 2, p0 = n_past_;
-  const float eps = c.norm_eps, scale = 1.0f / std::sqrt(float(hd));
-  float *x = x_.data(), *h = h_.data(), *tmp = tmp_.data();
-
-  // x[T, D] = E[ids]
-  const TensorView& E = model_->token_embd();
-  for (int64_t t = 0; t < T; ++t) K.row_to_f32[int(E.dtype)](E.data, E.rows(), D, ids[t], x + t * D);
-
-  // Small element-wise stages run serially for one token and split over tokens otherwise.
-  auto over_tokens = [&](const std::function<void(int64_t)>& fn) {
-    if (T == 1) fn(0);
-    else pool.parallel_for(T, [&](int64_t b, int64_t e) { for (int64_t t = b; t < e; ++t) fn(t); });
-  };
-
-  for (size_t li = 0; li < model_->layers().size(); ++li) {
-    if (interrupt && interrupt()) throw Interrupted();
-    const LayerWeights& L = model_->layers()[li];
-    const int64_t nq = L.n_head_q, nkv = L.n_head_kv;
-    const int64_t nqkv = (nq + 2 * nkv) * hd, group = nq / nkv;
-    float* kc = k_cache_[li].data();  // [nkv][max_ctx][hd]
-    float* vc = v_cache_[li].data();
-
-    // --- attention ---
-    over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.attn_norm, D, eps, h + t * D); });
-    backend_->matmul(h, T, *L.attn_qkv, qkv_.data(), nqkv);  // [T, (nq + 2 nkv) hd]
-    over_tokens([&](int64_t t) {
-      float* q = qkv_.data() + t * nqkv;  // heads: nq queries, then nkv keys, then nkv values
-      float* k = q + nq * hd;
-      const float* v = k + nkv * hd;
-      for (int64_t i = 0; i < nq; ++i) K.rmsnorm(q + i * hd, L.q_norm, hd, eps, q + i * hd);
-      for (int64_t i = 0; i < nkv; ++i) K.rmsnorm(k + i * hd, L.k_norm, hd, eps, k + i * hd);
-      const int64_t pos = p0 + t;
-      const float* cs = rope_cos_.data() + pos * half;
-      const float* sn = rope_sin_.data() + pos * half;
-      K.rope(q, nq, hd, cs, sn);
-      K.rope(k, nkv, hd, cs, sn);
-      for (int64_t i = 0; i < nkv; ++i) {
-        std::memcpy(kc + (i * max_ctx_ + pos) * hd, k + i * hd, size_t(hd) * sizeof(float));
-        std::memcpy(vc + (i * max_ctx_ + pos) * hd, v + i * hd, size_t(hd) * sizeof(float));
-      }
-    });
-    // Flash attention in tiles: one work item per (kv head, block of tokens), covering the
-    // `group` query heads that read that kv head, so each key/value is loaded once per tile.
-    const int64_t n_tb = (T + kAttnTokens - 1) / kAttnTokens;
-    pool.parallel_for(nkv * n_tb, [&](int64_t b, int64_t e) {
-      for (int64_t it = b; it < e; ++it) {
-        const int64_t kvh = it / n_tb, t0 = (it % n_tb) * kAttnTokens;
-        const int64_t nt = std::min(kAttnTokens, T - t0);
-        K.attention_tile(qkv_.data() + t0 * nqkv + kvh * group * hd, nqkv, nt, group, p0 + t0,
-                         kc + kvh * max_ctx_ * hd, vc + kvh * max_ctx_ * hd, hd, scale,
-                         attn_.data() + t0 * nq * hd + kvh * group * hd, nq * hd);
-      }
-    });
-    backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D);  // [T, D]
-    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
-
-    // --- feed-forward (SwiGLU) ---
-    over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.ffn_norm, D, eps, h + t * D); });
-    backend_->matmul_swiglu(h, T, *L.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
-    backend_->matmul(act_.data(), T, *L.down, tmp, D);  // [T, D]
-    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
-  }
-
-  if (!out) return;  // a prefill chunk whose logits nobody asked for
-  if (interrupt && interrupt()) throw Interrupted();
-  const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
-  for (int64_t t = first; t < T; ++t) K.rmsnorm(x + t * D, model_->output_norm(), D, eps, h + (t - first) * D);
-  backend_->matmul(h, rows, model_->lm_head(), out, c.vocab_size);  // [rows, V]
 }
 
 }  // namespace oelm

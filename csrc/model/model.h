@@ -1,6 +1,6 @@
 // The OpenELM model: its configuration (per-layer head counts and FFN widths, read
-// from the file, never re-derived), its weights as views into the mapped file, and
-// Context, which owns a KV cache and runs the forward pass over a batch of positions.
+// from the file, never re-derived) and its weights as views into the mapped file. The
+// forward pass is a backend's Executor (executor.h); sequences and KV live in engine/.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -77,38 +77,5 @@ class Model {
 
 // Called between layers; returning true aborts the evaluation with oelm::Interrupted.
 using InterruptFn = std::function<bool()>;
-
-// One sequence's state: the KV cache and scratch buffers. Not thread-safe; use one
-// Context per thread. Many Contexts may share one Model.
-class Context {
- public:
-  Context(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, int64_t max_context);
-
-  const Model& model() const { return *model_; }
-  Backend& backend() { return *backend_; }
-  int64_t n_past() const { return n_past_; }
-  int64_t max_context() const { return max_ctx_; }
-  void reset() { n_past_ = 0; }
-
-  // Evaluates ids[0..n) at positions n_past .. n_past+n-1 and appends them to the KV
-  // cache. Writes logits for every token (all_logits: out is [n, vocab]) or only the
-  // last one (out is [vocab]). On an exception the cache is left as before the call.
-  void eval(const int32_t* ids, int64_t n, bool all_logits, float* out,
-            const InterruptFn& interrupt = {});
-
- private:
-  void forward_chunk(const int32_t* ids, int64_t T, bool all_logits, float* out,
-                     const InterruptFn& interrupt);
-
-  std::shared_ptr<const Model> model_;
-  std::shared_ptr<Backend> backend_;
-  int64_t max_ctx_;
-  int64_t n_past_ = 0;
-  // KV cache per layer, [n_head_kv][max_ctx][head_dim]; keys stored after norm + RoPE.
-  std::vector<std::vector<float>> k_cache_, v_cache_;
-  std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim/2]
-  // Scratch for a chunk of up to kChunk tokens.
-  std::vector<float> x_, h_, qkv_, attn_, ffn_, act_, tmp_;
-};
 
 }  // namespace oelm

@@ -7,7 +7,8 @@
 
 #include "common/bandwidth.h"
 #include "common/error.h"
-#include "generate/generator.h"
+#include "engine/engine.h"
+#include "engine/runtime.h"
 #include "generate/sampler.h"
 #include "kernels/dispatch.h"
 #include "model/model.h"
@@ -111,12 +112,56 @@ TensorView weight_view(const py::array_t<uint8_t, py::array::c_style>& w, const 
   return v;
 }
 
-struct PyGenerator {
-  std::shared_ptr<Context> ctx;  // keeps the context alive while generating
-  Generator gen;
-  PyGenerator(std::shared_ptr<Context> c, const SamplingParams& sp, int64_t max_new)
-      : ctx(std::move(c)), gen(*ctx, sp, max_new) {}
+// The engine with the runtime it steps (kept alive together).
+struct PyEngine {
+  std::shared_ptr<Runtime> rt;
+  std::unique_ptr<Engine> eng;
 };
+
+py::dict event_dict(Event& e) {
+  py::dict d;
+  d["id"] = e.id;
+  d["token"] = e.token;
+  d["text"] = py::str(e.text);  // complete UTF-8 characters (TextStream)
+  d["finish"] = finish_reason_name(e.finish);
+  if (e.finish != FinishReason::none) {
+    d["error"] = e.error;
+    d["n_prompt"] = e.n_prompt;
+    d["n_cached"] = e.n_cached;
+    d["n_generated"] = e.n_generated;
+    d["n_decoded"] = e.n_decoded;
+    d["prefill_seconds"] = e.prefill_seconds;
+    d["decode_seconds"] = e.decode_seconds;
+  }
+  if (e.token >= 0 && (!e.top.empty() || e.logprob != 0.0f)) {
+    d["logprob"] = e.logprob;
+    py::list top;
+    for (const TokenLogprob& t : e.top) top.append(py::make_tuple(t.token, t.logprob));
+    d["top"] = top;
+  }
+  if (!e.prompt_logprobs.empty())
+    d["prompt_logprobs"] = py::array_t<float>(py::ssize_t(e.prompt_logprobs.size()), e.prompt_logprobs.data());
+  return d;
+}
+
+py::list event_list(std::vector<Event>& events) {
+  py::list out;
+  for (Event& e : events) out.append(event_dict(e));
+  return out;
+}
+
+std::vector<int32_t> ids_arg(const py::handle& h, int64_t vocab, const char* what) {
+  const std::vector<int64_t> v = h.cast<std::vector<int64_t>>();
+  std::vector<int32_t> out;
+  out.reserve(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i] < 0 || v[i] >= vocab)
+      throw InvalidArgument(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]) +
+                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    out.push_back(int32_t(v[i]));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -133,6 +178,10 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     }
   });
+
+  // Registered after the translator above, so it is tried first (a KvBudgetExceeded is an
+  // InvalidArgument too): Python sees openelm_rt.KVBudgetError, a ValueError.
+  py::register_exception<KvBudgetExceeded>(m, "KVBudgetError", PyExc_ValueError);
 
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
       .def(py::init([](const std::string& path, bool verify) {
@@ -272,30 +321,165 @@ PYBIND11_MODULE(_core, m) {
         return out;
       }, py::arg("token_ids"), py::arg("all_logits") = false);
 
-  py::class_<PyGenerator>(m, "Generator")
-      .def(py::init([](std::shared_ptr<Context> ctx, float temperature, int32_t top_k, float top_p, float min_p,
-                       float repetition_penalty, uint64_t seed, int64_t max_new_tokens) {
-             SamplingParams sp{temperature, top_k, top_p, min_p, repetition_penalty, seed};
-             return new PyGenerator(std::move(ctx), sp, max_new_tokens);
+  py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
+      .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<Backend> backend, int64_t max_context,
+                       int64_t kv_budget, int64_t block_size, const std::string& kv_dtype, int64_t max_step_tokens,
+                       int32_t prefix_cache) {
+             RuntimeOptions o;
+             o.max_context = max_context;
+             o.kv_budget_bytes = kv_budget;
+             o.block_size = block_size;
+             if (kv_dtype != "f32" && kv_dtype != "f16")
+               throw InvalidArgument("kv_dtype must be 'f32' or 'f16', got '" + kv_dtype + "'");
+             o.kv_type = kv_dtype == "f16" ? KvType::f16 : KvType::f32;
+             o.max_step_tokens = max_step_tokens;
+             o.prefix_cache_entries = prefix_cache;
+             std::shared_ptr<Runtime> rt;
+             {
+               py::gil_scoped_release release;
+               rt = std::make_shared<Runtime>(std::move(model), std::move(backend), o);
+             }
+             return rt;
            }),
-           py::arg("context"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
-           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("seed") = 0,
-           py::arg("max_new_tokens") = 128)
-      .def("start", [](PyGenerator& g, const std::vector<int64_t>& prompt) {
-        std::vector<int32_t> tok = to_ids(prompt, g.ctx->model().config().vocab_size);
-        run_released([&] { g.gen.start(tok, python_interrupt); });
-      }, py::arg("prompt"))
-      .def("next", [](PyGenerator& g) {
-        int32_t t = -1;
-        run_released([&] { t = g.gen.next(python_interrupt); });
-        return t;
+           py::arg("model"), py::arg("backend"), py::arg("max_context") = 0, py::arg("kv_budget") = 0,
+           py::arg("block_size") = 0, py::arg("kv_dtype") = "f32", py::arg("max_step_tokens") = 0,
+           py::arg("prefix_cache") = 0)
+      .def_property_readonly("max_context", &Runtime::max_context)
+      .def_property_readonly("max_step_tokens", &Runtime::max_step_tokens)
+      .def_property_readonly("kv_budget", &Runtime::kv_budget_bytes)
+      .def_property_readonly("kv_block_size", [](Runtime& r) { return r.kv().block_size(); })
+      .def_property_readonly("kv_blocks", [](Runtime& r) { return r.kv().n_blocks(); })
+      .def_property_readonly("kv_blocks_free", [](Runtime& r) { return r.kv().n_free(); })
+      .def_property_readonly("kv_budget_text", [](Runtime& r) { return r.kv().budget_text(); })
+      .def_property_readonly("n_seqs", &Runtime::n_seqs)
+      .def_property_readonly("prefix_cache_entries", [](Runtime& r) { return r.prefix_cache().size(); })
+      .def_property_readonly("tokens_forwarded", &Runtime::tokens_forwarded)
+      .def_property_readonly("steps", &Runtime::steps)
+      .def("clear_prefix_cache", [](Runtime& r) { r.prefix_cache().clear(r.kv()); })
+      .def("seq_new", &Runtime::seq_new)
+      .def("seq_fork", &Runtime::seq_fork, py::arg("parent"), py::arg("n") = -1)
+      .def("seq_truncate", &Runtime::seq_truncate, py::arg("seq"), py::arg("n"))
+      .def("seq_free", &Runtime::seq_free, py::arg("seq"))
+      .def("seq_len", &Runtime::seq_len, py::arg("seq"))
+      .def("seq_tokens", &Runtime::seq_tokens, py::arg("seq"))
+      .def("seq_blocks", [](Runtime& r, int32_t id) { return r.seq_kv(id).blocks; }, py::arg("seq"))
+      .def("block_refcount", [](Runtime& r, int32_t id) {
+        if (id < 0 || id >= r.kv().n_blocks()) throw InvalidArgument("no such block");
+        return r.kv().refcount(id);
+      }, py::arg("block"))
+      .def("eval", [](Runtime& r, const std::vector<std::tuple<int32_t, py::object, std::string>>& entries) {
+        // entries: (seq, token ids, "none" | "last" | "all"); returns the logits rows [rows, V]
+        const int64_t V = r.model().config().vocab_size;
+        std::vector<std::vector<int32_t>> toks;
+        std::vector<Runtime::EvalEntry> es;
+        for (const auto& [seq, ids, mode] : entries) {
+          toks.push_back(ids_arg(ids, V, "token_ids"));
+          if (mode != "none" && mode != "last" && mode != "all")
+            throw InvalidArgument("logits must be 'none', 'last' or 'all', got '" + mode + "'");
+        }
+        for (size_t i = 0; i < entries.size(); ++i) {
+          const std::string& mode = std::get<2>(entries[i]);
+          es.push_back({std::get<0>(entries[i]), toks[i].data(), int64_t(toks[i].size()),
+                        mode == "all" ? Runtime::Logits::all : mode == "last" ? Runtime::Logits::last
+                                                                              : Runtime::Logits::none});
+        }
+        py::array_t<float> out(std::vector<py::ssize_t>{py::ssize_t(Runtime::logit_rows(es)), py::ssize_t(V)});
+        float* dst = out.mutable_data();
+        run_released([&] { r.eval(es, dst, python_interrupt); });
+        return out;
+      }, py::arg("entries"))
+      .def("score_batch", [](Runtime& r, const py::list& pairs) {
+        const int64_t V = r.model().config().vocab_size;
+        std::vector<std::pair<std::vector<int32_t>, std::vector<int32_t>>> in;
+        for (const py::handle& p : pairs) {
+          const py::tuple t = p.cast<py::tuple>();
+          if (t.size() != 2) throw InvalidArgument("each pair must be (context_ids, continuation_ids)");
+          in.emplace_back(ids_arg(t[0], V, "context_ids"), ids_arg(t[1], V, "continuation_ids"));
+        }
+        std::vector<ScoreResult> res;
+        ScoreStats st;
+        run_released([&] { res = r.score_batch(in, python_interrupt, &st); });
+        py::list out;
+        for (const ScoreResult& x : res)
+          out.append(py::make_tuple(py::array_t<double>(py::ssize_t(x.logprobs.size()), x.logprobs.data()),
+                                    x.is_greedy));
+        py::dict stats;
+        stats["pairs"] = st.pairs;
+        stats["tokens_requested"] = st.tokens_requested;
+        stats["tokens_forwarded"] = st.tokens_forwarded;
+        stats["steps"] = st.steps;
+        return py::make_tuple(out, stats);
+      }, py::arg("pairs"));
+
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init([](std::shared_ptr<Runtime> rt, int32_t max_batch, int64_t max_queue) {
+             EngineOptions o;
+             o.max_batch = max_batch;
+             o.max_queue = max_queue;
+             auto p = std::make_unique<PyEngine>();
+             p->eng = std::make_unique<Engine>(rt, o);
+             p->rt = std::move(rt);
+             return p;
+           }),
+           py::arg("runtime"), py::arg("max_batch") = 16, py::arg("max_queue") = 0)
+      .def("submit", [](PyEngine& e, const py::object& prompt, float temperature, int32_t top_k, float top_p,
+                        float min_p, float repetition_penalty, uint64_t seed, int64_t max_new_tokens,
+                        std::vector<std::string> stop, int32_t logprobs, bool prompt_logprobs, bool reuse_prefix) {
+        GenerateRequest req;
+        req.prompt = ids_arg(prompt, e.rt->model().config().vocab_size, "prompt");
+        req.sampling = SamplingParams{temperature, top_k, top_p, min_p, repetition_penalty, seed};
+        req.max_new_tokens = max_new_tokens;
+        req.stop = std::move(stop);
+        req.logprobs = logprobs;
+        req.prompt_logprobs = prompt_logprobs;
+        req.reuse_prefix = reuse_prefix;
+        return e.eng->submit(std::move(req));
+      }, py::arg("prompt"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+         py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("seed") = 0,
+         py::arg("max_new_tokens") = 128, py::arg("stop") = std::vector<std::string>{}, py::arg("logprobs") = -1,
+         py::arg("prompt_logprobs") = false, py::arg("reuse_prefix") = true)
+      .def("cancel", [](PyEngine& e, uint64_t id) { return e.eng->cancel(id); }, py::arg("id"))
+      .def("step", [](PyEngine& e) {
+        bool did = false;
+        run_released([&] { did = e.eng->step(python_interrupt); });
+        return did;
+      }, "One engine step without the GIL (Ctrl-C abandons it and raises KeyboardInterrupt).")
+      .def("take_events", [](PyEngine& e) {
+        std::vector<Event> ev = e.eng->take_events();
+        return event_list(ev);
       })
-      .def_property_readonly("finish_reason", [](const PyGenerator& g) { return finish_reason_name(g.gen.finish_reason()); })
-      .def_property_readonly("n_prompt", [](const PyGenerator& g) { return g.gen.n_prompt(); })
-      .def_property_readonly("n_generated", [](const PyGenerator& g) { return g.gen.n_generated(); })
-      .def_property_readonly("n_decoded", [](const PyGenerator& g) { return g.gen.n_decoded(); })
-      .def_property_readonly("prefill_seconds", [](const PyGenerator& g) { return g.gen.prefill_seconds(); })
-      .def_property_readonly("decode_seconds", [](const PyGenerator& g) { return g.gen.decode_seconds(); });
+      .def("wait_events", [](PyEngine& e, double timeout) {
+        std::vector<Event> ev;
+        {
+          py::gil_scoped_release release;
+          e.eng->wait_events(ev, timeout);
+        }
+        return event_list(ev);
+      }, py::arg("timeout"), "Events, waiting up to `timeout` seconds (without the GIL) for the first.")
+      .def("start", [](PyEngine& e) { e.eng->start(); }, "Step on a thread of the engine's own.")
+      .def("stop", [](PyEngine& e) {
+        py::gil_scoped_release release;
+        e.eng->stop();
+      })
+      .def_property_readonly("idle", [](PyEngine& e) { return e.eng->idle(); })
+      .def_property_readonly("max_batch", [](PyEngine& e) { return e.eng->options().max_batch; })
+      .def("stats", [](PyEngine& e) {
+        const Engine::Stats s = e.eng->stats();
+        py::dict d;
+        d["running"] = s.running;
+        d["waiting"] = s.waiting;
+        d["submitted"] = s.submitted;
+        d["finished"] = s.finished;
+        d["cancelled"] = s.cancelled;
+        d["preempted"] = s.preempted;
+        d["steps"] = s.steps;
+        d["step_tokens"] = s.step_tokens;
+        d["decode_rows"] = s.decode_rows;
+        d["prompt_tokens"] = s.prompt_tokens;
+        d["cached_tokens"] = s.cached_tokens;
+        d["generated"] = s.generated;
+        return d;
+      });
 
   m.def("sampling_probs",
         [](py::array_t<float, py::array::c_style | py::array::forcecast> logits, const std::vector<int64_t>& prev_ids,

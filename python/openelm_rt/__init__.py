@@ -1,22 +1,24 @@
 """openelm_rt: a native inference runtime for Apple's OpenELM language models.
 
-Public surface: `Session`, `GenerationResult`, `GenerationStream`, `FormatError`.
+Public surface: `Session`, `GenerationResult`, `GenerationStream`, `BatchStream`,
+`ScoreResult`, `FormatError`, `KVBudgetError`.
 The exporter (`openelm_rt.export`) and checkpoint tools import without the compiled
 core, so they are importable before the extension is built.
 """
 
-__version__ = "0.1.0"
-__all__ = ["Session", "GenerationResult", "GenerationStream", "FormatError", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["Session", "GenerationResult", "GenerationStream", "BatchStream", "ScoreResult", "FormatError",
+           "KVBudgetError", "__version__"]
 
 
 def __getattr__(name):
     # Lazy: importing the package must not require the compiled extension.
-    if name in ("Session", "GenerationResult", "GenerationStream"):
+    if name in ("Session", "GenerationResult", "GenerationStream", "BatchStream", "ScoreResult"):
         from . import session
 
         return getattr(session, name)
-    if name == "FormatError":
+    if name in ("FormatError", "KVBudgetError"):
         from . import _core
 
-        return _core.FormatError
+        return getattr(_core, name)
     raise AttributeError(f"module 'openelm_rt' has no attribute {name!r}")

@@ -1,10 +1,13 @@
-"""Session: load an .oelm model and run it (tokenize, logits, generate).
+"""Session: load an .oelm model and run it (tokenize, logits, generate, score).
 
 A thin layer over the C++ core (`openelm_rt._core`): argument checking with clear
-errors, the OpenELM Instruct chat format, text assembly for streaming and stop strings.
-Tokenization is native (the core's SentencePiece-exact tokenizer, built from the
-vocabulary stored in the model file); all numeric work happens in C++ with the GIL
-released. One Session is not safe to use from several threads at once.
+errors, the OpenELM Instruct chat format, results. A Session owns a paged KV cache
+(`_core.Runtime`) and a continuous-batching engine (`_core.Engine`) on it: `generate`,
+`generate_batch` and `chat` submit requests to the engine and step it; text pieces and
+stop strings are assembled in the core. Tokenization is native (the core's
+SentencePiece-exact tokenizer, built from the vocabulary stored in the model file); all
+numeric work happens in C++ with the GIL released. One Session is not safe to use from
+several threads at once.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import numbers
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Union
+import re
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
 
 FormatError = _core.FormatError
+KVBudgetError = _core.KVBudgetError
 
 Prompt = Union[str, Sequence[int]]
 Message = Dict[str, str]
@@ -33,20 +38,55 @@ class GenerationResult:
 
     text: str  # the generated text only (no prompt)
     token_ids: list  # the generated token ids (EOS included when generated)
-    finish_reason: str  # "eos", "length", "stop" (a stop string) or "context" (context full)
+    finish_reason: str  # "eos", "length", "stop" (a stop string), "context" (context full), "cancelled"
     prompt_token_ids: list = field(repr=False, default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     n_decoded: int = field(repr=False, default=0)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (not evaluated)
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        n = len(self.prompt_token_ids)
+        n = len(self.prompt_token_ids) - self.cached_tokens
         return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.n_decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class ScoreResult:
+    """What `Session.score` returns for one (context, continuation) pair."""
+
+    logprobs: list  # log p(continuation[i] | context + continuation[:i]), one float per token
+    is_greedy: bool  # every continuation token is the argmax (greedy decoding would produce it)
+
+    @property
+    def total(self) -> float:
+        """The continuation's log-likelihood: the sum of `logprobs`."""
+        return float(sum(self.logprobs))
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(name, value) -> int:
+    """Bytes from an int or a string such as "512MiB", "1.5GiB", "2GB" (None: 0, the default)."""
+    if value is None:
+        return 0
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+            if n >= 1:
+                return n
+    raise ValueError(f"{name} must be a number of bytes or a size such as '512MiB' or '2GiB', got {value!r}")
 
 
 def _check_int(name, value, lo=None):
@@ -94,18 +134,28 @@ def _check_messages(messages) -> list:
 
 
 class Session:
-    """An OpenELM model loaded from an .oelm file, ready to generate.
+    """An OpenELM model loaded from an .oelm file, ready to generate and score.
 
     Args:
         path: the .oelm file written by `openelm-rt-export`.
         threads: worker threads (default: one per hardware thread).
-        max_context: longest sequence (prompt + generated tokens) this session holds;
+        max_context: longest sequence (prompt + generated tokens) one sequence holds;
             default: the model's training context (2048 for the released models).
         verify: check every tensor's CRC-32 at load (reads the whole file once).
         backend: "cpu" (default) or "ref", the single-threaded scalar reference.
+        kv_budget: memory for the KV cache of all sequences at once, in bytes or as a size
+            ("512MiB", "2GiB"); default: room for 4 sequences of max_context. Pages are
+            only used as sequences fill them.
+        kv_dtype: "f32" (default, exact) or "f16" (half the KV memory and bandwidth; keys
+            and values rounded to binary16).
+        max_batch: sequences generating at once (generate_batch, concurrent streams).
+        prefix_cache: finished sequences kept so that a prompt extending one of them (a
+            chat's next turn, a shared system prompt) evaluates only its new tokens; 0: off.
+        kv_block_size: positions per KV block (a multiple of 16); default 16.
     """
 
-    def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu"):
+    def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu", kv_budget=None,
+                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -113,10 +163,16 @@ class Session:
                 f"`openelm-rt-export CHECKPOINT_DIR -o model.oelm` first")
         if backend not in ("cpu", "ref"):
             raise ValueError(f"backend must be 'cpu' or 'ref', got {backend!r}")
+        if kv_dtype not in ("f32", "f16"):
+            raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
         if threads is None:
             threads = 1 if backend == "ref" else 0
         else:
             threads = _check_int("threads", threads, lo=1)
+        budget = parse_size("kv_budget", kv_budget)
+        max_batch = _check_int("max_batch", max_batch, lo=1)
+        prefix_cache = _check_int("prefix_cache", prefix_cache, lo=0)
+        block = 0 if kv_block_size is None else _check_int("kv_block_size", kv_block_size, lo=16)
         self._model = _core.Model(path, bool(verify))
         self._backend = _core.Backend(backend, threads)
         cfg = self._model.config
@@ -124,10 +180,13 @@ class Session:
         if max_context is None:
             max_context = int(cfg["max_context"])
         max_context = _check_int("max_context", max_context, lo=2)
-        self._ctx = _core.Context(self._model, max_context, self._backend)
+        self._rt = _core.Runtime(self._model, self._backend, max_context=max_context, kv_budget=budget,
+                                 block_size=block, kv_dtype=kv_dtype, prefix_cache=prefix_cache,
+                                 max_step_tokens=max(256, max_batch))
+        self._engine = _core.Engine(self._rt, max_batch=max_batch)
         self._tok = self._model.tokenizer  # validated by the core at load
+        self._streams = {}  # request id -> the live stream that receives its events
         self.path = path
-        self._active = None  # the generation currently using self._ctx
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -144,7 +203,7 @@ class Session:
 
     @property
     def max_context(self) -> int:
-        return self._open()._ctx.max_context
+        return self._open()._rt.max_context
 
     def _open(self):
         if self._model is None:
@@ -165,12 +224,24 @@ class Session:
         this CPU supports unless OPENELM_RT_KERNELS names one."""
         return self._backend.kernels
 
+    @property
+    def stats(self) -> dict:
+        """Counters since the Session was created: tokens forwarded (rows through the model),
+        forward steps, prompt tokens and how many of them the prefix cache supplied, generated
+        tokens, preemptions; and the KV cache (budget, blocks free, prefix-cache entries)."""
+        rt, eng = self._open()._rt, self._engine.stats()
+        return {"tokens_forwarded": rt.tokens_forwarded, "steps": rt.steps,
+                "prompt_tokens": eng["prompt_tokens"], "cached_tokens": eng["cached_tokens"],
+                "generated_tokens": eng["generated"], "preempted": eng["preempted"],
+                "kv_budget": rt.kv_budget, "kv_blocks": rt.kv_blocks, "kv_blocks_free": rt.kv_blocks_free,
+                "kv_block_size": rt.kv_block_size, "prefix_cache_entries": rt.prefix_cache_entries}
+
     def __repr__(self):
         c = self.config
         return (f"Session({self.path!r}, layers={c['n_layer']}, d_model={c['d_model']}, "
                 f"dtype={self._model.weights_dtype}, backend={self.backend!r}, kernels={self.kernels!r}, "
-                f"threads={self.threads}, "
-                f"max_context={self.max_context})")
+                f"threads={self.threads}, max_context={self.max_context}, "
+                f"kv={self._rt.kv_budget_text})")
 
     # -- tokenizer ------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True) -> list:
@@ -238,29 +309,57 @@ class Session:
     def logits(self, token_ids) -> np.ndarray:
         """Logits (float32, shape (len(token_ids), vocab_size)) of a full forward pass.
 
-        Stateless: it uses its own KV cache and leaves the session's untouched.
+        Stateless: it evaluates a sequence of its own, freed afterwards.
         """
         ids = self._open()._check_ids(token_ids, "token_ids")
         if len(ids) > self.max_context:
             raise ValueError(f"token_ids has {len(ids)} tokens, more than max_context {self.max_context}")
-        ctx = _core.Context(self._model, len(ids), self._backend)
-        return ctx.eval(ids, True)
+        seq = self._rt.seq_new()
+        try:
+            return self._rt.eval([(seq, ids, "all")])
+        finally:
+            self._rt.seq_free(seq)
 
-    def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed=None, stop=None, stream: bool = False):
-        """Generate a continuation of `prompt` (a str, tokenized with BOS, or token ids as is).
+    def score(self, context_ids, continuation_ids) -> ScoreResult:
+        """Log-probabilities of `continuation_ids` given `context_ids` (token ids, BOS first
+        when the model should see it): `.logprobs` has one float per continuation token
+        (log-softmax accumulated in float64), `.is_greedy` says whether greedy decoding
+        would produce the continuation. See `score_batch` for many pairs."""
+        return self.score_batch([(context_ids, continuation_ids)])[0]
 
-        temperature=0 is greedy decoding; otherwise the logits go through
-        repetition_penalty, temperature, top_k, top_p and min_p (Hugging Face order and
-        semantics) and a token is drawn with a generator seeded by `seed` (random when
-        None). Generation ends at EOS, after max_new_tokens, at a `stop` string (str or
-        list of str; the text is cut before it), or when the context is full.
-
-        Returns a GenerationResult, or with stream=True a GenerationStream: an iterator
-        of text pieces whose `.result` is set once it is exhausted.
-        """
+    def score_batch(self, pairs) -> List[ScoreResult]:
+        """`score` for each (context_ids, continuation_ids) pair, in order. Pairs that share a
+        prefix (the context of several choices, few-shot examples) compute it once: the
+        requests run in lexicographic order, each forking the KV of what it shares with the
+        previous one, several at a time in batched steps. `self.last_score_stats` then says
+        how many tokens were forwarded against the pairs' total length."""
         self._open()
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise ValueError(f"pairs must be a list of (context_ids, continuation_ids), got {type(pairs).__name__}")
+        checked = []
+        for i, p in enumerate(pairs):
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
+                raise ValueError(f"pairs[{i}] must be a (context_ids, continuation_ids) pair, got {p!r}")
+            ctx = self._check_ids(p[0], f"pairs[{i}] context_ids", allow_empty=True)
+            cont = self._check_ids(p[1], f"pairs[{i}] continuation_ids", allow_empty=True)
+            if not ctx:
+                raise ValueError(f"pairs[{i}]: the context is empty; it needs at least one token (e.g. BOS, "
+                                 f"{self.bos_token_id}) to predict the first continuation token from")
+            if not cont:
+                raise ValueError(f"pairs[{i}]: the continuation is empty; pass at least one token")
+            if len(ctx) + len(cont) - 1 > self.max_context:
+                raise ValueError(f"pairs[{i}]: context ({len(ctx)}) + continuation ({len(cont)}) - 1 tokens exceed "
+                                 f"max_context {self.max_context}; truncate the context from the left")
+            checked.append((ctx, cont))
+        if not checked:
+            self.last_score_stats = {"pairs": 0, "tokens_requested": 0, "tokens_forwarded": 0, "steps": 0}
+            return []
+        out, self.last_score_stats = self._rt.score_batch(checked)
+        return [ScoreResult(logprobs=lp.tolist(), is_greedy=bool(g)) for lp, g in out]
+
+    # -- generation ------------------------------------------------------------------
+    def _sampling(self, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+        """Checked request parameters as a dict for _core.Engine.submit."""
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, lo=0)
         temperature = _check_float("temperature", temperature)
         top_k = _check_int("top_k", top_k)
@@ -284,23 +383,98 @@ class Session:
         seed = _check_int("seed", seed, lo=0)
         if seed >= 2**64:
             raise ValueError(f"seed must be < 2**64, got {seed}")
-        stops = self._check_stop(stop)
-        if isinstance(prompt, str):
-            ids = self.tokenize(prompt)
-        else:
-            ids = self._check_ids(prompt, "prompt")
+        return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=self._check_stop(stop))
+
+    def _prompt_ids(self, prompt, name, max_new_tokens):
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt, name)
         if max_new_tokens > 0 and len(ids) >= self.max_context:
             raise ValueError(
-                f"prompt has {len(ids)} tokens but max_context is {self.max_context}, leaving no room "
+                f"{name} has {len(ids)} tokens but max_context is {self.max_context}, leaving no room "
                 f"to generate; shorten the prompt or create the Session with a larger max_context")
-        gen = _core.Generator(self._ctx, temperature, top_k, top_p, min_p, repetition_penalty,
-                              seed, max_new_tokens)
-        it = GenerationStream(self, gen, ids, stops)
+        if len(ids) > self.max_context:
+            raise ValueError(f"{name} has {len(ids)} tokens, more than max_context {self.max_context}")
+        return ids
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed=None, stop=None, stream: bool = False):
+        """Generate a continuation of `prompt` (a str, tokenized with BOS, or token ids as is).
+
+        temperature=0 is greedy decoding; otherwise the logits go through
+        repetition_penalty, temperature, top_k, top_p and min_p (Hugging Face order and
+        semantics) and a token is drawn with a generator seeded by `seed` (random when
+        None). Generation ends at EOS, after max_new_tokens, at a `stop` string (str or
+        list of str; the text is cut before it), or when the context is full.
+
+        The keys and values of earlier generations stay in the prefix cache: a prompt that
+        extends an earlier sequence (a chat's next turn) evaluates only its new tokens
+        (`result.cached_tokens` counts the others). The output is the same either way.
+
+        Returns a GenerationResult, or with stream=True a GenerationStream: an iterator
+        of text pieces whose `.result` is set once it is exhausted. Streams of one Session
+        may be iterated alternately: they run batched.
+        """
+        self._open()
+        params = self._sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        ids = self._prompt_ids(prompt, "prompt", params["max_new_tokens"])
+        it = GenerationStream(self, ids, params)
+        if stream:
+            return it
+        return it._drain()
+
+    def generate_batch(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                       repetition_penalty=1.0, seed=None, stop=None, stream: bool = False):
+        """`generate` for many prompts at once, batched: one forward pass per step serves every
+        sequence (the weights are read once per step instead of once per prompt).
+
+        Each keyword is either one value for all prompts or a list with one value per prompt
+        (`stop` per prompt: a list of str-or-list). A seeded prompt gives the same tokens as
+        `generate` with the same arguments. Returns a list of GenerationResult in prompt order;
+        with stream=True a BatchStream iterating (index, text piece) pairs as they arrive, whose
+        `.results` is set once it is exhausted.
+        """
+        self._open()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a list of prompts (str or token ids), got {type(prompts).__name__}")
+        n = len(prompts)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                  repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        per = []
+        for name, v in kw.items():
+            is_list = isinstance(v, (list, tuple)) and not (name == "stop" and all(isinstance(x, str) for x in v))
+            if is_list and len(v) != n:
+                raise ValueError(f"{name} has {len(v)} values for {n} prompts; give one value, or one per prompt")
+            per.append((name, v if is_list else [v] * n))
+        jobs = []
+        for i in range(n):
+            args = {name: vals[i] for name, vals in per}
+            params = self._sampling(args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
+                                    args["min_p"], args["repetition_penalty"], args["seed"], args["stop"])
+            jobs.append((self._prompt_ids(prompts[i], f"prompts[{i}]", params["max_new_tokens"]), params))
+        streams = []
+        try:
+            for ids, params in jobs:
+                streams.append(GenerationStream(self, ids, params))
+        except BaseException:
+            for st in streams:
+                st.close()
+            raise
+        it = BatchStream(self, streams)
         if stream:
             return it
         for _ in it:
             pass
-        return it.result
+        return it.results
+
+    def _pump(self):
+        """One engine step; its events go to their streams."""
+        busy = self._engine.step()
+        for e in self._engine.take_events():
+            st = self._streams.get(e["id"])
+            if st is not None:
+                st._on_event(e)
+        return busy
 
     @staticmethod
     def _check_stop(stop):
@@ -317,8 +491,10 @@ class Session:
         """Release the model mapping and buffers (also done when the Session is collected).
 
         Idempotent; any later call on the Session raises ValueError."""
-        self._active = None
-        self._ctx = self._backend = self._model = self._tok = None
+        for st in list(self._streams.values()):
+            st._closed = True
+        self._streams = {}
+        self._engine = self._rt = self._backend = self._model = self._tok = None
 
     def __enter__(self):
         return self
@@ -331,72 +507,121 @@ class GenerationStream:
     """Iterator of generated text pieces; `.result` holds the GenerationResult at the end.
 
     Pieces never end inside an incomplete UTF-8 character or inside a possible stop
-    string, and "".join(pieces) == result.text.
+    string, and "".join(pieces) == result.text. Iterating steps the Session's engine, which
+    also advances the Session's other live streams (they are batched together). A stream
+    dropped before its end is cancelled.
     """
 
-    def __init__(self, session: Session, gen, prompt_ids, stops):
+    def __init__(self, session: Session, prompt_ids, params):
         self._s = session
-        self._gen = gen
         self._prompt = prompt_ids
-        self._stops = stops
+        self._pending = []  # pieces received, not yet handed out
+        self._text = []     # pieces handed out
+        self._ids = []
+        self._final = None  # the request's last event
+        self._closed = False
         self.result = None
-        session._active = self
-        gen.start(prompt_ids)  # prefill happens here, so errors surface at the call
-        self._pieces = self._run()
+        self._id = session._engine.submit(prompt_ids, **params)
+        session._streams[self._id] = self
+
+    def _on_event(self, e):
+        if e["token"] >= 0:
+            self._ids.append(e["token"])
+        if e["text"]:
+            self._pending.append(e["text"])
+        if e["finish"]:
+            self._s._streams.pop(self._id, None)
+            self._final = e
+
+    def _take(self):
+        """The next piece, or None once the generation has ended and every piece was taken."""
+        if self._pending:
+            piece = self._pending.pop(0)
+            self._text.append(piece)
+            return piece
+        if self._final is not None and self.result is None:
+            e = self._final
+            if e["finish"] == "error":
+                raise KVBudgetError(e["error"])
+            self.result = GenerationResult(
+                text="".join(self._text), token_ids=self._ids, finish_reason=e["finish"],
+                prompt_token_ids=list(self._prompt), prefill_seconds=e["prefill_seconds"],
+                decode_seconds=e["decode_seconds"], n_decoded=e["n_decoded"], cached_tokens=e["n_cached"])
+        return None
+
+    def _ended(self):
+        return self._final is not None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        try:
+            while not self._pending and self._final is None:
+                if self._closed or self._s._engine is None:
+                    raise ValueError("this generation was closed (or its Session was); start a new one")
+                self._s._pump()
+        except BaseException:
+            self.close()  # Ctrl-C or an error: this generation ends; the Session stays usable
+            raise
+        piece = self._take()
+        if piece is None:
+            raise StopIteration
+        return piece
 
-    def _find_stop(self, text, start):
-        """Index of the first stop string in text[start:] (start clamped to 0), or -1."""
-        found = [i for i in (text.find(s, max(0, start)) for s in self._stops) if i >= 0]
-        return min(found, default=-1)
+    def _drain(self) -> GenerationResult:
+        for _ in self:
+            pass
+        return self.result
 
-    def _run(self):
-        gen, stops = self._gen, self._stops
-        # The native incremental decoder, after the prompt: the new text then follows the
-        # prompt's (keeping its leading space unless the prompt has no text) and never
-        # ends inside a UTF-8 character. Bytes the prompt leaves unfinished stay its own.
-        dec = _core.StreamDecoder(self._s._tok)
-        for t in self._prompt:
-            dec.push(t)
-        dec.flush()
-        new_ids = []
-        text = ""
-        emitted = 0
-        finish = None
-        holdback = max((len(s) for s in stops), default=1) - 1
-        while True:
-            if self._s._active is not self:
-                raise RuntimeError("this generation was superseded by a newer generate() call on the "
-                                   "same Session; finish iterating a stream before starting another")
-            tok = gen.next()
-            if tok < 0:
-                break
-            new_ids.append(tok)
-            text += dec.push(tok)
-            cut = self._find_stop(text, emitted - holdback)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            safe = len(text) - holdback
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        if finish is None:
-            finish = gen.finish_reason
-            text += dec.flush()
-            cut = self._find_stop(text, emitted - holdback)  # the flushed bytes (U+FFFD) may end one
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        if len(text) > emitted:
-            yield text[emitted:]
-        self.result = GenerationResult(
-            text=text, token_ids=new_ids, finish_reason=finish, prompt_token_ids=list(self._prompt),
-            prefill_seconds=gen.prefill_seconds, decode_seconds=gen.decode_seconds,
-            n_decoded=gen.n_decoded)
-        if self._s._active is self:
-            self._s._active = None
+    def close(self):
+        """Cancel the generation if it is still running (its KV goes back to the pool)."""
+        if self._final is None and not self._closed and self._s._engine is not None:
+            self._closed = True
+            self._s._engine.cancel(self._id)
+            while self._final is None and self._id in self._s._streams:
+                self._s._pump()
+        self._closed = True
+
+    def __del__(self):
+        try:
+            if self._final is None and not self._closed and self._s._engine is not None:
+                self._s._engine.cancel(self._id)  # the next step frees it
+        except Exception:
+            pass
+
+
+class BatchStream:
+    """Iterator of (prompt index, text piece) pairs from `Session.generate_batch(stream=True)`,
+    in the order they are produced; `.results` (one GenerationResult per prompt, in order) is
+    set once it is exhausted."""
+
+    def __init__(self, session: Session, streams):
+        self._s = session
+        self._streams = streams
+        self.results = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Tuple[int, str]:
+        try:
+            while True:
+                for i, st in enumerate(self._streams):
+                    if st._pending:
+                        return i, st._take()
+                if all(st._ended() for st in self._streams):
+                    break
+                self._s._pump()
+        except BaseException:
+            self.close()
+            raise
+        for st in self._streams:
+            st._take()
+        self.results = [st.result for st in self._streams]
+        raise StopIteration
+
+    def close(self):
+        """Cancel every generation of the batch still running."""
+        for st in self._streams:
+            st.close()

@@ -628,35 +628,69 @@ void check_ops(Report& rep, const std::string& name, const KernelTable& v, const
       }
 
   // attention_tile: a tile of n_tok tokens x n_grp query heads sharing one KV head, token t
-  // seeing keys 0..pos0+t; tolerance per query row as for attention. Tiles smaller and
-  // larger than the kernels' query and key blocks, row strides wider than the rows (the
-  // gaps of out must stay untouched), head widths the vector kernels take and ones they
-  // hand to the row-by-row path.
+  // seeing positions 0..pos0+t of a paged KV cache (kernels.h, KvView): blocks in a shuffled
+  // order, one KV head among two per block (stride twice the head's rows), f32 and f16
+  // elements, every unused row filled with garbage that must not be read. Tolerance per
+  // query row as for attention, on the widened keys and values. Tiles smaller and larger
+  // than the kernels' query and key blocks, row strides wider than the rows (the gaps of
+  // out must stay untouched), head widths the vector kernels take and ones they hand to the
+  // row-by-row path.
   if (v.attention_tile && ref.attention_tile)
-    for (int64_t hd : {3, 16, 64, 128})
-      for (int64_t n_grp : {1, 2, 5})
-        for (int64_t n_tok : {1, 3, 17})
-          for (int64_t pos0 : {0, 6, 100}) {
-            const int64_t n_kv = pos0 + n_tok, ldq = n_grp * hd + 5, ldo = n_grp * hd + 3;
-            const float scale = 1.0f / std::sqrt(float(hd));
-            std::vector<float> q(static_cast<size_t>(n_tok * ldq)), k(static_cast<size_t>(n_kv * hd)),
-                vv(static_cast<size_t>(n_kv * hd));
-            for (float& e : q) e = r.uniform(-2.0f, 2.0f);
-            for (float& e : k) e = r.uniform(-1.0f, 1.0f);
-            for (float& e : vv) e = r.uniform(-1.0f, 1.0f);
-            std::vector<float> ov(static_cast<size_t>(n_tok * ldo), kSentinel), orf = ov;
-            v.attention_tile(q.data(), ldq, n_tok, n_grp, pos0, k.data(), vv.data(), hd, scale, ov.data(), ldo);
-            ref.attention_tile(q.data(), ldq, n_tok, n_grp, pos0, k.data(), vv.data(), hd, scale, orf.data(), ldo);
-            std::vector<double> tol(ov.size(), 0.0);  // the gaps: bitwise, the sentinel
-            for (int64_t t = 0; t < n_tok; ++t)
-              for (int64_t g = 0; g < n_grp; ++g) {
-                const double tl = attention_tol(q.data() + t * ldq + g * hd, k.data(), vv.data(), pos0 + t + 1, hd, scale);
-                for (int64_t d = 0; d < hd; ++d) tol[size_t(t * ldo + g * hd + d)] = tl;
+    for (KvType kt : {KvType::f32, KvType::f16})
+      for (int64_t block : {16, 48})
+        for (int64_t hd : {3, 16, 64, 128})
+          for (int64_t n_grp : {1, 2, 5})
+            for (int64_t n_tok : {1, 3, 17})
+              for (int64_t pos0 : {0, 6, 100}) {
+                const int64_t n_kv = pos0 + n_tok, ldq = n_grp * hd + 5, ldo = n_grp * hd + 3;
+                const int64_t nb = (n_kv + block - 1) / block, stride = 2 * block * hd, n_ids = 2 * nb + 1;
+                const float scale = 1.0f / std::sqrt(float(hd));
+                std::vector<int32_t> table(static_cast<size_t>(n_ids));
+                for (int64_t i = 0; i < n_ids; ++i) table[size_t(i)] = int32_t(i);
+                for (int64_t i = n_ids - 1; i > 0; --i) std::swap(table[size_t(i)], table[size_t(r.below(i + 1))]);
+                std::vector<float> kf(static_cast<size_t>(n_ids * stride)), vf(kf.size());
+                std::vector<uint16_t> kh(kf.size()), vh(kf.size());
+                for (size_t i = 0; i < kf.size(); ++i) {
+                  kf[i] = r.uniform(-1.0f, 1.0f);
+                  vf[i] = r.uniform(-1.0f, 1.0f);
+                  kh[i] = f32_to_f16(kf[i]);
+                  vh[i] = f32_to_f16(vf[i]);
+                }
+                // The positions' rows as contiguous f32 (widened for f16), for the tolerance.
+                std::vector<float> k(static_cast<size_t>(n_kv * hd)), vv(k.size());
+                for (int64_t s2 = 0; s2 < n_kv; ++s2)
+                  for (int64_t d = 0; d < hd; ++d) {
+                    const size_t at = size_t(table[size_t(s2 / block)] * stride + block * hd + (s2 % block) * hd + d);
+                    k[size_t(s2 * hd + d)] = kt == KvType::f32 ? kf[at] : f16_to_f32(kh[at]);
+                    vv[size_t(s2 * hd + d)] = kt == KvType::f32 ? vf[at] : f16_to_f32(vh[at]);
+                  }
+                KvView kv;
+                kv.k = kt == KvType::f32 ? static_cast<const void*>(kf.data() + block * hd)
+                                         : static_cast<const void*>(kh.data() + block * hd);
+                kv.v = kt == KvType::f32 ? static_cast<const void*>(vf.data() + block * hd)
+                                         : static_cast<const void*>(vh.data() + block * hd);
+                kv.table = table.data();
+                kv.stride = stride;
+                kv.block = block;
+                kv.type = kt;
+                std::vector<float> q(static_cast<size_t>(n_tok * ldq));
+                for (float& e : q) e = r.uniform(-2.0f, 2.0f);
+                std::vector<float> ov(static_cast<size_t>(n_tok * ldo), kSentinel), orf = ov;
+                v.attention_tile(q.data(), ldq, n_tok, n_grp, pos0, kv, hd, scale, ov.data(), ldo);
+                ref.attention_tile(q.data(), ldq, n_tok, n_grp, pos0, kv, hd, scale, orf.data(), ldo);
+                std::vector<double> tol(ov.size(), 0.0);  // the gaps: bitwise, the sentinel
+                for (int64_t t = 0; t < n_tok; ++t)
+                  for (int64_t g = 0; g < n_grp; ++g) {
+                    const double tl =
+                        attention_tol(q.data() + t * ldq + g * hd, k.data(), vv.data(), pos0 + t + 1, hd, scale);
+                    for (int64_t d = 0; d < hd; ++d) tol[size_t(t * ldo + g * hd + d)] = tl;
+                  }
+                rep.compare(name + " attention_tile",
+                            fmt("%s block=%" PRId64 " hd=%" PRId64 " n_grp=%" PRId64 " n_tok=%" PRId64
+                                " pos0=%" PRId64,
+                                kt == KvType::f32 ? "f32" : "f16", block, hd, n_grp, n_tok, pos0),
+                            ov.data(), orf.data(), tol.data(), int64_t(ov.size()));
               }
-            rep.compare(name + " attention_tile",
-                        fmt("hd=%" PRId64 " n_grp=%" PRId64 " n_tok=%" PRId64 " pos0=%" PRId64, hd, n_grp, n_tok, pos0),
-                        ov.data(), orf.data(), tol.data(), int64_t(ov.size()));
-          }
 
   // swiglu: out = g / (1 + exp(-g)) * up in the same order; only exp may differ: a vector
   // exp within 2 ulp (<= 4u relative) against libm's within 1 ulp (<= 2u), carried through

@@ -1,8 +1,19 @@
 /* openelm_rt: the C API for embedding the OpenELM inference runtime in C, C++ and
  * any language with a C FFI. This header is the whole public surface: a model handle
- * (one .oelm file, loaded once, read-only, shared) and session handles (one sequence
- * each: KV cache, sampler state); plain C types only, no C++ exceptions cross it.
- * Everything else in libopenelm_rt is private and hidden.
+ * (one .oelm file, loaded once, read-only, shared) and session handles (a paged KV cache
+ * holding any number of sequences, a sampler, and a continuous-batching engine); plain C
+ * types only, no C++ exceptions cross it. Everything else in libopenelm_rt is private.
+ *
+ * Three levels of use, from simplest:
+ *  1. oelm_session_generate: one generation at a time on the session's own sequence;
+ *     a follow-up prompt that extends the previous one (a chat's next turn) evaluates only
+ *     its new tokens (prefix reuse).
+ *  2. Sequences (oelm_seq_new / _fork / _truncate / _free) and oelm_session_eval_batch: many
+ *     sequences in one forward pass, logits of any rows; oelm_session_score(_batch) for the
+ *     log-probability of continuations (evaluation).
+ *  3. The engine (oelm_session_submit / _step / _poll / _cancel): continuous batching of
+ *     generation requests, each with its own sampling, stop strings and cancel flag;
+ *     submit, cancel and poll may be called from any thread.
  *
  * Typical use:
  *
@@ -27,10 +38,12 @@
  * Thread safety:
  *  - An oelm_model is immutable after oelm_model_load: any number of threads may use
  *    it at the same time (tokenize, detokenize, create sessions, read its properties).
- *  - An oelm_session may be used by one thread at a time. Use one session per thread
- *    (or serialise access yourself). Sessions of one model run in parallel safely;
- *    each has its own worker threads (oelm_model_options.n_threads), so N concurrent
- *    sessions use N x n_threads threads: size n_threads accordingly.
+ *  - An oelm_session may be used by one thread at a time, except oelm_session_submit,
+ *    oelm_session_cancel and oelm_session_poll, which any thread may call at any time
+ *    (an engine thread started with oelm_session_start steps the session meanwhile; the
+ *    other session calls then wait for the step in progress). Sessions of one model run in
+ *    parallel safely; each has its own worker threads (oelm_model_options.n_threads), so N
+ *    concurrent sessions use N x n_threads threads: size n_threads accordingly.
  *  - oelm_last_error() is per thread.
  *
  * Lifetimes: a session keeps its model's data alive, so oelm_model_free may be called
@@ -40,8 +53,9 @@
  * ABI: the structs begin with `struct_size`; always start from the matching
  * oelm_*_default() / _init() function (which sets it) and then change fields, so
  * that a program built against this header keeps working with a newer library that
- * adds fields. While the version is 0.x, a new minor version may change the ABI
- * (the library's soname is libopenelm_rt.so.MAJOR.MINOR). */
+ * adds fields (a struct from an older header is accepted: its missing fields take their
+ * defaults). While the version is 0.x, a new minor version may change the ABI (the
+ * library's soname is libopenelm_rt.so.MAJOR.MINOR). */
 #ifndef OPENELM_RT_H
 #define OPENELM_RT_H
 
@@ -67,7 +81,7 @@ extern "C" {
 /* ---- versions ------------------------------------------------------------------ */
 
 #define OELM_VERSION_MAJOR 0
-#define OELM_VERSION_MINOR 1
+#define OELM_VERSION_MINOR 2
 #define OELM_VERSION_PATCH 0
 
 /* The library's version, "MAJOR.MINOR.PATCH" (that of the library actually loaded,
@@ -89,7 +103,9 @@ typedef enum oelm_status {
   OELM_OUT_OF_MEMORY = 4,    /* an allocation failed */
   OELM_BUFFER_TOO_SMALL = 5, /* an output buffer is too small; the size needed is returned */
   OELM_INTERRUPTED = 6,      /* the session's abort callback asked to stop */
-  OELM_INTERNAL = 7          /* a bug in openelm_rt; please report it with the message */
+  OELM_INTERNAL = 7,         /* a bug in openelm_rt; please report it with the message */
+  OELM_KV_BUDGET = 8         /* the session's KV cache budget is exhausted (the message says by
+                                what, and what to change); the session stays usable */
 } oelm_status;
 
 /* The message of the last failed call on this thread ("" if the last call succeeded).
@@ -103,15 +119,27 @@ OELM_API const char* oelm_status_name(oelm_status status);
 
 typedef struct oelm_model oelm_model;
 
+typedef enum oelm_kv_type {
+  OELM_KV_F32 = 0, /* exact (default) */
+  OELM_KV_F16 = 1  /* keys and values rounded to binary16: half the KV memory and bandwidth */
+} oelm_kv_type;
+
 typedef struct oelm_model_options {
   size_t struct_size;  /* sizeof(oelm_model_options); set by oelm_model_options_default */
   int32_t n_threads;   /* worker threads per session; 0 = one per hardware thread */
-  int32_t max_context; /* tokens (prompt + generated) a session holds; 0 = the model's
+  int32_t max_context; /* tokens (prompt + generated) one sequence holds; 0 = the model's
                           training context (2048 for the released OpenELM models) */
   int32_t verify;      /* nonzero: check every tensor's CRC-32 at load (reads the file) */
+  /* Since 0.2: */
+  int32_t kv_type;       /* oelm_kv_type */
+  int64_t kv_budget_mib; /* KV cache memory of a session, all its sequences, in MiB; 0 = room
+                            for 4 sequences of max_context. Pages are used as sequences fill */
+  int32_t kv_block_size; /* positions per KV block, a multiple of 16; 0 = the default (16) */
+  int32_t max_batch;     /* engine: sequences generating at once; 0 = 16 */
+  int32_t prefix_cache;  /* finished sequences kept for prefix reuse; 0 = 16, -1 = none */
 } oelm_model_options;
 
-/* n_threads 0, max_context 0, verify 0. */
+/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults). */
 OELM_API oelm_model_options oelm_model_options_default(void);
 
 /* Maps and validates an .oelm file (written by openelm-rt-export). options may be NULL
@@ -184,6 +212,79 @@ OELM_API oelm_status oelm_session_eval(oelm_session* session, const int32_t* tok
  * changes the session. */
 OELM_API const float* oelm_session_logits(const oelm_session* session);
 
+/* ---- sequences and batched evaluation (since 0.2) --------------------------------- */
+
+/* A sequence of a session: its tokens' keys and values in the session's paged KV cache.
+ * Handles are small integers, reused after oelm_seq_free. OELM_SEQ_DEFAULT is the session's
+ * own sequence (the one oelm_session_eval, _logits, _sample and _generate use); it cannot be
+ * freed. */
+typedef int32_t oelm_seq;
+#define OELM_SEQ_DEFAULT 0
+
+/* A new, empty sequence. */
+OELM_API oelm_status oelm_seq_new(oelm_session* session, oelm_seq* out_seq);
+
+/* A new sequence holding the first n_tokens tokens of `parent` (n_tokens -1: all of them),
+ * sharing their KV blocks: no computation, no copy (a shared block is copied only when one
+ * of the two sequences writes into it). The parent never changes. */
+OELM_API oelm_status oelm_seq_fork(oelm_session* session, oelm_seq parent, int32_t n_tokens, oelm_seq* out_seq);
+
+/* Keeps the first n_tokens tokens (0 <= n_tokens <= length): e.g. to drop rejected draft tokens. */
+OELM_API oelm_status oelm_seq_truncate(oelm_session* session, oelm_seq seq, int32_t n_tokens);
+
+/* Frees a sequence and the KV blocks only it held. */
+OELM_API oelm_status oelm_seq_free(oelm_session* session, oelm_seq seq);
+
+/* Tokens a sequence holds, or -1 when seq is not a live sequence of the session. */
+OELM_API int32_t oelm_seq_length(const oelm_session* session, oelm_seq seq);
+
+typedef enum oelm_logits_mode {
+  OELM_LOGITS_NONE = 0, /* no logits for this item */
+  OELM_LOGITS_LAST = 1, /* the logits after its last token */
+  OELM_LOGITS_ALL = 2   /* the logits after each of its tokens */
+} oelm_logits_mode;
+
+typedef struct oelm_batch_item {
+  oelm_seq seq;          /* each sequence at most once per call */
+  const int32_t* tokens; /* appended to the sequence, at its next positions */
+  int32_t n_tokens;      /* >= 1 */
+  int32_t logits;        /* oelm_logits_mode */
+} oelm_batch_item;
+
+/* Evaluates every item's tokens in batched forward passes (the weights are read once per
+ * pass for all of them) and appends them to their sequences. Writes the requested logits to
+ * `logits`, vocab_size floats per row: item by item, in position order; *n_rows receives the
+ * number of rows. A sequence's logits do not depend on the other items, bit for bit. When
+ * logits_capacity (in floats) is too small, returns OELM_BUFFER_TOO_SMALL with the rows
+ * needed in *n_rows and evaluates nothing. All or nothing: on any error every sequence is as
+ * before the call. Does not change oelm_session_logits(). */
+OELM_API oelm_status oelm_session_eval_batch(oelm_session* session, const oelm_batch_item* items, size_t n_items,
+                                             float* logits, size_t logits_capacity, size_t* n_rows);
+
+/* ---- scoring (since 0.2) ----------------------------------------------------------- */
+
+/* log p(continuation[i] | context, continuation[0..i)) for every i (log-softmax accumulated
+ * in double), and whether every continuation token is the argmax (greedy). n_context >= 1
+ * (start with BOS), n_continuation >= 1, n_context + n_continuation - 1 <= max_context.
+ * Evaluation harnesses call this with thousands of pairs: see oelm_session_score_batch. */
+OELM_API oelm_status oelm_session_score(oelm_session* session, const int32_t* context, size_t n_context,
+                                        const int32_t* continuation, size_t n_continuation, double* logprobs,
+                                        int32_t* is_greedy);
+
+typedef struct oelm_score_pair {
+  const int32_t* context;
+  size_t n_context;
+  const int32_t* continuation;
+  size_t n_continuation;
+  double* logprobs;  /* out: n_continuation values */
+  int32_t is_greedy; /* out */
+} oelm_score_pair;
+
+/* oelm_session_score for every pair; pairs that share a prefix (few-shot examples, the
+ * context of several choices) compute it once. Uses sequences of its own; the session's
+ * sequences are untouched. */
+OELM_API oelm_status oelm_session_score_batch(oelm_session* session, oelm_score_pair* pairs, size_t n_pairs);
+
 /* ---- sampling ------------------------------------------------------------------ */
 
 /* Hugging Face `generate` semantics, in its order: repetition penalty (on every
@@ -233,7 +334,10 @@ typedef enum oelm_finish_reason {
   OELM_FINISH_EOS = 1,      /* the model produced EOS (it is passed to the callback) */
   OELM_FINISH_LENGTH = 2,   /* max_new_tokens were generated */
   OELM_FINISH_CONTEXT = 3,  /* the sequence filled max_context */
-  OELM_FINISH_CALLBACK = 4  /* the token callback returned nonzero */
+  OELM_FINISH_CALLBACK = 4, /* the token callback returned nonzero */
+  OELM_FINISH_STOP = 5,     /* engine: a stop string ended the text (it is cut before it) */
+  OELM_FINISH_CANCELLED = 6,/* engine: oelm_session_cancel */
+  OELM_FINISH_ERROR = 7     /* engine: the request failed; the event's error says why */
 } oelm_finish_reason;
 
 typedef struct oelm_generate_result {
@@ -243,27 +347,102 @@ typedef struct oelm_generate_result {
   int32_t n_generated;    /* tokens generated (EOS included), as passed to the callback */
   double prefill_seconds; /* evaluating the prompt */
   double decode_seconds;  /* evaluating generated tokens and sampling */
+  /* Since 0.2: */
+  int32_t n_cached;       /* prompt tokens whose keys and values were reused, not evaluated */
 } oelm_generate_result;
 
 /* An empty result with struct_size set: oelm_generate_result r = oelm_generate_result_init(); */
 OELM_API oelm_generate_result oelm_generate_result_init(void);
 
-/* Generates a continuation of prompt[0..n_prompt) (the whole sequence: the session is
- * reset first; use oelm_tokenize with add_bos for text) with the session's sampling
+/* Generates a continuation of prompt[0..n_prompt) (the whole sequence, not appended to
+ * the session's; use oelm_tokenize with add_bos for text) with the session's sampling
  * parameters and a sampler seeded afresh from their seed, so a repeated call gives
  * the same tokens (as openelm_rt.Session.generate does with the same parameters).
  * Stops at EOS, after max_new_tokens, when the context is full, or when the callback
  * says so. callback and result may be NULL. 1 <= n_prompt < max_context.
- * Afterwards the session holds the prompt and the generated tokens except the last
- * (which was sampled but not evaluated); oelm_session_logits() is NULL. On failure
- * (OELM_INTERRUPTED included) the session is left empty. */
+ * Prefix reuse: the keys and values of earlier generations' sequences are kept (the
+ * session's prefix cache), and only the tokens after the longest prefix the prompt shares
+ * with one of them are evaluated (result->n_cached), so a chat's next turn costs its new
+ * tokens only; the output is the same as without reuse.
+ * Afterwards the session's sequence holds the prompt and the generated tokens except the
+ * last (which was sampled but not evaluated); oelm_session_logits() is NULL. On failure
+ * (OELM_INTERRUPTED included) the session's sequence is left empty. */
 OELM_API oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt,
                                            size_t n_prompt, int32_t max_new_tokens,
                                            oelm_token_callback callback, void* user_data,
                                            oelm_generate_result* result);
 
-/* "none", "eos", "length", "context" or "callback". */
+/* "none", "eos", "length", "context", "callback", "stop", "cancelled" or "error". */
 OELM_API const char* oelm_finish_reason_name(oelm_finish_reason reason);
+
+/* ---- the engine: continuous batching (since 0.2) ---------------------------------- */
+
+/* A generation request's handle, unique within its session. */
+typedef uint64_t oelm_request;
+
+typedef struct oelm_request_params {
+  size_t struct_size;            /* sizeof(oelm_request_params); set by oelm_request_params_default */
+  oelm_sampling_params sampling; /* from oelm_sampling_params_default() */
+  int32_t max_new_tokens;        /* >= 0 */
+  const char* const* stop;       /* n_stop non-empty NUL-terminated UTF-8 stop strings, or NULL */
+  size_t n_stop;
+  int32_t logprobs;              /* < 0: none; k >= 0: each event's token log-probability and
+                                    the k likeliest tokens (oelm_event.top) */
+  int32_t reuse_prefix;          /* nonzero (default): start from the longest cached prefix */
+} oelm_request_params;
+
+/* Greedy sampling, max_new_tokens 128, no stop strings, no logprobs, reuse_prefix 1. */
+OELM_API oelm_request_params oelm_request_params_default(void);
+
+/* Queues a generation request (prompt: token ids, BOS first for text). The strings and the
+ * prompt are copied. Bad parameters are OELM_INVALID_ARGUMENT naming the field. Any thread. */
+OELM_API oelm_status oelm_session_submit(oelm_session* session, const int32_t* prompt, size_t n_prompt,
+                                         const oelm_request_params* params, oelm_request* out_request);
+
+/* Ends a queued or running request: its last event has OELM_FINISH_CANCELLED, and its KV
+ * blocks are freed before the next step (a step in progress is abandoned and redone without
+ * it). Unknown or finished requests are ignored. Any thread. */
+OELM_API oelm_status oelm_session_cancel(oelm_session* session, oelm_request request);
+
+/* Runs one engine step: admits queued requests (up to max_batch running), evaluates one
+ * decode token of every generating request and chunks of prompts within the step's token
+ * budget in one forward pass, samples, and queues events. *busy (may be NULL) is 0 when
+ * there was nothing to do. The abort callback is polled between layers. Not while an engine
+ * thread runs (oelm_session_start). */
+OELM_API oelm_status oelm_session_step(oelm_session* session, int32_t* busy);
+
+/* Steps the session on a thread of its own until oelm_session_stop or oelm_session_free;
+ * requests are then only submitted, cancelled and polled. */
+OELM_API oelm_status oelm_session_start(oelm_session* session);
+OELM_API void oelm_session_stop(oelm_session* session);
+
+typedef struct oelm_token_logprob {
+  int32_t token;
+  float logprob;
+} oelm_token_logprob;
+
+typedef struct oelm_event {
+  oelm_request request;
+  int32_t token;             /* the new token, or -1 (a final event without a new token) */
+  const char* text;          /* UTF-8 text the event adds, text_len bytes (not NUL-terminated):
+                                the pieces of a request join to its whole text, never split a
+                                character, and hold back text a stop string may still begin */
+  size_t text_len;
+  float logprob;             /* of token, when the request asked for logprobs */
+  const oelm_token_logprob* top; /* n_top likeliest tokens, when it asked for them */
+  size_t n_top;
+  oelm_finish_reason finish; /* OELM_FINISH_NONE until the request's last event */
+  const char* error;         /* OELM_FINISH_ERROR: what went wrong (NUL-terminated), else "" */
+  int32_t n_prompt, n_cached, n_generated; /* on the last event */
+  double prefill_seconds, decode_seconds;  /* on the last event */
+} oelm_event;
+
+/* Moves up to `capacity` pending events, oldest first, into events and their count to
+ * *n_events; waits up to timeout_seconds for one when there is none (0: do not wait). The
+ * pointers inside the events stay valid until the next oelm_session_poll on this session:
+ * poll from one thread at a time. Any thread. */
+OELM_API oelm_status oelm_session_poll(oelm_session* session, oelm_event* events, size_t capacity,
+                                       size_t* n_events, double timeout_seconds);
 
 #ifdef __cplusplus
 }

@@ -527,17 +527,22 @@ void attention_neon(const float* q, const float* k, const float* v, int64_t n_kv
 // of kQB, keys in blocks of kKB. Each key row is loaded once for all query rows of the block
 // (scores), then each row's online-softmax state moves to the block's max, and each value
 // row is loaded once for all query rows. Same result as attention_neon row by row up to
-// rounding: the max moves per block instead of per key, and exp is exp_neon.
-void attention_tile_neon(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
-                         const float* v, int64_t hd, float scale, float* out, int64_t ldo) {
+// rounding: the max moves per block instead of per key, and exp is exp_neon. Key blocks
+// start at multiples of kKB from position 0 whatever the tile holds (a row's result does not
+// depend on the other rows), and kKB divides the KV block size, so the kKB keys of a step
+// are contiguous rows of one KV block. E: the cache's element type (float, or uint16_t
+// binary16 widened exactly).
+inline float32x4_t load_kv4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t load_kv4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+template <typename E>
+void attention_tile_neon_typed(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0,
+                               const KvView& kv, int64_t hd, float scale, float* out, int64_t ldo) {
   constexpr int kQB = 4, kKB = 16;
+  static_assert(kKvAlign % kKB == 0, "a key block must not cross a KV block");
   constexpr int64_t kMaxHd = 256;
-  if (hd > kMaxHd || hd % 4) {
-    for (int64_t t = 0; t < n_tok; ++t)
-      for (int64_t g = 0; g < n_grp; ++g)
-        attention_neon(q + t * ldq + g * hd, k, v, pos0 + t + 1, hd, scale, out + t * ldo + g * hd);
-    return;
-  }
+  const E* kbase = static_cast<const E*>(kv.k);
+  const E* vbase = static_cast<const E*>(kv.v);
   const int64_t nv = hd / 4, rows = n_tok * n_grp;
   for (int64_t r0 = 0; r0 < rows; r0 += kQB) {
     const int nr = int(std::min<int64_t>(kQB, rows - r0));
@@ -557,13 +562,14 @@ void attention_tile_neon(const float* q, int64_t ldq, int64_t n_tok, int64_t n_g
     const int64_t n_keys = last[nr - 1] + 1;  // rows are t-major: the last row sees the most
     for (int64_t s0 = 0; s0 < n_keys; s0 += kKB) {
       const int ns = int(std::min<int64_t>(kKB, n_keys - s0));
+      const int64_t off = int64_t(kv.table[s0 / kv.block]) * kv.stride + (s0 % kv.block) * hd;
       float p[kQB][kKB];
       for (int j = 0; j < ns; ++j) {
-        const float* ks = k + (s0 + j) * hd;
+        const E* ks = kbase + off + j * hd;
         float32x4_t dot[kQB];
         for (int i = 0; i < nr; ++i) dot[i] = vdupq_n_f32(0.0f);
         for (int64_t c = 0; c < nv; ++c) {
-          const float32x4_t kc = vld1q_f32(ks + 4 * c);
+          const float32x4_t kc = load_kv4(ks + 4 * c);
           for (int i = 0; i < nr; ++i) dot[i] = vfmaq_f32(dot[i], qv[i][c], kc);
         }
         for (int i = 0; i < nr; ++i) p[i][j] = vaddvq_f32(dot[i]) * scale;
@@ -590,9 +596,9 @@ void attention_tile_neon(const float* q, int64_t ldq, int64_t n_tok, int64_t n_g
         l[i] += vaddvq_f32(sum);
       }
       for (int j = 0; j < ns; ++j) {
-        const float* vs = v + (s0 + j) * hd;
+        const E* vs = vbase + off + j * hd;
         for (int64_t c = 0; c < nv; ++c) {
-          const float32x4_t vc = vld1q_f32(vs + 4 * c);
+          const float32x4_t vc = load_kv4(vs + 4 * c);
           for (int i = 0; i < nr; ++i)
             if (j < valid[i]) acc[i][c] = vfmaq_n_f32(acc[i][c], vc, p[i][j]);
         }
@@ -604,6 +610,16 @@ void attention_tile_neon(const float* q, int64_t ldq, int64_t n_tok, int64_t n_g
       for (int64_t c = 0; c < nv; ++c) vst1q_f32(out + t * ldo + g * hd + 4 * c, vmulq_n_f32(acc[i][c], inv));
     }
   }
+}
+
+void attention_tile_neon(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const KvView& kv,
+                         int64_t hd, float scale, float* out, int64_t ldo) {
+  if (hd > 256 || hd % 4 || kv.block % 16)
+    attention_tile_ref(q, ldq, n_tok, n_grp, pos0, kv, hd, scale, out, ldo);
+  else if (kv.type == KvType::f16)
+    attention_tile_neon_typed<uint16_t>(q, ldq, n_tok, n_grp, pos0, kv, hd, scale, out, ldo);
+  else
+    attention_tile_neon_typed<float>(q, ldq, n_tok, n_grp, pos0, kv, hd, scale, out, ldo);
 }
 
 // out = g / (1 + exp(-g)) * up, in the reference's order; the only difference is exp_neon

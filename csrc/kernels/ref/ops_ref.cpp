@@ -29,15 +29,17 @@ void rope_ref(float* x, int64_t n_heads, int64_t hd, const float* cos, const flo
   }
 }
 
-void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv, int64_t hd,
-                   float scale, float* out) {
-  // Online softmax (flash-attention style): one pass over keys, running max m and
-  // normaliser l, accumulator rescaled when the max grows; no score vector is stored.
+namespace {
+// Online softmax (flash-attention style): one pass over keys, running max m and normaliser
+// l, accumulator rescaled when the max grows; no score vector is stored. key(s) / value(s)
+// give position s's rows as f32.
+template <typename KeyFn, typename ValueFn>
+void attend_row(const float* q, int64_t n_kv, int64_t hd, float scale, float* out, KeyFn key, ValueFn value) {
   thread_local std::vector<float> acc;
   acc.assign(size_t(hd), 0.0f);
   float m = -INFINITY, l = 0.0f;
   for (int64_t s = 0; s < n_kv; ++s) {
-    const float* ks = k + s * hd;
+    const float* ks = key(s);
     float dot = 0.0f;
     for (int64_t d = 0; d < hd; ++d) dot += q[d] * ks[d];
     const float score = dot * scale;
@@ -49,18 +51,37 @@ void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv,
     }
     const float p = std::exp(score - m);
     l += p;
-    const float* vs = v + s * hd;
+    const float* vs = value(s);
     for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] += p * vs[d];
   }
   const float inv = 1.0f / l;
   for (int64_t d = 0; d < hd; ++d) out[d] = acc[size_t(d)] * inv;
 }
 
-void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const float* k,
-                        const float* v, int64_t hd, float scale, float* out, int64_t ldo) {
+// Row s of a paged K or V (kernels.h, KvView) as f32: a pointer into the cache for f32,
+// else widened into buf.
+const float* kv_row(const KvView& kv, const void* base, int64_t s, int64_t hd, float* buf) {
+  const int64_t off = int64_t(kv.table[s / kv.block]) * kv.stride + (s % kv.block) * hd;
+  if (kv.type == KvType::f32) return static_cast<const float*>(base) + off;
+  const uint16_t* h = static_cast<const uint16_t*>(base) + off;
+  for (int64_t d = 0; d < hd; ++d) buf[d] = f16_to_f32(h[d]);
+  return buf;
+}
+}  // namespace
+
+void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv, int64_t hd,
+                   float scale, float* out) {
+  attend_row(q, n_kv, hd, scale, out, [&](int64_t s) { return k + s * hd; }, [&](int64_t s) { return v + s * hd; });
+}
+
+void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_grp, int64_t pos0, const KvView& kv,
+                        int64_t hd, float scale, float* out, int64_t ldo) {
+  std::vector<float> kb(static_cast<size_t>(hd)), vb(static_cast<size_t>(hd));
   for (int64_t t = 0; t < n_tok; ++t)
     for (int64_t g = 0; g < n_grp; ++g)
-      attention_ref(q + t * ldq + g * hd, k, v, pos0 + t + 1, hd, scale, out + t * ldo + g * hd);
+      attend_row(q + t * ldq + g * hd, pos0 + t + 1, hd, scale, out + t * ldo + g * hd,
+                 [&](int64_t s) { return kv_row(kv, kv.k, s, hd, kb.data()); },
+                 [&](int64_t s) { return kv_row(kv, kv.v, s, hd, vb.data()); });
 }
 
 void swiglu_ref(const float* gate, const float* up, int64_t n, float* out) {

@@ -1,0 +1,282 @@
+// The CPU executor (executor.h): the OpenELM forward pass over a batched step, on the kernels
+// and threads of a Backend, with the paged KV cache in host memory (shared OPENELM.md §3):
+//   x = E[ids]; per layer: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x));
+//   logits = RMSNorm(x) @ E^T (tied head), for the requested rows only.
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+
+#include "common/error.h"
+#include "common/half.h"
+#include "model/executor.h"
+
+namespace oelm {
+
+namespace {
+
+constexpr int64_t kAttnTokens = 16;  // tokens per attention work item during prefill
+
+// Anonymous memory mapped without reserving swap: pages are committed when first written, so
+// a large KV budget costs only what the sequences actually fill.
+class HostBuffer {
+ public:
+  explicit HostBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    p_ = static_cast<uint8_t*>(p);
+  }
+  ~HostBuffer() { munmap(p_, bytes_); }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  uint8_t* data() const { return p_; }
+
+ private:
+  size_t bytes_;
+  uint8_t* p_ = nullptr;
+};
+
+class CpuExecutor final : public Executor {
+ public:
+  CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, const KvGeometry& kv,
+              int64_t max_context, int64_t max_step_tokens);
+
+  const char* name() const override { return "cpu"; }
+  void forward(const Step& step, float* logits, const InterruptFn& interrupt) override;
+  void copy_block(int32_t src, int32_t dst, int64_t rows) override;
+  int64_t max_step_tokens() const override { return max_tokens_; }
+  int64_t max_context() const override { return max_ctx_; }
+  const KvGeometry& kv_geometry() const override { return geo_; }
+
+ private:
+  // Layer li's keys (or values) of block id, kv head h: [block_size][hd] elements.
+  uint8_t* kv_at(size_t li, bool value, int64_t id, int64_t h) const {
+    const Layer& L = layers_[li];
+    return (value ? L.v : L.k)->data() + size_t(((id * L.n_head_kv + h) * geo_.block_size) * hd_ * elem_);
+  }
+  void store_kv(size_t li, const StepSeq& s, int64_t pos, const float* k, const float* v);
+
+  struct Layer {
+    int64_t n_head_kv;
+    std::unique_ptr<HostBuffer> k, v;  // [n_blocks][n_head_kv][block_size][hd]
+  };
+  std::shared_ptr<const Model> model_;
+  std::shared_ptr<Backend> backend_;
+  KvGeometry geo_;
+  int64_t max_ctx_, max_tokens_, hd_;
+  size_t elem_;  // bytes per KV element
+  std::vector<Layer> layers_;
+  std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim/2]
+  // Scratch for a step of up to max_tokens_ rows.
+  std::vector<float> x_, h_, qkv_, attn_, ffn_, act_, tmp_;
+  std::vector<int64_t> pos_;  // position of each row
+  std::vector<int32_t> seq_of_;  // step sequence index of each row
+  struct AttnItem {
+    int32_t seq;
+    int32_t t0, nt;  // rows [row0 + t0, row0 + t0 + nt) of that sequence
+  };
+  std::vector<AttnItem> items_;
+};
+
+CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, const KvGeometry& kv,
+                         int64_t max_context, int64_t max_step_tokens)
+    : model_(std::move(model)), backend_(std::move(backend)), geo_(kv), max_ctx_(max_context),
+      max_tokens_(max_step_tokens) {
+  const ModelConfig& c = model_->config();
+  if (max_context < 1 || max_context > (int64_t(1) << 20))
+    throw InvalidArgument("max_context must be in [1, 1048576], got " + std::to_string(max_context));
+  if (max_step_tokens < 1 || max_step_tokens > 65536)
+    throw InvalidArgument("max_step_tokens must be in [1, 65536], got " + std::to_string(max_step_tokens));
+  if (kv.block_size < kKvAlign || kv.block_size % kKvAlign || kv.n_blocks < 1)
+    throw InvalidArgument("KV geometry: block size must be a positive multiple of " + std::to_string(kKvAlign) +
+                          " and there must be at least one block");
+  for (DType t : {c.weights_dtype, c.embedding_dtype})
+    if (!backend_->supports(t))
+      throw InvalidArgument(std::string("backend '") + backend_->name() + "' has no kernels for " + dtype_name(t) +
+                            " weights; use another backend or re-export with another --dtype");
+  hd_ = c.head_dim;
+  elem_ = kv.type == KvType::f16 ? 2 : 4;
+  try {
+    for (int64_t i = 0; i < c.n_layer; ++i) {
+      Layer L;
+      L.n_head_kv = c.n_head_kv[size_t(i)];
+      const size_t bytes = size_t(kv.n_blocks) * size_t(L.n_head_kv * kv.block_size * hd_) * elem_;
+      L.k = std::make_unique<HostBuffer>(bytes);
+      L.v = std::make_unique<HostBuffer>(bytes);
+      layers_.push_back(std::move(L));
+    }
+  } catch (const std::bad_alloc&) {
+    throw InvalidArgument("cannot map " + std::to_string(kv_block_bytes(c, kv.block_size, kv.type) * kv.n_blocks) +
+                          " bytes for the KV cache; use a smaller kv_budget");
+  }
+  // RoPE tables as HF computes them (float32): inv_freq_j = 1 / theta^(2j/hd),
+  // angle = float(p) * inv_freq_j, then cos/sin of that float32 angle.
+  const int64_t half = hd_ / 2;
+  rope_cos_.resize(size_t(max_ctx_ * half));
+  rope_sin_.resize(size_t(max_ctx_ * half));
+  for (int64_t j = 0; j < half; ++j) {
+    const float inv_freq = float(1.0 / std::pow(double(c.rope_theta), double(2 * j) / double(hd_)));
+    for (int64_t p = 0; p < max_ctx_; ++p) {
+      const float angle = float(p) * inv_freq;
+      rope_cos_[size_t(p * half + j)] = float(std::cos(double(angle)));
+      rope_sin_[size_t(p * half + j)] = float(std::sin(double(angle)));
+    }
+  }
+  const int64_t T = max_tokens_;
+  x_.resize(size_t(T * c.d_model));
+  h_.resize(size_t(T * c.d_model));
+  tmp_.resize(size_t(T * c.d_model));
+  qkv_.resize(size_t(T * model_->max_qkv_dim()));
+  attn_.resize(size_t(T * model_->max_q_dim()));
+  ffn_.resize(size_t(T * 2 * model_->max_ffn_dim()));
+  act_.resize(size_t(T * model_->max_ffn_dim()));
+  pos_.resize(size_t(T));
+  seq_of_.resize(size_t(T));
+}
+
+void CpuExecutor::copy_block(int32_t src, int32_t dst, int64_t rows) {
+  if (rows <= 0) return;
+  const size_t bytes = size_t(std::min(rows, geo_.block_size) * hd_) * elem_;
+  for (size_t li = 0; li < layers_.size(); ++li)
+    for (int64_t h = 0; h < layers_[li].n_head_kv; ++h)
+      for (bool value : {false, true}) std::memcpy(kv_at(li, value, dst, h), kv_at(li, value, src, h), bytes);
+}
+
+void CpuExecutor::store_kv(size_t li, const StepSeq& s, int64_t pos, const float* k, const float* v) {
+  const int64_t id = s.blocks[pos / geo_.block_size], row = pos % geo_.block_size;
+  for (int64_t h = 0; h < layers_[li].n_head_kv; ++h) {
+    const size_t off = size_t(row * hd_) * elem_;
+    uint8_t* kd = kv_at(li, false, id, h) + off;
+    uint8_t* vd = kv_at(li, true, id, h) + off;
+    if (geo_.type == KvType::f32) {
+      std::memcpy(kd, k + h * hd_, size_t(hd_) * sizeof(float));
+      std::memcpy(vd, v + h * hd_, size_t(hd_) * sizeof(float));
+    } else {
+      uint16_t* k16 = reinterpret_cast<uint16_t*>(kd);
+      uint16_t* v16 = reinterpret_cast<uint16_t*>(vd);
+      for (int64_t d = 0; d < hd_; ++d) {
+        k16[d] = f32_to_f16(k[h * hd_ + d]);
+        v16[d] = f32_to_f16(v[h * hd_ + d]);
+      }
+    }
+  }
+}
+
+void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& interrupt) {
+  const ModelConfig& c = model_->config();
+  const KernelTable& K = backend_->kernels();
+  ThreadPool& pool = backend_->pool();
+  const int64_t T = st.n_tokens, D = c.d_model, hd = hd_, half = hd / 2;
+  const float eps = c.norm_eps, scale = 1.0f / std::sqrt(float(hd));
+  if (T < 1 || T > max_tokens_)
+    throw InvalidArgument("a step has " + std::to_string(T) + " tokens; it must have 1 to " +
+                          std::to_string(max_tokens_));
+  float *x = x_.data(), *h = h_.data(), *tmp = tmp_.data();
+
+  // Each row's sequence and position; attention work items: (sequence, block of up to
+  // kAttnTokens of its rows), each later split over the layer's kv heads.
+  items_.clear();
+  for (int64_t si = 0; si < st.n_seqs; ++si) {
+    const StepSeq& s = st.seqs[si];
+    if (s.n_past + s.n_new > max_ctx_)
+      throw InvalidArgument("a sequence would hold " + std::to_string(s.n_past + s.n_new) +
+                            " positions, more than max_context " + std::to_string(max_ctx_));
+    for (int64_t i = 0; i < s.n_new; ++i) {
+      pos_[size_t(s.row0 + i)] = s.n_past + i;
+      seq_of_[size_t(s.row0 + i)] = int32_t(si);
+    }
+    for (int64_t t0 = 0; t0 < s.n_new; t0 += kAttnTokens)
+      items_.push_back({int32_t(si), int32_t(t0), int32_t(std::min(kAttnTokens, s.n_new - t0))});
+  }
+
+  // x[T, D] = E[ids]
+  const TensorView& E = model_->token_embd();
+  for (int64_t t = 0; t < T; ++t) K.row_to_f32[int(E.dtype)](E.data, E.rows(), D, st.tokens[t], x + t * D);
+
+  // Small element-wise stages run serially for one token and split over tokens otherwise.
+  auto over_tokens = [&](const std::function<void(int64_t)>& fn) {
+    if (T == 1) fn(0);
+    else pool.parallel_for(T, [&](int64_t b, int64_t e) { for (int64_t t = b; t < e; ++t) fn(t); });
+  };
+
+  for (size_t li = 0; li < model_->layers().size(); ++li) {
+    if (interrupt && interrupt()) throw Interrupted();
+    const LayerWeights& L = model_->layers()[li];
+    const int64_t nq = L.n_head_q, nkv = L.n_head_kv;
+    const int64_t nqkv = (nq + 2 * nkv) * hd, group = nq / nkv;
+
+    // --- attention ---
+    over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.attn_norm, D, eps, h + t * D); });
+    backend_->matmul(h, T, *L.attn_qkv, qkv_.data(), nqkv);  // [T, (nq + 2 nkv) hd]
+    over_tokens([&](int64_t t) {
+      float* q = qkv_.data() + t * nqkv;  // heads: nq queries, then nkv keys, then nkv values
+      float* k = q + nq * hd;
+      const float* v = k + nkv * hd;
+      for (int64_t i = 0; i < nq; ++i) K.rmsnorm(q + i * hd, L.q_norm, hd, eps, q + i * hd);
+      for (int64_t i = 0; i < nkv; ++i) K.rmsnorm(k + i * hd, L.k_norm, hd, eps, k + i * hd);
+      const int64_t pos = pos_[size_t(t)];
+      const float* cs = rope_cos_.data() + pos * half;
+      const float* sn = rope_sin_.data() + pos * half;
+      K.rope(q, nq, hd, cs, sn);
+      K.rope(k, nkv, hd, cs, sn);
+      store_kv(li, st.seqs[seq_of_[size_t(t)]], pos, k, v);
+    });
+    // Flash attention per (sequence, kv head, block of its rows), covering the `group` query
+    // heads that read that kv head, so each key/value is loaded once per tile. Every sequence
+    // reads only its own blocks; items are claimed one at a time (their costs differ).
+    const int64_t n_items = int64_t(items_.size()) * nkv;
+    const int64_t per_thread = (n_items + pool.size() - 1) / pool.size();
+    pool.parallel_for(n_items, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const AttnItem& a = items_[size_t(it / nkv)];
+        const int64_t kvh = it % nkv;
+        const StepSeq& s = st.seqs[a.seq];
+        const int64_t r0 = s.row0 + a.t0;
+        KvView kv;
+        kv.k = kv_at(li, false, 0, kvh);
+        kv.v = kv_at(li, true, 0, kvh);
+        kv.table = s.blocks;
+        kv.stride = nkv * geo_.block_size * hd;
+        kv.block = geo_.block_size;
+        kv.type = geo_.type;
+        K.attention_tile(qkv_.data() + r0 * nqkv + kvh * group * hd, nqkv, a.nt, group, s.n_past + a.t0, kv, hd,
+                         scale, attn_.data() + r0 * nq * hd + kvh * group * hd, nq * hd);
+      }
+    }, 1, int(std::max<int64_t>(1, std::min<int64_t>(per_thread, 1 << 20))));
+    backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D);  // [T, D]
+    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
+
+    // --- feed-forward (SwiGLU) ---
+    over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.ffn_norm, D, eps, h + t * D); });
+    backend_->matmul_swiglu(h, T, *L.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
+    backend_->matmul(act_.data(), T, *L.down, tmp, D);  // [T, D]
+    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
+  }
+
+  const int64_t rows = st.n_logit_rows;
+  if (rows == 0) return;  // a prefill chunk whose logits nobody asked for
+  if (interrupt && interrupt()) throw Interrupted();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t t = st.logit_rows[i];
+    if (t < 0 || t >= T) throw InvalidArgument("logit row " + std::to_string(t) + " is outside the step");
+    K.rmsnorm(x + t * D, model_->output_norm(), D, eps, h + i * D);
+  }
+  backend_->matmul(h, rows, model_->lm_head(), logits, c.vocab_size);  // [rows, V]
+}
+
+}  // namespace
+
+int64_t kv_block_bytes(const ModelConfig& c, int64_t block_size, KvType type) {
+  int64_t heads = 0;
+  for (int64_t n : c.n_head_kv) heads += n;
+  return 2 * heads * block_size * c.head_dim * (type == KvType::f16 ? 2 : 4);
+}
+
+std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend,
+                                            const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens) {
+  return std::make_unique<CpuExecutor>(std::move(model), std::move(backend), kv, max_context, max_step_tokens);
+}
+
+}  // namespace oelm
