@@ -10,8 +10,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstddef>
+#include <cstring>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -629,6 +633,321 @@ TEST(concurrent_sessions) {
         throw check::Failure("thread " + std::to_string(t) + " round " + std::to_string(r) +
                              " gave different tokens or text than the sequential run");
   }
+}
+
+// ---- sequences, batched evaluation, scoring (0.2) ------------------------------------------
+
+std::vector<float> eval_alone(oelm_session* s, const std::vector<int32_t>& ids) {
+  oelm_seq q;
+  CHECK_OK(oelm_seq_new(s, &q));
+  const size_t V = 1024;
+  std::vector<float> out(ids.size() * V);
+  size_t rows = 0;
+  const oelm_batch_item item{q, ids.data(), int32_t(ids.size()), OELM_LOGITS_ALL};
+  CHECK_OK(oelm_session_eval_batch(s, &item, 1, out.data(), out.size(), &rows));
+  CHECK_EQ(rows, ids.size());
+  CHECK_OK(oelm_seq_free(s, q));
+  return out;
+}
+
+std::vector<int32_t> some_ids(size_t n, uint32_t seed) {
+  std::vector<int32_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = int32_t(3 + (seed * 7919u + i * 104729u) % 1000u);
+  v[0] = 1;
+  return v;
+}
+
+TEST(sequences_and_batched_eval) {
+  ModelPtr m = load(2);
+  SessionPtr s = new_session(m.get());
+  const size_t V = 1024;
+  const std::vector<int32_t> a = some_ids(30, 1), b = some_ids(12, 2);
+  const std::vector<float> ra = eval_alone(s.get(), a), rb = eval_alone(s.get(), b);
+  oelm_seq qa, qb;
+  CHECK_OK(oelm_seq_new(s.get(), &qa));
+  CHECK_OK(oelm_seq_new(s.get(), &qb));
+  // a's prefill and b's prefix in one pass: each row equals the sequence alone, bitwise
+  std::vector<float> out(40 * V);
+  size_t rows = 0;
+  oelm_batch_item items[2] = {{qa, a.data(), 20, OELM_LOGITS_ALL}, {qb, b.data(), 5, OELM_LOGITS_LAST}};
+  CHECK_OK(oelm_session_eval_batch(s.get(), items, 2, out.data(), out.size(), &rows));
+  CHECK_EQ(rows, size_t(21));
+  CHECK(std::equal(out.begin(), out.begin() + long(20 * V), ra.begin()));
+  CHECK(std::equal(out.begin() + long(20 * V), out.begin() + long(21 * V), rb.begin() + long(4 * V)));
+  CHECK_EQ(oelm_seq_length(s.get(), qa), 20);
+  // a buffer too small: the rows needed, nothing evaluated
+  items[0] = {qa, a.data() + 20, 10, OELM_LOGITS_ALL};
+  items[1] = {qb, b.data() + 5, 7, OELM_LOGITS_ALL};
+  CHECK_STATUS(oelm_session_eval_batch(s.get(), items, 2, out.data(), 5 * V, &rows), OELM_BUFFER_TOO_SMALL);
+  CHECK_EQ(rows, size_t(17));
+  CHECK_EQ(oelm_seq_length(s.get(), qa), 20);
+  CHECK_OK(oelm_session_eval_batch(s.get(), items, 2, out.data(), out.size(), &rows));
+  CHECK(std::equal(out.begin(), out.begin() + long(10 * V), ra.begin() + long(20 * V)));
+  CHECK(std::equal(out.begin() + long(10 * V), out.begin() + long(17 * V), rb.begin() + long(5 * V)));
+  // fork a at 25 (a partly shared block), go on with b's tokens: as that sequence alone
+  oelm_seq f;
+  CHECK_OK(oelm_seq_fork(s.get(), qa, 25, &f));
+  CHECK_EQ(oelm_seq_length(s.get(), f), 25);
+  std::vector<int32_t> fa(a.begin(), a.begin() + 25);
+  fa.insert(fa.end(), b.begin(), b.end());
+  const std::vector<float> rf = eval_alone(s.get(), fa);
+  const oelm_batch_item fi{f, b.data(), int32_t(b.size()), OELM_LOGITS_ALL};
+  CHECK_OK(oelm_session_eval_batch(s.get(), &fi, 1, out.data(), out.size(), &rows));
+  CHECK(std::equal(out.begin(), out.begin() + long(b.size() * V), rf.begin() + long(25 * V)));
+  // the parent is unchanged: truncate it to 29 and evaluate its last token again
+  CHECK_OK(oelm_seq_truncate(s.get(), qa, 29));
+  const oelm_batch_item li{qa, a.data() + 29, 1, OELM_LOGITS_LAST};
+  CHECK_OK(oelm_session_eval_batch(s.get(), &li, 1, out.data(), out.size(), &rows));
+  CHECK(std::equal(out.begin(), out.begin() + long(V), ra.begin() + long(29 * V)));
+  // errors name the problem and change nothing
+  CHECK_STATUS(oelm_seq_truncate(s.get(), qa, 31), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "truncate a sequence of 30 tokens to 31"));
+  CHECK_STATUS(oelm_seq_free(s.get(), OELM_SEQ_DEFAULT), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "oelm_session_reset"));
+  CHECK_OK(oelm_seq_free(s.get(), f));
+  CHECK_STATUS(oelm_seq_free(s.get(), f), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "not a live sequence"));
+  CHECK_EQ(oelm_seq_length(s.get(), f), -1);
+  oelm_seq g;
+  CHECK_STATUS(oelm_seq_fork(s.get(), 77, 1, &g), OELM_INVALID_ARGUMENT);
+  items[0] = {qa, a.data(), 1, OELM_LOGITS_LAST};
+  items[1] = {qa, a.data(), 1, OELM_LOGITS_LAST};
+  CHECK_STATUS(oelm_session_eval_batch(s.get(), items, 2, out.data(), out.size(), &rows), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "appears twice"));
+}
+
+TEST(kv_budget_is_a_clear_error) {
+  oelm_model_options o = oelm_model_options_default();
+  o.n_threads = 1;
+  o.kv_budget_mib = 1;  // the fixture model: 14 KiB per block of 16 positions, 73 blocks
+  oelm_model* mp = nullptr;
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr m(mp);
+  SessionPtr s = new_session(m.get());
+  std::vector<oelm_seq> q(6);
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<oelm_batch_item> items;
+  for (size_t i = 0; i < q.size(); ++i) {
+    CHECK_OK(oelm_seq_new(s.get(), &q[i]));
+    ids.push_back(some_ids(200, uint32_t(i)));
+  }
+  for (size_t i = 0; i < q.size(); ++i) items.push_back({q[i], ids[i].data(), 200, OELM_LOGITS_NONE});
+  size_t rows = 0;
+  CHECK_STATUS(oelm_session_eval_batch(s.get(), items.data(), items.size(), nullptr, 0, &rows), OELM_KV_BUDGET);
+  CHECK(contains(oelm_last_error(), "budget is exhausted") && contains(oelm_last_error(), "1.0 MiB") &&
+        contains(oelm_last_error(), "kv_budget"));
+  for (oelm_seq x : q) CHECK_EQ(oelm_seq_length(s.get(), x), 0);
+  CHECK_OK(oelm_session_eval_batch(s.get(), items.data(), 3, nullptr, 0, &rows));  // half of it fits
+}
+
+TEST(score_matches_eval) {
+  ModelPtr m = load(2);
+  SessionPtr s = new_session(m.get());
+  const size_t V = 1024;
+  const std::vector<int32_t> ctx = some_ids(20, 3), cont = {17, 400, 5, 999};
+  std::vector<int32_t> all = ctx;
+  all.insert(all.end(), cont.begin(), cont.end());
+  const std::vector<float> logits = eval_alone(s.get(), all);
+  std::vector<double> want;
+  bool greedy = true;
+  for (size_t i = 0; i < cont.size(); ++i) {
+    const float* x = logits.data() + (ctx.size() - 1 + i) * V;
+    const size_t arg = size_t(std::max_element(x, x + V) - x);
+    double mx = x[arg], sum = 0;
+    for (size_t v = 0; v < V; ++v) sum += std::exp(double(x[v]) - mx);
+    want.push_back(double(x[cont[i]]) - mx - std::log(sum));
+    greedy = greedy && int32_t(arg) == cont[i];
+  }
+  std::vector<double> got(cont.size());
+  int32_t is_greedy = -1;
+  CHECK_OK(oelm_session_score(s.get(), ctx.data(), ctx.size(), cont.data(), cont.size(), got.data(), &is_greedy));
+  for (size_t i = 0; i < cont.size(); ++i) CHECK(std::fabs(got[i] - want[i]) <= 1e-9 * std::fabs(want[i]));
+  CHECK_EQ(is_greedy, greedy ? 1 : 0);
+  // many pairs, sharing the context: the same numbers
+  std::vector<std::vector<double>> outs(3, std::vector<double>(cont.size()));
+  std::vector<oelm_score_pair> pairs;
+  for (size_t k = 0; k < 3; ++k)
+    pairs.push_back({ctx.data(), ctx.size(), cont.data(), cont.size() - k, outs[k].data(), -1});
+  CHECK_OK(oelm_session_score_batch(s.get(), pairs.data(), pairs.size()));
+  for (size_t k = 0; k < 3; ++k)
+    for (size_t i = 0; i + k < cont.size(); ++i) CHECK_EQ(outs[k][i], got[i]);
+  CHECK_STATUS(oelm_session_score(s.get(), ctx.data(), 0, cont.data(), cont.size(), got.data(), nullptr),
+               OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "context is empty"));
+}
+
+// ---- the engine (0.2) ------------------------------------------------------------------------
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  std::string text;
+  oelm_finish_reason finish = OELM_FINISH_NONE;
+  int finals = 0;
+};
+
+// Polls until every request in `want` has had its last event.
+void poll_all(oelm_session* s, std::map<oelm_request, Outcome>& out, size_t n_requests, double timeout = 0) {
+  size_t done = 0;
+  for (const auto& kv : out) done += kv.second.finals;
+  oelm_event ev[8];
+  while (done < n_requests) {
+    size_t n = 0;
+    CHECK_OK(oelm_session_poll(s, ev, 8, &n, timeout));
+    if (n == 0 && timeout == 0) {
+      int32_t busy = 0;
+      CHECK_OK(oelm_session_step(s, &busy));
+      continue;
+    }
+    if (n == 0) throw check::Failure("no event within " + std::to_string(timeout) + " s");
+    for (size_t i = 0; i < n; ++i) {
+      Outcome& o = out[ev[i].request];
+      if (ev[i].token >= 0) o.tokens.push_back(ev[i].token);
+      o.text.append(ev[i].text, ev[i].text_len);
+      if (ev[i].finish != OELM_FINISH_NONE) {
+        o.finish = ev[i].finish;
+        ++o.finals;
+        ++done;
+      }
+    }
+  }
+}
+
+TEST(engine_matches_generate) {
+  ModelPtr m = load(2);
+  SessionPtr s = new_session(m.get());
+  const std::vector<GenCase> cases = generate_cases();
+  std::map<oelm_request, Outcome> out;
+  std::vector<oelm_request> ids;
+  for (const GenCase& c : cases) {
+    oelm_request_params p = oelm_request_params_default();
+    p.sampling = c.params;
+    p.max_new_tokens = c.max_new;
+    oelm_request r;
+    CHECK_OK(oelm_session_submit(s.get(), c.prompt.data(), c.prompt.size(), &p, &r));
+    ids.push_back(r);
+  }
+  poll_all(s.get(), out, cases.size());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Outcome& o = out[ids[i]];
+    CHECK(o.tokens == cases[i].tokens);
+    CHECK_EQ(o.finals, 1);
+    CHECK_EQ(o.finish, o.tokens.back() == 2 ? OELM_FINISH_EOS : OELM_FINISH_LENGTH);
+  }
+  // a stop string: the text ends before it
+  const GenCase& c = cases[0];
+  Outcome full = out[ids[0]];
+  CHECK(full.text.size() > 6);
+  const std::string stop = full.text.substr(3, 3);
+  const char* stops[] = {stop.c_str()};
+  oelm_request_params p = oelm_request_params_default();
+  p.sampling = c.params;
+  p.max_new_tokens = c.max_new;
+  p.stop = stops;
+  p.n_stop = 1;
+  oelm_request r;
+  CHECK_OK(oelm_session_submit(s.get(), c.prompt.data(), c.prompt.size(), &p, &r));
+  out.clear();
+  poll_all(s.get(), out, 1);
+  CHECK_EQ(out[r].finish, OELM_FINISH_STOP);
+  CHECK(out[r].text == full.text.substr(0, full.text.find(stop)));
+  // bad requests are refused, naming the field
+  p = oelm_request_params_default();
+  p.sampling.top_p = 2.0f;
+  CHECK_STATUS(oelm_session_submit(s.get(), c.prompt.data(), c.prompt.size(), &p, &r), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "top_p"));
+  p = oelm_request_params_default();
+  const char* empty[] = {""};
+  p.stop = empty;
+  p.n_stop = 1;
+  CHECK_STATUS(oelm_session_submit(s.get(), c.prompt.data(), c.prompt.size(), &p, &r), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "stop string is empty"));
+}
+
+TEST(engine_thread_submitters_and_cancels) {
+  ModelPtr m = load(2);
+  SessionPtr s = new_session(m.get());
+  const std::vector<GenCase> cases = generate_cases();
+  CHECK_OK(oelm_session_start(s.get()));
+  std::mutex mu;
+  std::map<oelm_request, size_t> which;
+  std::vector<std::thread> threads;
+  const size_t n_threads = 4, per = 6;
+  for (size_t t = 0; t < n_threads; ++t)
+    threads.emplace_back([&, t] {
+      for (size_t k = 0; k < per; ++k) {
+        const size_t i = (t + k) % cases.size();
+        oelm_request_params p = oelm_request_params_default();
+        p.sampling = cases[i].params;
+        p.max_new_tokens = cases[i].max_new;
+        oelm_request r;
+        if (oelm_session_submit(s.get(), cases[i].prompt.data(), cases[i].prompt.size(), &p, &r) != OELM_OK) continue;
+        {
+          std::lock_guard<std::mutex> lk(mu);
+          which[r] = i;
+        }
+        if ((t + k) % 3 == 0) oelm_session_cancel(s.get(), r);
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK_EQ(which.size(), n_threads * per);
+  std::map<oelm_request, Outcome> out;
+  poll_all(s.get(), out, which.size(), 5.0);
+  oelm_session_stop(s.get());
+  for (const auto& [r, i] : which) {
+    const Outcome& o = out[r];
+    CHECK_EQ(o.finals, 1);
+    if (o.finish == OELM_FINISH_CANCELLED)
+      CHECK(std::equal(o.tokens.begin(), o.tokens.end(), cases[i].tokens.begin()));
+    else
+      CHECK(o.tokens == cases[i].tokens);
+  }
+  // the session works as before once the thread has stopped
+  CHECK(generate(s.get(), cases[0]) == cases[0].tokens);
+}
+
+TEST(generate_reuses_the_previous_sequence) {
+  ModelPtr m = load(1);
+  SessionPtr s = new_session(m.get());
+  GenCase c = generate_cases()[0];
+  oelm_generate_result r1 = oelm_generate_result_init(), r2 = oelm_generate_result_init();
+  const std::vector<int32_t> first = generate(s.get(), c, &r1);
+  CHECK_EQ(r1.n_cached, 0);
+  // the next turn: the previous prompt and reply, then new tokens
+  GenCase next = c;
+  next.prompt.insert(next.prompt.end(), first.begin(), first.end());
+  for (int32_t t : {2, 30, 40, 50}) next.prompt.push_back(t);
+  const std::vector<int32_t> second = generate(s.get(), next, &r2);
+  CHECK_EQ(r2.n_cached, int32_t(c.prompt.size() + first.size() - 1));
+  SessionPtr fresh = new_session(m.get());
+  CHECK(generate(fresh.get(), next) == second);
+  // a struct from the 0.1 header (no n_cached) is accepted and filled as far as it goes
+  oelm_generate_result old = oelm_generate_result_init();
+  old.struct_size = offsetof(oelm_generate_result, n_cached);
+  old.n_cached = 12345;
+  Collector col;
+  CHECK_OK(oelm_session_generate(s.get(), next.prompt.data(), next.prompt.size(), 2, &Collector::callback, &col, &old));
+  CHECK_EQ(old.n_generated, 2);
+  CHECK_EQ(old.n_cached, 12345);
+}
+
+TEST(options_from_an_older_header) {
+  oelm_model_options o = oelm_model_options_default();
+  o.struct_size = offsetof(oelm_model_options, kv_type);  // what a 0.1 program passes
+  o.max_context = 64;
+  o.kv_type = 99;  // beyond its struct: ignored
+  oelm_model* mp = nullptr;
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr m(mp);
+  SessionPtr s = new_session(m.get());
+  CHECK_EQ(oelm_session_max_context(s.get()), 64);
+  o = oelm_model_options_default();
+  o.kv_type = 7;
+  CHECK_STATUS(oelm_model_load(model_path().c_str(), &o, &mp), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "kv_type"));
+  o = oelm_model_options_default();
+  o.struct_size = 12;
+  CHECK_STATUS(oelm_model_load(model_path().c_str(), &o, &mp), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "oelm_model_options_default"));
 }
 
 // The header compiles as C and a C program gets the same greedy tokens (c_usage.c).
