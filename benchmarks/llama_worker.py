@@ -8,11 +8,14 @@ Requests ("cmd"):
   convert    ckpt, tokenizer, out      HF OpenELM safetensors -> F32 GGUF (our converter)
   quantize   src, dst, ftype, threads  llama.cpp's own quantizer, default parameters
   tensors    path                      {name: [ggml type, bytes]} of a GGUF
-  load       path, n_ctx, n_batch, exact   model + context (replaces the previous one); llama.cpp's
-                                       default context settings, or with exact: F32 KV cache and
-                                       no flash attention (for comparing logits)
+  load       path, n_ctx, n_batch, exact, n_seq   model + context (replaces the previous one);
+                                       llama.cpp's default context settings, or with exact: F32 KV
+                                       cache and no flash attention (for comparing logits); n_seq
+                                       sequences (default 1)
   pp         n, threads, seed          prefill n tokens from an empty cache -> tokens/s
   tg         n, threads, seed          n single-token decodes after a 1-token prompt -> tokens/s
+  tgb        b, prompt, n, threads, seed   b sequences (prompt tokens each, prefilled first), then n
+                                       steps of one batch with a token of each -> aggregate tokens/s
   logits     ids (list of lists), threads, out   all-position logits, float32 (S, T, V)
   dequant    path, names, out_dir      GGUF tensors dequantized to float32 .npy files
   quit
@@ -224,7 +227,7 @@ class Runner:
             L.llama_model_free(self.model)
             self.model = None
 
-    def load(self, path: str, n_ctx: int, n_batch: int, exact: bool) -> dict:
+    def load(self, path: str, n_ctx: int, n_batch: int, exact: bool, n_seq: int = 1) -> dict:
         self.close()
         mp = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(path.encode(), mp)
@@ -234,6 +237,7 @@ class Runner:
         cp.n_ctx = n_ctx
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_threads = cp.n_threads_batch = os.cpu_count() or 1
+        cp.n_seq_max = n_seq
         if exact:  # F16 KV cache and flash attention (on by default) round to F16: ~1e-3 in the logits
             cp.type_k = cp.type_v = int(gguf.GGMLQuantizationType.F32)
             cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -283,6 +287,38 @@ class Runner:
             L.llama_get_logits_ith(self.ctx, -1)  # synchronizes, like reading the logits
         return {"tok_s": n / (time.perf_counter() - t0)}
 
+    def tgb(self, b: int, prompt: int, n: int, threads: int, seed: int) -> dict:
+        """Batched decode as a server does it: b sequences, each prefilled with `prompt` tokens,
+        then n llama_decode calls of b tokens (one per sequence, logits for each)."""
+        rng = np.random.default_rng(seed)
+        self._reset(threads)
+        bt = self.batch
+        for s in range(b):
+            ids = rng.integers(3, 32000, size=prompt).tolist()
+            for k0 in range(0, prompt, self.n_batch):
+                chunk = ids[k0:k0 + self.n_batch]
+                for k, t in enumerate(chunk):
+                    bt.token[k], bt.pos[k], bt.n_seq_id[k] = t, k0 + k, 1
+                    bt.seq_id[k][0] = s
+                    bt.logits[k] = 0
+                bt.n_tokens = len(chunk)
+                if L.llama_decode(self.ctx, bt) != 0:
+                    raise RuntimeError("llama_decode failed during the prompts")
+        L.llama_synchronize(self.ctx)
+        toks = rng.integers(3, 32000, size=(n, b))
+        t0 = time.perf_counter()
+        for i in range(n):
+            for s in range(b):
+                bt.token[s], bt.pos[s], bt.n_seq_id[s] = int(toks[i, s]), prompt + i, 1
+                bt.seq_id[s][0] = s
+                bt.logits[s] = 1
+            bt.n_tokens = b
+            rc = L.llama_decode(self.ctx, bt)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} at batch {b}")
+            L.llama_get_logits_ith(self.ctx, b - 1)  # synchronizes, like reading the logits
+        return {"tok_s": b * n / (time.perf_counter() - t0)}
+
     def logits(self, ids: list, threads: int, out: str) -> dict:
         n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         res = []
@@ -306,9 +342,11 @@ def main() -> int:
         "tensors": lambda r: tensors(r["path"]),
         "dequant": lambda r: dequant(r["path"], r["names"], r["out_dir"]),
         "load": lambda r: runner.load(r["path"], int(r["n_ctx"]), int(r["n_batch"]),
-                                     bool(r.get("exact", False))),
+                                     bool(r.get("exact", False)), int(r.get("n_seq", 1))),
         "pp": lambda r: runner.pp(int(r["n"]), int(r["threads"]), int(r.get("seed", 0))),
         "tg": lambda r: runner.tg(int(r["n"]), int(r["threads"]), int(r.get("seed", 0))),
+        "tgb": lambda r: runner.tgb(int(r["b"]), int(r["prompt"]), int(r["n"]), int(r["threads"]),
+                                    int(r.get("seed", 0))),
         "logits": lambda r: runner.logits(r["ids"], int(r["threads"]), r["out"]),
         "version": lambda r: {"llama_cpp_python": L.__version__,
                               "system_info": L.llama_print_system_info().decode(errors="replace")},
