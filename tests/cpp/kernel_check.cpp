@@ -719,6 +719,31 @@ void check_ops(Report& rep, const std::string& name, const KernelTable& v, const
 
 }  // namespace
 
+// f32_to_f16 (half.h, the KV cache's f16 rows) rounds to nearest, ties to even: every binary16
+// round-trips; the midpoint between two neighbours goes to the even one and the floats just
+// below / above it to the lower / upper; overflow gives infinity; NaN stays NaN.
+void check_f32_to_f16(Report& rep) {
+  int64_t bad = 0;
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const uint16_t x = uint16_t(h);
+    const bool nan = (x & 0x7C00u) == 0x7C00u && (x & 0x3FFu);
+    const uint16_t back = f32_to_f16(f16_to_f32(x));
+    if (nan ? !((back & 0x7C00u) == 0x7C00u && (back & 0x3FFu)) : back != x) ++bad;
+    if ((x & 0x7FFFu) >= 0x7BFFu) continue;  // no finite upper neighbour
+    const float lo = f16_to_f32(x), hi = f16_to_f32(uint16_t(x + 1));  // same sign: |hi| > |lo|
+    const float mid = lo + (hi - lo) / 2;  // exact: halves have 11 significant bits
+    const uint16_t even = (x & 1u) ? uint16_t(x + 1) : x;
+    if (f32_to_f16(mid) != even) ++bad;
+    if (f32_to_f16(std::nextafter(mid, lo)) != x) ++bad;
+    if (f32_to_f16(std::nextafter(mid, hi)) != uint16_t(x + 1)) ++bad;
+  }
+  for (float f : {65520.0f, 1e6f, INFINITY}) {
+    if (f32_to_f16(f) != 0x7C00u || f32_to_f16(-f) != 0xFC00u) ++bad;
+  }
+  if (f32_to_f16(65519.0f) != 0x7BFFu || f32_to_f16(1e-9f) != 0 || f32_to_f16(-1e-9f) != 0x8000u) ++bad;
+  rep.expect("f32_to_f16 round to nearest even", "every binary16, its neighbours' midpoints, overflow", bad == 0);
+}
+
 int main() {
   const std::vector<KernelVariant>& compiled = compiled_kernel_variants();
   std::string names;
@@ -764,6 +789,7 @@ int main() {
     check_quantize_row(rep, name, v, r);
     check_row_to_f32(rep, name, v, ref, r);
   }
+  check_f32_to_f16(rep);
   if (tables.size() == 1 && !(env && *env))
     std::printf("kernel_check: no SIMD variant compiled in that this CPU supports; only the reference's "
                 "block-quantized kernels were checked (against FORMAT.md)\n");
