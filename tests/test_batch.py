@@ -551,3 +551,40 @@ def test_prefix_cache_serves_a_shared_system_prompt(ort, tiny_f32):
         # an identical prompt reuses all but its last token, which must be evaluated again
         r2 = s.generate(system + [9, 10], max_new_tokens=3)
         assert r2.cached_tokens == 71 and r2.token_ids == r.token_ids
+
+
+def test_engine_logprobs_and_prompt_logprobs(session_f32):
+    """The engine's per-token log-probabilities (with the likeliest alternatives) and the prompt's
+    own log-probabilities agree with score() on the same tokens."""
+    s = session_f32
+    prompt = prompt_ids(25, 1024, seed=70)
+    eng = s._engine
+    rid = eng.submit(prompt, max_new_tokens=5, logprobs=3, prompt_logprobs=True)
+    events = []
+    while not eng.idle:
+        eng.step()
+        events += [e for e in eng.take_events() if e["id"] == rid]
+    toks = [e["token"] for e in events if e["token"] >= 0]
+    assert len(toks) == 5
+    plp = events[0]["prompt_logprobs"]
+    want = s.score(prompt[:1], prompt[1:]).logprobs
+    np.testing.assert_allclose(plp, want, rtol=1e-5, atol=1e-6)
+    gen = s.score(prompt, toks).logprobs
+    for e, w in zip([e for e in events if e["token"] >= 0], gen):
+        assert e["logprob"] == pytest.approx(w, rel=1e-5, abs=1e-6)
+        assert len(e["top"]) == 3 and e["top"][0][0] == e["token"]  # greedy: the likeliest
+        assert e["top"][0][1] >= e["top"][1][1] >= e["top"][2][1]
+
+
+def test_cli_kv_options(tiny_f32, tmp_path):
+    import subprocess
+    import sys
+    from conftest import env_with_pythonpath
+    run = lambda *a: subprocess.run([sys.executable, "-m", "openelm_rt", "generate", "--model", str(tiny_f32.oelm),  # noqa: E731
+                                     "--prompt", "Hello", "--max-new-tokens", "4", *a], capture_output=True,
+                                    text=True, env=env_with_pythonpath())
+    ok = run("--kv-budget", "8MiB", "--kv-dtype", "f16")
+    assert ok.returncode == 0, ok.stderr
+    bad = run("--kv-budget", "lots")
+    assert bad.returncode != 0 and "--kv-budget must be a number of bytes or a size" in bad.stderr
+    assert bad.stdout == ""

@@ -270,11 +270,7 @@ void Engine::sample_row(Req& r, const float* x, double step_seconds) {
   Event e;
   e.id = r.id;
   if (r.p.logprobs >= 0) {  // log-softmax of the raw logits, accumulated in float64
-    double m = x[0];
-    for (int64_t v = 1; v < V; ++v) m = std::max(m, double(x[v]));
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(x[v]) - m);
-    const double lse = m + std::log(sum);
+    const double lse = log_sum_exp(x, V, nullptr);
     const int32_t k = std::min<int32_t>(r.p.logprobs, int32_t(V));
     std::vector<int32_t> idx(static_cast<size_t>(V));
     for (int64_t v = 0; v < V; ++v) idx[size_t(v)] = int32_t(v);
@@ -440,12 +436,8 @@ bool Engine::step(const InterruptFn& interrupt) {
       continue;
     }
     // log p(prompt[pos + 1] | prompt[..pos]), float64 accumulation
-    double m = x[0];
-    for (int64_t v = 1; v < V; ++v) m = std::max(m, double(x[v]));
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(x[v]) - m);
     if (r.prompt_lp.empty()) r.prompt_lp.assign(size_t(r.n_prompt - 1), 0.0f);
-    r.prompt_lp[size_t(uses[u].pos)] = float(double(x[r.tokens[size_t(uses[u].pos + 1)]]) - m - std::log(sum));
+    r.prompt_lp[size_t(uses[u].pos)] = float(double(x[r.tokens[size_t(uses[u].pos + 1)]]) - log_sum_exp(x, V, nullptr));
   }
   // Sequences that finished leave.
   for (auto it = running_.begin(); it != running_.end();) {

@@ -28,6 +28,17 @@ void check_tokens(const int32_t* ids, int64_t n, int64_t vocab, const char* what
 
 }  // namespace
 
+double log_sum_exp(const float* x, int64_t n, int64_t* argmax) {
+  int64_t arg = 0;
+  for (int64_t v = 1; v < n; ++v)
+    if (x[v] > x[arg]) arg = v;
+  const double m = x[arg];
+  double sum = 0;
+  for (int64_t v = 0; v < n; ++v) sum += std::exp(double(x[v]) - m);
+  if (argmax) *argmax = arg;
+  return m + std::log(sum);
+}
+
 int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type) {
   const int64_t blocks = (max_context + kDefaultKvBlock - 1) / kDefaultKvBlock;
   return kDefaultBudgetSequences * blocks * kv_block_bytes(c, kDefaultKvBlock, type);
@@ -412,12 +423,7 @@ std::vector<ScoreResult> Runtime::score_batch(
           const auto& [r, j] = row_req[size_t(i)];
           const int32_t target = pairs[r].second[size_t(j)];
           int64_t arg = 0;
-          for (int64_t v = 1; v < V; ++v)
-            if (x[v] > x[arg]) arg = v;
-          const double m = x[arg];
-          double sum = 0;
-          for (int64_t v = 0; v < V; ++v) sum += std::exp(double(x[v]) - m);
-          lp[size_t(i)] = double(x[target]) - m - std::log(sum);
+          lp[size_t(i)] = double(x[target]) - log_sum_exp(x, V, &arg);
           greedy[size_t(i)] = arg == target;
         }
       });

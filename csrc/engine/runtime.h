@@ -139,6 +139,11 @@ class Runtime {
   int64_t tokens_forwarded_ = 0, steps_ = 0;
 };
 
+// log(sum_v exp(x[v])) over a row of logits, accumulated in float64, and the argmax (lowest
+// index on ties) in *argmax: log-softmax(x)[t] = x[t] - log_sum_exp(x). Scoring and the
+// engine's logprobs use it.
+double log_sum_exp(const float* x, int64_t n, int64_t* argmax);
+
 // The default KV budget for a model: kDefaultBudgetSequences sequences of max_context.
 int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type);
 

@@ -147,7 +147,13 @@ def cmd_generate(args) -> int:
     if not os.path.exists(args.model):
         raise UsageError(f"model file {args.model!r} does not exist; create one with "
                          f"`openelm-rt-export CHECKPOINT_DIR -o {args.model}`")
-    with Session(args.model, threads=args.threads, max_context=args.max_context, backend=args.backend) as s:
+    from .session import parse_size
+    try:
+        parse_size("--kv-budget", args.kv_budget)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with Session(args.model, threads=args.threads, max_context=args.max_context, backend=args.backend,
+                 kv_budget=args.kv_budget, kv_dtype=args.kv_dtype) as s:
         if args.chat:
             return _run_chat(s, args, max_new, kw)
         if args.max_length is not None:
@@ -245,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     g.add_argument("--max-context", type=int, default=None, help="context size (default: the model's)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--kv-budget", default=None, metavar="SIZE",
+                   help="KV cache memory, e.g. 512MiB or 2GiB (default: room for 4 sequences of the context)")
+    g.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
+                   help="KV cache element type: f32 (exact, default) or f16 (half the memory)")
     g.add_argument("--backend", choices=("cpu", "ref"), default="cpu", help=argparse.SUPPRESS)
     g.add_argument("--stream", dest="no_stream", action="store_false",
                    help="print text as it is generated (the default)")

@@ -293,6 +293,9 @@ class Session:
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
                 raise ValueError(f"{name} must be a 1-D array of integers, got {ids.dtype} shape {ids.shape}")
             ids = ids.tolist()
+        if isinstance(ids, (list, tuple)) and ids and set(map(type, ids)) == {int} \
+                and min(ids) >= 0 and max(ids) < self.vocab_size:
+            return list(ids)  # the common case, checked without a Python loop (score_batch's thousands)
         out = []
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, numbers.Integral):
