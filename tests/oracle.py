@@ -13,6 +13,12 @@ import numpy as np
 NORM_EPS = 1e-6  # every RMSNorm in modeling_openelm.py (OPENELM.md 3.4)
 
 
+def norm_eps(cfg: dict) -> float:
+    """OpenELM's 1e-6, unless config.json carries rms_norm_eps (not an OpenELM field; the
+    exporter's override for converted models such as the SmolLM2 stand-in)."""
+    return float(cfg.get("rms_norm_eps", NORM_EPS))
+
+
 # ----------------------------------------------------------------------------- primitives
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
@@ -87,8 +93,8 @@ def attention(h: np.ndarray, weights: dict, cfg: dict, i: int) -> np.ndarray:
     qkv = qkv.reshape(T, nq + 2 * nkv, hd).transpose(1, 0, 2)                # (heads, T, hd)
     q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
     if cfg.get("normalize_qk_projections", True):
-        q = rms_norm(q, weights[p + "q_norm.weight"])
-        k = rms_norm(k, weights[p + "k_norm.weight"])
+        q = rms_norm(q, weights[p + "q_norm.weight"], norm_eps(cfg))
+        k = rms_norm(k, weights[p + "k_norm.weight"], norm_eps(cfg))
     pos = np.arange(T)
     theta = float(cfg["rope_freq_constant"])
     q, k = rope(q, pos, theta), rope(k, pos, theta)
@@ -110,11 +116,12 @@ def hidden_states(weights: dict, cfg: dict, ids) -> np.ndarray:
     """Final normalised hidden states (T, D)."""
     E = np.asarray(weights["transformer.token_embeddings.weight"], np.float64)
     x = E[np.asarray(ids, dtype=np.int64)]                                   # (T, D)
+    eps = norm_eps(cfg)
     for i in range(int(cfg["num_transformer_layers"])):
         p = f"transformer.layers.{i}."
-        x = x + attention(rms_norm(x, weights[p + "attn_norm.weight"]), weights, cfg, i)
-        x = x + ffn(rms_norm(x, weights[p + "ffn_norm.weight"]), weights, cfg, i)
-    return rms_norm(x, weights["transformer.norm.weight"])
+        x = x + attention(rms_norm(x, weights[p + "attn_norm.weight"], eps), weights, cfg, i)
+        x = x + ffn(rms_norm(x, weights[p + "ffn_norm.weight"], eps), weights, cfg, i)
+    return rms_norm(x, weights["transformer.norm.weight"], eps)
 
 
 def head_matrix(weights: dict, cfg: dict) -> np.ndarray:

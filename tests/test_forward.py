@@ -272,3 +272,43 @@ def test_batched_and_single_token_paths_bitwise_equal(ort, tiny_f32, tiny_f32_ex
     ctx = ort._core.Context(s._model, 16)
     single = np.concatenate([ctx.eval([t], False) for t in ids])
     assert np.array_equal(batched, single), np.abs(batched - single).max()
+
+
+# ----------------------------------------------------------------------------- qk norm off, no tokenizer
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_qk_norm_matches_oracle(ort, tiny_noqk, oracle_logits_cache, backend):
+    """normalize_qk_projections=false (no q_norm/k_norm tensors, no per-head norm) with the
+    checkpoint's own RMSNorm eps (rms_norm_eps 1e-5), against the oracle; the same runtime with
+    the norms and eps of the released models would be far off, so both settings are exercised."""
+    m = tiny_noqk
+    with ort.Session(str(m.oelm), backend=backend) as s:
+        assert s.config["qk_norm"] is False and s.config["norm_eps"] == pytest.approx(1e-5)
+        for n in PROMPT_LENGTHS:
+            ids = prompt_ids(n, m.cfg["vocab_size"])
+            ref = _oracle(oracle_logits_cache, ("noqk", n), m.weights, m.cfg, ids)
+            _check_against_oracle(s.logits(ids), ref, f"noqk n={n} {backend}")
+    # The oracle really depends on both settings (so the agreement above means something).
+    ids = prompt_ids(33, m.cfg["vocab_size"])
+    ref = _oracle(oracle_logits_cache, ("noqk", 33), m.weights, m.cfg, ids)
+    assert _rel_err(oracle.forward(m.weights, {**m.cfg, "rms_norm_eps": 1e-6}, ids), ref) > 10 * REL_TOL
+
+
+def test_no_tokenizer_file_takes_ids_and_refuses_text(ort, tiny_noqk):
+    m = tiny_noqk
+    with ort.Session(str(m.oelm)) as s:
+        assert not s.has_tokenizer
+        for call in (lambda: s.tokenize("hello"), lambda: s.detokenize([5]),
+                     lambda: s.generate("hello", max_new_tokens=2),
+                     lambda: s.generate([1, 5], max_new_tokens=2, stream=True),
+                     lambda: s.generate([1, 5], max_new_tokens=2, stop="x"),
+                     lambda: s.chat([{"role": "user", "content": "hi"}])):
+            with pytest.raises(ValueError, match="has no tokenizer.*exported with --no-tokenizer"):
+                call()
+        ids = prompt_ids(7, m.cfg["vocab_size"])
+        r = s.generate(ids, max_new_tokens=5)
+        assert r.text is None and len(r.token_ids) == 5
+        want = oracle.greedy(m.weights, m.cfg, ids, 5, eos_id=m.cfg["eos_token_id"])
+        assert r.token_ids == want
+    meta = ort._core.Model(str(m.oelm), False).metadata
+    assert meta["tokenizer"] is None and "tokenizer.model" not in [t["name"] for t in meta["tensors"]]

@@ -203,6 +203,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("file_size", [](const Model& mdl) { return mdl.file().file_size(); })
       .def("tokenizer_blob", [](const Model& mdl) { auto b = mdl.tokenizer_blob(); return py::bytes(b.data(), b.size()); })
       .def_property_readonly("tokenizer", &Model::tokenizer, py::return_value_policy::reference_internal)
+      .def_property_readonly("has_tokenizer", &Model::has_tokenizer)
       .def("tensor_names", [](const Model& mdl) {
         std::vector<std::string> n;
         for (const auto& t : mdl.file().tensors()) n.push_back(t.name);

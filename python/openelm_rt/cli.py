@@ -194,7 +194,9 @@ def cmd_info(args) -> int:
     print(f"kv heads:      {c['n_head_kv']}")
     print(f"ffn widths:    {c['ffn_dim']}")
     print(f"rope theta:    {c['rope_theta']}   norm eps {c['norm_eps']}   max_context {c['max_context']}")
-    print(f"tokens:        bos {c['bos_token_id']}   eos {c['eos_token_id']}   tied head {c['tied_embeddings']}")
+    print(f"tokens:        bos {c['bos_token_id']}   eos {c['eos_token_id']}   tied head {c['tied_embeddings']}"
+          f"   q/k norm {c.get('qk_norm', True)}")
+    print(f"tokenizer:     {'sentencepiece' if m.has_tokenizer else 'none (token ids only)'}")
     if args.verify:
         print("checksums:     all tensors verified")
     return 0

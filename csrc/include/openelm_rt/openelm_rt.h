@@ -156,6 +156,10 @@ OELM_API int32_t oelm_model_bos_token(const oelm_model* model);
 OELM_API int32_t oelm_model_eos_token(const oelm_model* model);
 /* The context length the checkpoint was trained with. */
 OELM_API int32_t oelm_model_train_context(const oelm_model* model);
+/* 1 if the file holds a tokenizer, 0 if it holds token ids only (exported with
+ * --no-tokenizer: then oelm_tokenize / oelm_detokenize return OELM_INVALID_ARGUMENT
+ * saying so, and oelm_session_generate passes pieces of length 0 to its callback). */
+OELM_API int oelm_model_has_tokenizer(const oelm_model* model);
 
 /* ---- text ---------------------------------------------------------------------- */
 
@@ -364,6 +368,7 @@ OELM_API oelm_generate_result oelm_generate_result_init(void);
  * session's prefix cache), and only the tokens after the longest prefix the prompt shares
  * with one of them are evaluated (result->n_cached), so a chat's next turn costs its new
  * tokens only; the output is the same as without reuse.
+ * A model without a tokenizer (oelm_model_has_tokenizer) passes piece NULL, len 0.
  * Afterwards the session's sequence holds the prompt and the generated tokens except the
  * last (which was sampled but not evaluated); oelm_session_logits() is NULL. On failure
  * (OELM_INTERRUPTED included) the session's sequence is left empty. */
