@@ -18,6 +18,7 @@ Requests ("cmd"):
                                        steps of one batch with a token of each -> aggregate tokens/s
   logits     ids (list of lists), threads, out   all-position logits, float32 (S, T, V)
   dequant    path, names, out_dir      GGUF tensors dequantized to float32 .npy files
+  tokenize   path, text                token ids of text with the GGUF's vocabulary (no BOS added)
   quit
 
 It imports nothing from openelm_rt (different interpreter, different NumPy), so the
@@ -203,6 +204,24 @@ def dequant(path: str, names: list, out_dir: str) -> dict:
     return {"files": files}
 
 
+def tokenize(path: str, text: str) -> dict:
+    mp = L.llama_model_default_params()
+    mp.vocab_only = True
+    model = L.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load the vocabulary of {path}")
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        raw = text.encode()
+        buf = (L.llama_token * (len(raw) + 8))()
+        n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), False, False)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize returned {n}")
+        return {"ids": list(buf[:n])}
+    finally:
+        L.llama_model_free(model)
+
+
 # ----------------------------------------------------------------------------- running
 
 _LOG_CB = L.llama_log_callback(lambda level, text, user: None)  # kept alive: llama.cpp holds it
@@ -341,6 +360,7 @@ def main() -> int:
         "quantize": lambda r: quantize(r["src"], r["dst"], r["ftype"], int(r.get("threads", 0))),
         "tensors": lambda r: tensors(r["path"]),
         "dequant": lambda r: dequant(r["path"], r["names"], r["out_dir"]),
+        "tokenize": lambda r: tokenize(r["path"], r["text"]),
         "load": lambda r: runner.load(r["path"], int(r["n_ctx"]), int(r["n_batch"]),
                                      bool(r.get("exact", False)), int(r.get("n_seq", 1))),
         "pp": lambda r: runner.pp(int(r["n"]), int(r["threads"]), int(r.get("seed", 0))),
