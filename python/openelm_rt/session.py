@@ -152,10 +152,14 @@ class Session:
         prefix_cache: finished sequences kept so that a prompt extending one of them (a
             chat's next turn, a shared system prompt) evaluates only its new tokens; 0: off.
         kv_block_size: positions per KV block (a multiple of 16); default 16.
+        exact: bf16 weights only. False (default): where the CPU has AVX-512 BF16 dot products,
+            the activations entering bf16 matmuls are rounded to bf16 (twice the arithmetic
+            rate; README gives the measured cost in KL); True: exact f32 activations (f32 FMAs).
+            "ref" is always exact.
     """
 
     def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu", kv_budget=None,
-                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None):
+                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=False):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -174,7 +178,7 @@ class Session:
         prefix_cache = _check_int("prefix_cache", prefix_cache, lo=0)
         block = 0 if kv_block_size is None else _check_int("kv_block_size", kv_block_size, lo=16)
         self._model = _core.Model(path, bool(verify))
-        self._backend = _core.Backend(backend, threads)
+        self._backend = _core.Backend(backend, threads, "", bool(exact))
         cfg = self._model.config
         self.config = dict(cfg)
         if max_context is None:
