@@ -295,7 +295,9 @@ oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session
     ro.kv_budget_bytes = o.kv_budget_mib * (int64_t(1) << 20);
     ro.block_size = o.kv_block_size;
     ro.prefix_cache_entries = o.prefix_cache == 0 ? 16 : o.prefix_cache < 0 ? 0 : o.prefix_cache;
-    s->rt = std::make_shared<oelm::Runtime>(s->model, oelm::Backend::create("cpu", o.n_threads), ro);
+    std::shared_ptr<oelm::Backend> backend = oelm::Backend::create("cpu", o.n_threads);
+    backend->set_exact(o.exact != 0);
+    s->rt = std::make_shared<oelm::Runtime>(s->model, std::move(backend), ro);
     oelm::EngineOptions eo;
     eo.max_batch = o.max_batch > 0 ? std::min<int32_t>(o.max_batch, int32_t(s->rt->max_step_tokens())) : 16;
     s->engine = std::make_unique<oelm::Engine>(s->rt, eo);

@@ -137,9 +137,14 @@ typedef struct oelm_model_options {
   int32_t kv_block_size; /* positions per KV block, a multiple of 16; 0 = the default (16) */
   int32_t max_batch;     /* engine: sequences generating at once; 0 = 16 */
   int32_t prefix_cache;  /* finished sequences kept for prefix reuse; 0 = 16, -1 = none */
+  /* Added after 0.2.0, in what was the struct's tail padding (the size is unchanged, and a
+   * program that started from oelm_model_options_default() has it 0): */
+  int32_t exact;         /* bf16 weights: 0 = activations rounded to bf16 for the CPU's bf16 dot
+                            products where it has them (AVX-512 BF16; faster), nonzero = exact
+                            f32 activations (as openelm_rt.Session's `exact`) */
 } oelm_model_options;
 
-/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults). */
+/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0). */
 OELM_API oelm_model_options oelm_model_options_default(void);
 
 /* Maps and validates an .oelm file (written by openelm-rt-export). options may be NULL
