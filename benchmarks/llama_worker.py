@@ -164,7 +164,8 @@ def convert(ckpt: str, tokenizer: str, out: str) -> dict:
 
 _FTYPES = {"F32": L.LLAMA_FTYPE_ALL_F32, "F16": L.LLAMA_FTYPE_MOSTLY_F16,
            "BF16": L.LLAMA_FTYPE_MOSTLY_BF16, "Q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0,
-           "Q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}
+           "Q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0, "Q6_K": L.LLAMA_FTYPE_MOSTLY_Q6_K,
+           "Q5_K_M": L.LLAMA_FTYPE_MOSTLY_Q5_K_M, "Q4_K_M": L.LLAMA_FTYPE_MOSTLY_Q4_K_M}
 
 
 def quantize(src: str, dst: str, ftype: str, threads: int) -> dict:
@@ -287,8 +288,12 @@ class Runner:
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
         L.llama_set_n_threads(self.ctx, threads, threads)
 
+    def _random_ids(self, n: int, seed: int) -> list:
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        return np.random.default_rng(seed).integers(3, n_vocab, size=n).tolist()
+
     def pp(self, n: int, threads: int, seed: int) -> dict:
-        ids = np.random.default_rng(seed).integers(3, 32000, size=n).tolist()
+        ids = self._random_ids(n, seed)
         self._reset(threads)
         t0 = time.perf_counter()
         self._decode(ids, 0, False)
@@ -296,7 +301,7 @@ class Runner:
         return {"tok_s": n / (time.perf_counter() - t0)}
 
     def tg(self, n: int, threads: int, seed: int) -> dict:
-        ids = np.random.default_rng(seed).integers(3, 32000, size=n + 1).tolist()
+        ids = self._random_ids(n + 1, seed)
         self._reset(threads)
         self._decode(ids[:1], 0, False)
         L.llama_synchronize(self.ctx)

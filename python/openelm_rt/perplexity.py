@@ -72,6 +72,41 @@ def windows(ids: Sequence[int], ctx: int, bos: Optional[int]) -> list:
     return out
 
 
+def score_windows(logits, base_logits, wins, ctx: int, show: bool = False) -> PerplexityResult:
+    """The statistics of the module docstring over windows `wins` (lists of ids); logits(ids) and
+    base_logits(ids) (or None) return the (len(ids), V) logits of a window. Shared with the
+    benchmarks, which pass llama.cpp's logits through it."""
+    nll, nll_base, kls, same = [], [], [], 0
+    t0 = time.monotonic()
+    done = 0
+    for i, w in enumerate(wins):
+        target = np.asarray(w[1:])
+        lp = log_softmax(logits(w))[:-1]                  # predictions of w[1:]
+        nll.append(-lp[np.arange(len(target)), target])
+        if base_logits is not None:
+            lb = log_softmax(base_logits(w))[:-1]
+            nll_base.append(-lb[np.arange(len(target)), target])
+            kls.append((np.exp(lb) * (lb - lp)).sum(-1))
+            same += int((lb.argmax(-1) == lp.argmax(-1)).sum())
+        done += len(target)
+        if show:
+            ppl = math.exp(float(np.concatenate(nll).mean()))
+            rate = done / max(time.monotonic() - t0, 1e-9)
+            end = "\n" if i + 1 == len(wins) or not sys.stderr.isatty() else ""
+            print(f"\rperplexity: window {i + 1}/{len(wins)}, {done} tokens, ppl {ppl:.4f}, "
+                  f"{rate:.0f} tokens/s", end=end, file=sys.stderr, flush=True)
+    nll = np.concatenate(nll)
+    r = PerplexityResult(ppl=math.exp(float(nll.mean())), nll=float(nll.mean()), n_tokens=int(nll.size),
+                         n_windows=len(wins), ctx=ctx)
+    if base_logits is not None:
+        kl, nb = np.concatenate(kls), np.concatenate(nll_base)
+        r.base_ppl = math.exp(float(nb.mean()))
+        r.delta_ppl = r.ppl - r.base_ppl
+        r.kl_mean, r.kl_p99, r.kl_max = float(kl.mean()), float(np.percentile(kl, 99)), float(kl.max())
+        r.top1 = same / nll.size
+    return r
+
+
 def _session(model, threads):
     from .session import Session
 
@@ -125,35 +160,7 @@ def perplexity(model, text: Optional[str] = None, ids: Optional[Sequence[int]] =
         if not wins:
             raise ValueError(f"the input has {len(ids)} token(s): too few to predict any")
         show = sys.stderr.isatty() if progress is None else bool(progress)
-        nll, nll_base, kls, same = [], [], [], 0
-        t0 = time.monotonic()
-        done = 0
-        for i, w in enumerate(wins):
-            target = np.asarray(w[1:])
-            lp = log_softmax(sess.logits(w))[:-1]                  # predictions of w[1:]
-            nll.append(-lp[np.arange(len(target)), target])
-            if base is not None:
-                lb = log_softmax(base.logits(w))[:-1]
-                nll_base.append(-lb[np.arange(len(target)), target])
-                kls.append((np.exp(lb) * (lb - lp)).sum(-1))
-                same += int((lb.argmax(-1) == lp.argmax(-1)).sum())
-            done += len(target)
-            if show:
-                ppl = math.exp(float(np.concatenate(nll).mean()))
-                rate = done / max(time.monotonic() - t0, 1e-9)
-                end = "\n" if i + 1 == len(wins) or not sys.stderr.isatty() else ""
-                print(f"\rperplexity: window {i + 1}/{len(wins)}, {done} tokens, ppl {ppl:.4f}, "
-                      f"{rate:.0f} tokens/s", end=end, file=sys.stderr, flush=True)
-        nll = np.concatenate(nll)
-        r = PerplexityResult(ppl=math.exp(float(nll.mean())), nll=float(nll.mean()), n_tokens=int(nll.size),
-                             n_windows=len(wins), ctx=ctx)
-        if base is not None:
-            kl, nb = np.concatenate(kls), np.concatenate(nll_base)
-            r.base_ppl = math.exp(float(nb.mean()))
-            r.delta_ppl = r.ppl - r.base_ppl
-            r.kl_mean, r.kl_p99, r.kl_max = float(kl.mean()), float(np.percentile(kl, 99)), float(kl.max())
-            r.top1 = same / nll.size
-        return r
+        return score_windows(sess.logits, base.logits if base is not None else None, wins, ctx, show)
     finally:
         if own:
             sess.close()
