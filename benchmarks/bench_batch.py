@@ -24,7 +24,11 @@ bench_llama.py):
    --turn2 new tokens: the time to the next turn's first token with the prefix cache (only the
    new tokens are evaluated) and without it (the whole conversation again), and the tokens each
    evaluated.
-3. --kv-layout: decode at batch 8 with a --kv-context-token context for each KV block size in
+3. --score: score_batch on card-shaped synthetic requests (an MMLU 5-shot subject: a shared
+   few-shot prefix, questions, four one-token choices; HellaSwag 10-shot: a shared prefix,
+   contexts, four ~20-token endings): pairs/s and tokens forwarded against the pairs' total
+   length (what a per-pair forward pass computes).
+4. --kv-layout: decode at batch 8 with a --kv-context-token context for each KV block size in
    --block-sizes and for f16 keys/values, and the f16 cache's largest logit error against f32.
 
 llama-cpp-python runs in its own venv (see bench_llama.py); --no-llama skips it.
@@ -102,6 +106,40 @@ def second_turn(path, threads, turn1, turn2, rng, vocab):
                                                      "evaluated": s.stats["tokens_forwarded"] - before,
                                                      "cached": r2.cached_tokens, "prompt": len(p2)}
     return out
+
+
+def score_tasks(rng, vocab):
+    """{name: pairs}: an MMLU-like 5-shot subject and a HellaSwag-like 10-shot task."""
+    ids = lambda n: rng.integers(3, vocab, size=n).tolist()  # noqa: E731
+    mmlu_prefix = [1] + ids(600)
+    mmlu = [(mmlu_prefix + q, [c]) for q in (ids(60) for _ in range(25)) for c in ids(4)]
+    hs_prefix = [1] + ids(800)
+    hs = [(hs_prefix + c, ids(20)) for c in (ids(40) for _ in range(25)) for _ in range(4)]
+    return {"MMLU-like 5-shot (25 questions x 4 choices)": mmlu,
+            "HellaSwag-like 10-shot (25 contexts x 4 endings)": hs}
+
+
+def run_score(preset, args, rep, d, path, threads):
+    from openelm_rt import Session
+    rng = np.random.default_rng(3)
+    with Session(path, threads=threads) as s:
+        tasks = score_tasks(rng, s.vocab_size)
+        s.score_batch(tasks[next(iter(tasks))][:4])  # warm-up
+        rep.add(f"\n### score_batch ({os.path.basename(path)}, {threads} threads)\n")
+        rep.add("| task | pairs | seconds | pairs/s | tokens requested | tokens forwarded | saved |")
+        rep.add("|---|---|---|---|---|---|---|")
+        for name, pairs in tasks.items():
+            times = []
+            for _ in range(args.repeats):
+                time.sleep(args.settle)
+                t0 = time.perf_counter()
+                s.score_batch(pairs)
+                times.append(time.perf_counter() - t0)
+            st = s.last_score_stats
+            sec = statistics.median(times)
+            d.setdefault("score", {})[name] = {"seconds": sec, **st}
+            rep.add(f"| {name} | {len(pairs)} | {sec:.2f} | {len(pairs) / sec:.1f} | {st['tokens_requested']} | "
+                    f"{st['tokens_forwarded']} | {st['tokens_requested'] / st['tokens_forwarded']:.1f}x |")
 
 
 def run_model(preset, args, rep, worker):
@@ -185,6 +223,8 @@ def run_model(preset, args, rep, worker):
         for k, name in (("reuse", "prefix reuse (default)"), ("no_reuse", "prefix_cache=0")):
             x = rs[k]
             rep.add(f"| {name} | {x['seconds']:.3f} | {x['evaluated']:.0f} | {x['prompt']:.0f} | {x['cached']:.0f} |")
+    if args.score:
+        run_score(preset, args, rep, d, ours[args.dtypes[0]], max(args.threads))
     if args.kv_layout:
         kv_layout(preset, args, rep, d, ours[args.dtypes[0]], backends[max(args.threads)])
 
@@ -199,23 +239,26 @@ def kv_layout(preset, args, rep, d, path, be):
         for kvd, bs in cases:
             time.sleep(args.settle)
             res[(kvd, bs)].append(ours_step(model, be, 8, ctx, args.tg, rng, kv_dtype=kvd, block=bs))
-    # f16 keys and values against f32: the logits of a long prompt
+    # f16 keys and values against f32: the logits of a long prompt, on these weights and on f32 ones
     ids = [1] + rng.integers(3, model.vocab_size, size=ctx - 1).tolist()
-    rt32 = _core.Runtime(model, be, max_context=ctx)
-    rt16 = _core.Runtime(model, be, max_context=ctx, kv_dtype="f16")
-    l32 = rt32.eval([(rt32.seq_new(), ids, "all")])
-    l16 = rt16.eval([(rt16.seq_new(), ids, "all")])
-    err = float(np.abs(l16 - l32).max() / np.abs(l32).max())
-    top1 = float(np.mean(l16.argmax(1) == l32.argmax(1)))
+    errs = {}
+    for name, mpath in ((args.dtypes[0], path), ("f32", ensure_random_model(preset, "f32", args.cache_dir).path)):
+        m = _core.Model(mpath, False)
+        rt32 = _core.Runtime(m, be, max_context=ctx)
+        rt16 = _core.Runtime(m, be, max_context=ctx, kv_dtype="f16")
+        l32 = rt32.eval([(rt32.seq_new(), ids, "all")])
+        l16 = rt16.eval([(rt16.seq_new(), ids, "all")])
+        errs[name] = (float(np.abs(l16 - l32).max() / np.abs(l32).max()), float(np.mean(l16.argmax(1) == l32.argmax(1))))
     d["kv_layout"] = {f"{k}_{b}": statistics.median(v) for (k, b), v in res.items()}
-    d["kv_f16_error"] = {"max_abs_over_max_logit": err, "top1_agree": top1}
+    d["kv_f16_error"] = errs
     rep.add(f"\n### KV layout ({args.dtypes[0]}, batch 8, context {ctx}, {be.threads} threads)\n")
     rep.add("| KV | block size | decode tok/s |")
     rep.add("|---|---|---|")
     for (kvd, bs), v in res.items():
         rep.add(f"| {kvd} | {bs} | {statistics.median(v):.1f} |")
-    rep.add(f"\nf16 keys/values against f32 over a {ctx}-token prompt: max |Δlogit| / max |logit| = {err:.1e}, "
-            f"top-1 agreement {top1:.1%}.")
+    for name, (err, top1) in errs.items():
+        rep.add(f"\nf16 keys/values against f32, {name} weights, over a {ctx}-token prompt: max |Δlogit| / "
+                f"max |logit| = {err:.1e}, top-1 agreement {top1:.1%}.")
 
 
 def main(argv=None) -> int:
@@ -232,6 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-turn", dest="turn", action="store_false", help="skip the second-turn test")
     p.add_argument("--turn1", type=int, default=400, help="tokens of the first chat turn (default 400)")
     p.add_argument("--turn2", type=int, default=30, help="new tokens of the second turn (default 30)")
+    p.add_argument("--score", action="store_true", help="also time score_batch on card-shaped requests")
     p.add_argument("--kv-layout", action="store_true", help="also time KV block sizes and f16 KV")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--kv-context", type=int, default=512, help="context for --kv-layout (default 512)")

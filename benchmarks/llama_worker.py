@@ -18,6 +18,7 @@ Requests ("cmd"):
                                        steps of one batch with a token of each -> aggregate tokens/s
   logits     ids (list of lists), threads, out   all-position logits, float32 (S, T, V)
   dequant    path, names, out_dir      GGUF tensors dequantized to float32 .npy files
+  tokenize   path, text                token ids of text with the GGUF's vocabulary (no BOS added)
   quit
 
 It imports nothing from openelm_rt (different interpreter, different NumPy), so the
@@ -163,7 +164,8 @@ def convert(ckpt: str, tokenizer: str, out: str) -> dict:
 
 _FTYPES = {"F32": L.LLAMA_FTYPE_ALL_F32, "F16": L.LLAMA_FTYPE_MOSTLY_F16,
            "BF16": L.LLAMA_FTYPE_MOSTLY_BF16, "Q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0,
-           "Q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}
+           "Q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0, "Q6_K": L.LLAMA_FTYPE_MOSTLY_Q6_K,
+           "Q5_K_M": L.LLAMA_FTYPE_MOSTLY_Q5_K_M, "Q4_K_M": L.LLAMA_FTYPE_MOSTLY_Q4_K_M}
 
 
 def quantize(src: str, dst: str, ftype: str, threads: int) -> dict:
@@ -201,6 +203,24 @@ def dequant(path: str, names: list, out_dir: str) -> dict:
         np.save(f, a.reshape(shape))
         files[name] = f
     return {"files": files}
+
+
+def tokenize(path: str, text: str) -> dict:
+    mp = L.llama_model_default_params()
+    mp.vocab_only = True
+    model = L.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load the vocabulary of {path}")
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        raw = text.encode()
+        buf = (L.llama_token * (len(raw) + 8))()
+        n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), False, False)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize returned {n}")
+        return {"ids": list(buf[:n])}
+    finally:
+        L.llama_model_free(model)
 
 
 # ----------------------------------------------------------------------------- running
@@ -268,8 +288,12 @@ class Runner:
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
         L.llama_set_n_threads(self.ctx, threads, threads)
 
+    def _random_ids(self, n: int, seed: int) -> list:
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        return np.random.default_rng(seed).integers(3, n_vocab, size=n).tolist()
+
     def pp(self, n: int, threads: int, seed: int) -> dict:
-        ids = np.random.default_rng(seed).integers(3, 32000, size=n).tolist()
+        ids = self._random_ids(n, seed)
         self._reset(threads)
         t0 = time.perf_counter()
         self._decode(ids, 0, False)
@@ -277,7 +301,7 @@ class Runner:
         return {"tok_s": n / (time.perf_counter() - t0)}
 
     def tg(self, n: int, threads: int, seed: int) -> dict:
-        ids = np.random.default_rng(seed).integers(3, 32000, size=n + 1).tolist()
+        ids = self._random_ids(n + 1, seed)
         self._reset(threads)
         self._decode(ids[:1], 0, False)
         L.llama_synchronize(self.ctx)
@@ -341,6 +365,7 @@ def main() -> int:
         "quantize": lambda r: quantize(r["src"], r["dst"], r["ftype"], int(r.get("threads", 0))),
         "tensors": lambda r: tensors(r["path"]),
         "dequant": lambda r: dequant(r["path"], r["names"], r["out_dir"]),
+        "tokenize": lambda r: tokenize(r["path"], r["text"]),
         "load": lambda r: runner.load(r["path"], int(r["n_ctx"]), int(r["n_batch"]),
                                      bool(r.get("exact", False)), int(r.get("n_seq", 1))),
         "pp": lambda r: runner.pp(int(r["n"]), int(r["threads"]), int(r.get("seed", 0))),

@@ -69,23 +69,28 @@ def layer_states(cfg: dict, get, ids: list[list[int]]):
     products (a 1.1B model in float64 would take minutes per weight type)."""
     hd = int(cfg["head_dim"])
     theta = float(cfg["rope_freq_constant"])
+    eps = oracle.norm_eps(cfg)
     x = get("transformer.token_embeddings.weight")[np.asarray(ids)].astype(np.float64)  # (S, T, D)
     S, T, D = x.shape
     pos = np.arange(T)
     for i in range(int(cfg["num_transformer_layers"])):
         p = f"transformer.layers.{i}."
         nq, nkv = int(cfg["num_query_heads"][i]), int(cfg["num_kv_heads"][i])
-        h = oracle.rms_norm(x, get(p + "attn_norm.weight"))
+        h = oracle.rms_norm(x, get(p + "attn_norm.weight"), eps)
         qkv = _mm(h.reshape(S * T, D), get(p + "attn.qkv_proj.weight")).reshape(S, T, nq + 2 * nkv, hd)
-        qn, kn = get(p + "attn.q_norm.weight"), get(p + "attn.k_norm.weight")
+        qk = cfg.get("normalize_qk_projections", True)
+        qn = get(p + "attn.q_norm.weight") if qk else None
+        kn = get(p + "attn.k_norm.weight") if qk else None
         o = np.empty((S, T, nq * hd))
         for s in range(S):
             heads = qkv[s].transpose(1, 0, 2)  # (heads, T, hd)
-            q = oracle.rope(oracle.rms_norm(heads[:nq], qn), pos, theta)
-            k = oracle.rope(oracle.rms_norm(heads[nq:nq + nkv], kn), pos, theta)
+            q, k = heads[:nq], heads[nq:nq + nkv]
+            if qk:
+                q, k = oracle.rms_norm(q, qn, eps), oracle.rms_norm(k, kn, eps)
+            q, k = oracle.rope(q, pos, theta), oracle.rope(k, pos, theta)
             o[s] = oracle.attention_core(q, k, heads[nq + nkv:]).transpose(1, 0, 2).reshape(T, nq * hd)
         x = x + _mm(o.reshape(S * T, -1), get(p + "attn.out_proj.weight")).reshape(S, T, D)
-        h = oracle.rms_norm(x, get(p + "ffn_norm.weight"))
+        h = oracle.rms_norm(x, get(p + "ffn_norm.weight"), eps)
         y = _mm(h.reshape(S * T, D), get(p + "ffn.proj_1.weight"))
         F = y.shape[1] // 2
         x = x + _mm(oracle.silu(y[:, :F].astype(np.float64)) * y[:, F:], get(p + "ffn.proj_2.weight")

@@ -89,8 +89,9 @@ def _randomize_norms(ckpt_dir: Path, cfg: dict, seed: int) -> None:
     names = ["transformer.norm.weight"]
     for i in range(int(cfg["num_transformer_layers"])):
         p = f"transformer.layers.{i}."
-        names += [p + "attn_norm.weight", p + "ffn_norm.weight",
-                  p + "attn.q_norm.weight", p + "attn.k_norm.weight"]
+        names += [p + "attn_norm.weight", p + "ffn_norm.weight"]
+        if cfg.get("normalize_qk_projections", True):
+            names += [p + "attn.q_norm.weight", p + "attn.k_norm.weight"]
     for n in names:
         oracle.patch_safetensors_tensor(
             ckpt_dir, n, lambda a: rng.uniform(0.5, 1.5, size=a.shape).astype(np.float32))
@@ -114,7 +115,8 @@ def sp(tokenizer_path):
 
 
 def build_model(work_dir: Path, tokenizer_path: Path, name: str, *, dtype="f32", shards=1,
-           seed=0, export_dtype="auto", config_overrides=None, patch=None) -> Model:
+           seed=0, export_dtype="auto", config_overrides=None, patch=None,
+           with_tokenizer=True) -> Model:
     hf_config = _import_or_skip("openelm_rt.hf_config")
     checkpoint = _import_or_skip("openelm_rt.checkpoint")
     export = _import_or_skip("openelm_rt.export")
@@ -125,7 +127,8 @@ def build_model(work_dir: Path, tokenizer_path: Path, name: str, *, dtype="f32",
     if patch is not None:
         patch(ckpt, cfg)
     out = Path(export.export_checkpoint(ckpt, work_dir / f"{name}.oelm", dtype=export_dtype,
-                                        tokenizer=tokenizer_path))
+                                        tokenizer=tokenizer_path if with_tokenizer else None,
+                                        with_tokenizer=with_tokenizer))
     cfg_read, weights = oracle.read_checkpoint(ckpt)
     return Model(name, ckpt, out, cfg_read, weights)
 
@@ -149,6 +152,14 @@ def tiny_bf16(work_dir, tokenizer_path) -> Model:
 def tiny_untied(work_dir, tokenizer_path) -> Model:
     return build_model(work_dir, tokenizer_path, "untied", seed=3,
                   config_overrides={"share_input_output_layers": False})
+
+
+@pytest.fixture(scope="session")
+def tiny_noqk(work_dir, tokenizer_path) -> Model:
+    """normalize_qk_projections=false, its own RMSNorm eps (rms_norm_eps), and no tokenizer:
+    the configuration of the SmolLM2 stand-in (benchmarks/standin.py) in the tiny shape."""
+    return build_model(work_dir, tokenizer_path, "noqk", seed=4, with_tokenizer=False,
+                       config_overrides={"normalize_qk_projections": False, "rms_norm_eps": 1e-5})
 
 
 @pytest.fixture(scope="session")

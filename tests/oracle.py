@@ -13,6 +13,12 @@ import numpy as np
 NORM_EPS = 1e-6  # every RMSNorm in modeling_openelm.py (OPENELM.md 3.4)
 
 
+def norm_eps(cfg: dict) -> float:
+    """OpenELM's 1e-6, unless config.json carries rms_norm_eps (not an OpenELM field; the
+    exporter's override for converted models such as the SmolLM2 stand-in)."""
+    return float(cfg.get("rms_norm_eps", NORM_EPS))
+
+
 # ----------------------------------------------------------------------------- primitives
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
@@ -70,6 +76,16 @@ def attention_core(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- forward
 
+# A test-only config key: "bf16" rounds the input of every matrix product to bfloat16 (through
+# float32), what the runtime's fast path for bf16 weights computes (Backend exact=False).
+ROUND_MATMUL_INPUTS = "_oracle_round_matmul_inputs"
+
+
+def _acts(x: np.ndarray, cfg: dict) -> np.ndarray:
+    if cfg.get(ROUND_MATMUL_INPUTS) == "bf16":
+        return round_to_bf16(np.asarray(x, np.float32)).astype(np.float64)
+    return x
+
 def _layer_dims(cfg: dict, weights: dict, i: int):
     nq = int(cfg["num_query_heads"][i])
     nkv = int(cfg["num_kv_heads"][i])
@@ -83,38 +99,39 @@ def attention(h: np.ndarray, weights: dict, cfg: dict, i: int) -> np.ndarray:
     hd = int(cfg["head_dim"])
     nq, nkv, _ = _layer_dims(cfg, weights, i)
     T = h.shape[0]
-    qkv = h @ np.asarray(weights[p + "qkv_proj.weight"], np.float64).T       # (T, (nq+2nkv)*hd)
+    qkv = _acts(h, cfg) @ np.asarray(weights[p + "qkv_proj.weight"], np.float64).T  # (T, (nq+2nkv)*hd)
     qkv = qkv.reshape(T, nq + 2 * nkv, hd).transpose(1, 0, 2)                # (heads, T, hd)
     q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
     if cfg.get("normalize_qk_projections", True):
-        q = rms_norm(q, weights[p + "q_norm.weight"])
-        k = rms_norm(k, weights[p + "k_norm.weight"])
+        q = rms_norm(q, weights[p + "q_norm.weight"], norm_eps(cfg))
+        k = rms_norm(k, weights[p + "k_norm.weight"], norm_eps(cfg))
     pos = np.arange(T)
     theta = float(cfg["rope_freq_constant"])
     q, k = rope(q, pos, theta), rope(k, pos, theta)
     o = attention_core(q, k, v)                                              # (nq, T, hd)
     o = o.transpose(1, 0, 2).reshape(T, nq * hd)
-    return o @ np.asarray(weights[p + "out_proj.weight"], np.float64).T
+    return _acts(o, cfg) @ np.asarray(weights[p + "out_proj.weight"], np.float64).T
 
 
 def ffn(h: np.ndarray, weights: dict, cfg: dict, i: int) -> np.ndarray:
     """SwiGLU of layer i: proj_1 rows [0,F) gate, [F,2F) up."""
     p = f"transformer.layers.{i}.ffn."
     _, _, F = _layer_dims(cfg, weights, i)
-    y = h @ np.asarray(weights[p + "proj_1.weight"], np.float64).T           # (T, 2F)
+    y = _acts(h, cfg) @ np.asarray(weights[p + "proj_1.weight"], np.float64).T  # (T, 2F)
     gate, up = y[:, :F], y[:, F:]
-    return (silu(gate) * up) @ np.asarray(weights[p + "proj_2.weight"], np.float64).T
+    return _acts(silu(gate) * up, cfg) @ np.asarray(weights[p + "proj_2.weight"], np.float64).T
 
 
 def hidden_states(weights: dict, cfg: dict, ids) -> np.ndarray:
     """Final normalised hidden states (T, D)."""
     E = np.asarray(weights["transformer.token_embeddings.weight"], np.float64)
     x = E[np.asarray(ids, dtype=np.int64)]                                   # (T, D)
+    eps = norm_eps(cfg)
     for i in range(int(cfg["num_transformer_layers"])):
         p = f"transformer.layers.{i}."
-        x = x + attention(rms_norm(x, weights[p + "attn_norm.weight"]), weights, cfg, i)
-        x = x + ffn(rms_norm(x, weights[p + "ffn_norm.weight"]), weights, cfg, i)
-    return rms_norm(x, weights["transformer.norm.weight"])
+        x = x + attention(rms_norm(x, weights[p + "attn_norm.weight"], eps), weights, cfg, i)
+        x = x + ffn(rms_norm(x, weights[p + "ffn_norm.weight"], eps), weights, cfg, i)
+    return rms_norm(x, weights["transformer.norm.weight"], eps)
 
 
 def head_matrix(weights: dict, cfg: dict) -> np.ndarray:
@@ -127,7 +144,7 @@ def forward(weights: dict, cfg: dict, ids) -> np.ndarray:
     """Logits (T, V) in float64 for token ids `ids` (no BOS added)."""
     ids = list(ids)
     assert len(ids) > 0
-    return hidden_states(weights, cfg, ids) @ head_matrix(weights, cfg).T
+    return _acts(hidden_states(weights, cfg, ids), cfg) @ head_matrix(weights, cfg).T
 
 
 # ----------------------------------------------------------------------------- sampling

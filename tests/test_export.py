@@ -297,7 +297,8 @@ def test_export_f32_bit_exact_and_file_layout(tmp_path, ckpt, tokenizer):
         "architecture": "openelm", "n_layer": 4, "d_model": 128, "head_dim": 16,
         "vocab_size": 1024, "n_head_q": [4, 8, 8, 8], "n_head_kv": [1, 2, 2, 2],
         "ffn_dim": [64, 224, 352, 512], "rope_theta": 10000.0, "norm_eps": 1e-6,
-        "max_context": 256, "bos_token_id": 1, "eos_token_id": 2, "tied_embeddings": True}
+        "max_context": 256, "bos_token_id": 1, "eos_token_id": 2, "tied_embeddings": True,
+        "qk_norm": True}
 
     # tensor table: FORMAT.md order, aligned, no overlap, sizes, CRCs, zero padding, tight end
     tensors = meta["tensors"]

@@ -138,10 +138,20 @@ def test_parse_config_spec_fields():
     assert meta["architecture"] == "openelm"
     assert list(meta)[1:] == ["n_layer", "d_model", "head_dim", "vocab_size", "n_head_q",
                               "n_head_kv", "ffn_dim", "rope_theta", "norm_eps", "max_context",
-                              "bos_token_id", "eos_token_id", "tied_embeddings"]
+                              "bos_token_id", "eos_token_id", "tied_embeddings", "qk_norm"]
     assert meta["rope_theta"] == 10000.0 and isinstance(meta["rope_theta"], float)
     assert meta["norm_eps"] == 1e-6 and meta["max_context"] == 2048
-    assert meta["tied_embeddings"] is True
+    assert meta["tied_embeddings"] is True and meta["qk_norm"] is True
+
+
+def test_qk_norm_off_and_norm_eps_override():
+    """normalize_qk_projections=false drops q_norm/k_norm from the layout; rms_norm_eps (not an
+    OpenELM field) overrides the hard-coded 1e-6."""
+    spec = parse_config(make_config("tiny", normalize_qk_projections=False, rms_norm_eps=1e-5))
+    assert spec.qk_norm is False and spec.norm_eps == 1e-5
+    names = [t.oelm_name for t in tensor_layout(spec)]
+    assert not [n for n in names if n.endswith(("q_norm", "k_norm"))]
+    assert len(names) == 2 + 6 * 4
 
 
 def test_multiplier_forms():
@@ -179,7 +189,8 @@ def _broken(**changes):
     ({"num_gqa_groups": True}, r"num_gqa_groups = True is not a positive integer"),
     ({"ffn_with_glu": False}, r"ffn_with_glu = False is not supported"),
     ({"ffn_with_glu": "yes"}, r"ffn_with_glu = 'yes' is not true or false"),
-    ({"normalize_qk_projections": False}, r"normalize_qk_projections = False is not supported"),
+    ({"normalize_qk_projections": "no"}, r"normalize_qk_projections = 'no' is not true or false"),
+    ({"rms_norm_eps": 0}, r"rms_norm_eps = 0 is not a number in \(0, 1\]"),
     ({"activation_fn_name": "gelu"}, r"activation_fn_name = 'gelu' is not supported.*'swish' or 'silu'"),
     ({"normalization_layer_name": "layer_norm"}, r"normalization_layer_name = 'layer_norm'"),
     ({"rope_freq_constant": -1}, r"rope_freq_constant = -1 is not a positive number"),

@@ -35,8 +35,10 @@ def _cpu_flags() -> set:
     return set()
 
 
-def _ctx(core, model, variant, threads=1, max_context=256):
-    backend = core.Backend("cpu", threads, kernels=variant)
+def _ctx(core, model, variant, threads=1, max_context=256, exact=True):
+    # exact: bf16 weights times f32 activations, what the oracle computes (the bf16 fast path
+    # has its own tests in test_forward.py and tests/cpp/kernel_check.cpp).
+    backend = core.Backend("cpu", threads, kernels=variant, exact=exact)
     assert backend.kernels == variant
     return core.Context(model, max_context, backend)
 
@@ -64,7 +66,9 @@ def test_variants_follow_cpu_features(core):
     avx2 = {"avx2", "fma", "f16c"} <= flags
     avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     vnni = avx512 and "avx512_vnni" in flags
-    expected = [n for n, ok in (("avx512vnni", vnni), ("avx512", avx512), ("avx2", avx2)) if ok]
+    bf16 = vnni and "avx512_bf16" in flags
+    expected = [n for n, ok in (("avx512bf16", bf16), ("avx512vnni", vnni), ("avx512", avx512), ("avx2", avx2))
+                if ok]
     assert got == expected + ["ref"]
 
 
@@ -101,16 +105,19 @@ def test_variant_16bit_matches_rounded_oracle(core, tiny_f32, tiny_f32_export, o
 
 
 @pytest.mark.parametrize("variant", _variants())
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "bf16-fast"])
 def test_variant_is_bitwise_deterministic(core, tiny_f32, tiny_f32_export, variant, dtype):
-    """Splitting rows over threads and batching tokens must not change a single bit."""
+    """Splitting rows over threads and batching tokens must not change a single bit (bf16-fast:
+    the bf16 weights with activations rounded to bf16, where the variant has that path)."""
+    exact = dtype != "bf16-fast"
+    dtype = dtype.split("-")[0]
     path = tiny_f32.oelm if dtype == "f32" else tiny_f32_export[dtype]
     model = core.Model(str(path), False)
     ids = prompt_ids(23, tiny_f32.cfg["vocab_size"])
-    batched = _ctx(core, model, variant, threads=1).eval(ids, True)
-    two = _ctx(core, model, variant, threads=2).eval(ids, True)
+    batched = _ctx(core, model, variant, threads=1, exact=exact).eval(ids, True)
+    two = _ctx(core, model, variant, threads=2, exact=exact).eval(ids, True)
     np.testing.assert_array_equal(batched, two, err_msg=f"{variant}: 1 vs 2 threads")
-    ctx = _ctx(core, model, variant)
+    ctx = _ctx(core, model, variant, exact=exact)
     one_by_one = np.stack([np.reshape(ctx.eval([t], False), -1) for t in ids])
     np.testing.assert_array_equal(batched, one_by_one, err_msg=f"{variant}: prefill vs token by token")
 

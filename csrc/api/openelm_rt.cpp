@@ -239,6 +239,7 @@ int32_t oelm_model_eos_token(const oelm_model* model) { return model ? model->mo
 int32_t oelm_model_train_context(const oelm_model* model) {
   return model ? to_i32(model->model->config().max_context) : 0;
 }
+int oelm_model_has_tokenizer(const oelm_model* model) { return model && model->model->has_tokenizer() ? 1 : 0; }
 
 // ---- text -------------------------------------------------------------------------------
 
@@ -294,7 +295,9 @@ oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session
     ro.kv_budget_bytes = o.kv_budget_mib * (int64_t(1) << 20);
     ro.block_size = o.kv_block_size;
     ro.prefix_cache_entries = o.prefix_cache == 0 ? 16 : o.prefix_cache < 0 ? 0 : o.prefix_cache;
-    s->rt = std::make_shared<oelm::Runtime>(s->model, oelm::Backend::create("cpu", o.n_threads), ro);
+    std::shared_ptr<oelm::Backend> backend = oelm::Backend::create("cpu", o.n_threads);
+    backend->set_exact(o.exact != 0);
+    s->rt = std::make_shared<oelm::Runtime>(s->model, std::move(backend), ro);
     oelm::EngineOptions eo;
     eo.max_batch = o.max_batch > 0 ? std::min<int32_t>(o.max_batch, int32_t(s->rt->max_step_tokens())) : 16;
     s->engine = std::make_unique<oelm::Engine>(s->rt, eo);
@@ -585,6 +588,7 @@ oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt, 
     const oelm::InterruptFn interrupt = session->interrupt();
     oelm_finish_reason finish = OELM_FINISH_NONE;
     oelm::Event last;
+    const bool has_text = session->model->has_tokenizer();  // else the pieces are empty: NULL, 0
     std::vector<int32_t> tokens(prompt, prompt + n_prompt);
     bool stopped_by_callback = false;
     try {
@@ -598,7 +602,7 @@ oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt, 
           }
           if (e.token >= 0) tokens.push_back(e.token);
           if (e.token >= 0 && callback && !stopped_by_callback &&
-              callback(user_data, e.token, e.text.data(), e.text.size()) != 0) {
+              callback(user_data, e.token, has_text ? e.text.data() : nullptr, e.text.size()) != 0) {
             stopped_by_callback = true;
             eng.cancel(id);
           }

@@ -15,6 +15,16 @@ inline float bits_to_f32(uint32_t u) {
 // bfloat16 is the upper half of a binary32, so widening is exact.
 inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
 
+// binary32 -> bfloat16, round to nearest, ties to even (as AVX-512 BF16's vcvtne2ps2bf16 and
+// the exporter do); NaN stays a quiet NaN. Infinities and values that round past the largest
+// finite bfloat16 become infinities.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 // binary16 -> binary32, exact for every number (normals, subnormals, zeros, infinities);
 // NaN stays NaN with its payload, signalling NaNs come back quiet (weights are never
 // NaN: the exporter refuses them). Branch-free so that loops over it vectorise: normal numbers are rebiased by moving

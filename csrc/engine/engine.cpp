@@ -44,7 +44,9 @@ struct Engine::Req {
 };
 
 Engine::Engine(std::shared_ptr<Runtime> runtime, const EngineOptions& options)
-    : rt_(std::move(runtime)), opt_(options), tok_(&rt_->model().tokenizer()) {
+    : rt_(std::move(runtime)),
+      opt_(options),
+      tok_(rt_->model().has_tokenizer() ? &rt_->model().tokenizer() : nullptr) {  // none: ids only
   if (opt_.max_batch < 1 || opt_.max_batch > 4096)
     throw InvalidArgument("max_batch must be in [1, 4096], got " + std::to_string(opt_.max_batch));
   if (opt_.max_batch > rt_->max_step_tokens())
@@ -80,7 +82,8 @@ uint64_t Engine::submit(GenerateRequest p) {
   r->tokens = r->p.prompt;
   r->n_prompt = n;
   r->sampler.emplace(r->p.sampling);
-  r->text.emplace(*tok_, r->tokens.data(), n, r->p.stop);
+  if (tok_) r->text.emplace(*tok_, r->tokens.data(), n, r->p.stop);
+  else if (!r->p.stop.empty()) rt_->model().tokenizer();  // throws: stop strings need a tokenizer
   std::lock_guard<std::mutex> lk(mu_);
   if (opt_.max_queue > 0 && int64_t(incoming_.size()) + stats_.waiting >= opt_.max_queue)
     throw InvalidArgument("the queue is full: " + std::to_string(opt_.max_queue) +
@@ -148,7 +151,7 @@ void Engine::close(Req& r, Event& e, FinishReason why) {
   e.finish = why;
   if (why != FinishReason::error && why != FinishReason::stop) {
     bool stopped = false;
-    e.text += r.text->finish(&stopped);  // held bytes and held-back text; may end in a stop string
+    if (r.text) e.text += r.text->finish(&stopped);  // held bytes and held-back text; may end in a stop string
     if (stopped && why != FinishReason::cancelled) e.finish = FinishReason::stop;
   }
   e.n_prompt = r.n_prompt;
@@ -299,7 +302,7 @@ void Engine::sample_row(Req& r, const float* x, double step_seconds) {
     ++stats_.generated;
   }
   bool stopped = false;
-  e.text = r.text->push(e.token, &stopped);
+  if (r.text) e.text = r.text->push(e.token, &stopped);
   FinishReason why = FinishReason::none;
   if (stopped) why = FinishReason::stop;
   else if (e.token == rt_->model().config().eos_token_id) why = FinishReason::eos;

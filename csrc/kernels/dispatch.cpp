@@ -28,6 +28,7 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+bool has_avx512bf16() { return has_avx512vnni() && __builtin_cpu_supports("avx512bf16"); }
 #endif
 
 #if defined(__aarch64__)
@@ -53,6 +54,7 @@ std::string join_names(const std::vector<std::string>& v) {
 const std::vector<KernelVariant>& compiled_kernel_variants() {
   static const std::vector<KernelVariant> v = {
 #if defined(OELM_HAVE_X86_KERNELS)
+      {"avx512bf16", avx512bf16_kernels, has_avx512bf16},
       {"avx512vnni", avx512vnni_kernels, has_avx512vnni},
       {"avx512", avx512_kernels, has_avx512},
       {"avx2", avx2_kernels, has_avx2},

@@ -1,5 +1,5 @@
 // Run-time choice of kernel variant: one binary carries every variant its target
-// architecture can have (x86-64: avx512vnni, avx512, avx2; aarch64: neon) plus the
+// architecture can have (x86-64: avx512bf16, avx512vnni, avx512, avx2; aarch64: neon) plus the
 // scalar reference "ref", and picks the best one the CPU supports. The environment
 // variable OPENELM_RT_KERNELS=<name> forces a variant (tests use it to cover every
 // variant the machine can run); forcing one the CPU cannot run is an error, never a crash.
@@ -34,6 +34,7 @@ const KernelTable& select_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
 const KernelTable& avx512vnni_kernels();
+const KernelTable& avx512bf16_kernels();
 const KernelTable& neon_kernels();
 
 }  // namespace oelm

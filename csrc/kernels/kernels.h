@@ -15,6 +15,14 @@ namespace oelm {
 using matmul_fn = void (*)(const float* x, int64_t T, int64_t K, const void* W, int64_t n0,
                            int64_t n1, float* y, int64_t ldy);
 
+// The same product for 16-bit float weights with the activations given as bfloat16 (x rounded to
+// bf16 by the caller, [T, K] row-major): y = sum_k bf16(x)[k] * w[k], every product exact in f32,
+// the sums in f32 in any order (as matmul_fn). Where the CPU has bf16 dot-product instructions
+// (AVX-512 BF16: vdpbf16ps, 32 multiply-adds per instruction, twice f32 FMA's rate) this is the
+// fast path for bf16 weights; the rounding of x is its only cost in accuracy (Backend chooses).
+using matmul_xbf16_fn = void (*)(const uint16_t* x, int64_t T, int64_t K, const void* W, int64_t n0,
+                                 int64_t n1, float* y, int64_t ldy);
+
 // y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], i in [0, n). y may alias x.
 using rmsnorm_fn = void (*)(const float* x, const float* w, int64_t n, float eps, float* y);
 
@@ -99,6 +107,7 @@ constexpr int kNumDTypes = 6;  // DType values index the per-dtype tables below
 struct KernelTable {
   const char* name;
   matmul_fn matmul[kNumDTypes];    // f32, f16, bf16 weights (nullptr for the others)
+  matmul_xbf16_fn matmul_xbf16[kNumDTypes];  // bf16 activations: bf16 weights (nullptr elsewhere)
   qmatmul_fn qmatmul[kNumDTypes];  // q8_b32r16i, q4_b32r16i weights (nullptr for the others)
   row_to_f32_fn row_to_f32[kNumDTypes];
   quantize_row_fn quantize_row;
@@ -115,6 +124,7 @@ const KernelTable& ref_kernels();
 void matmul_f32_ref(const float*, int64_t, int64_t, const void*, int64_t, int64_t, float*, int64_t);
 void matmul_f16_ref(const float*, int64_t, int64_t, const void*, int64_t, int64_t, float*, int64_t);
 void matmul_bf16_ref(const float*, int64_t, int64_t, const void*, int64_t, int64_t, float*, int64_t);
+void matmul_bf16_xbf16_ref(const uint16_t*, int64_t, int64_t, const void*, int64_t, int64_t, float*, int64_t);
 void rmsnorm_ref(const float* x, const float* w, int64_t n, float eps, float* y);
 void rope_ref(float* x, int64_t n_heads, int64_t hd, const float* cos, const float* sin);
 void attention_ref(const float* q, const float* k, const float* v, int64_t n_kv, int64_t hd,

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "common/half.h"
 #include "kernels/dispatch.h"
 
 namespace oelm {
@@ -44,6 +45,17 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
   if (!supports(W.dtype))
     throw InvalidArgument(std::string("backend '") + name_ + "' (kernels '" + k_->name + "') has no matmul for " +
                           dtype_name(W.dtype) + " weights (tensor '" + W.name + "')");
+  if (rounds_activations(W.dtype)) {  // round x to bf16 once; every row block reuses it
+    if (act_bf16_.size() < size_t(T * K)) act_bf16_.resize(size_t(T * K));
+    uint16_t* xb = act_bf16_.data();
+    auto round_rows = [&](int64_t t0, int64_t t1) {
+      for (int64_t i = t0 * K; i < t1 * K; ++i) xb[i] = f32_to_bf16(x[i]);
+    };
+    if (T == 1) round_rows(0, 1);
+    else pool_.parallel_for(T, round_rows);
+    matmul_xbf16_fn fn = k_->matmul_xbf16[int(W.dtype)];
+    return [=](int64_t n0, int64_t n1) { fn(xb, T, K, W.data, n0, n1, y, ldy); };
+  }
   if (!dtype_is_quantized(W.dtype)) {
     matmul_fn fn = k_->matmul[int(W.dtype)];
     return [=](int64_t n0, int64_t n1) { fn(x, T, K, W.data, n0, n1, y, ldy); };

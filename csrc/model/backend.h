@@ -40,6 +40,18 @@ class Backend {
   // True if the kernel table has a matmul and a row lookup for this weight dtype.
   bool supports(DType t) const;
 
+  // bf16 weights: false (the default for "cpu") multiplies them by activations rounded to bf16
+  // where the kernels have bf16 dot products (matmul_xbf16; AVX-512 BF16), true always by the
+  // exact f32 activations (f32 FMAs). "ref" is always exact. README: the cost in KL, measured.
+  void set_exact(bool exact) { exact_ = exact || name_ == "ref"; }
+  bool exact() const { return exact_; }
+  // Whether matmuls with weights of this dtype round their activations (bf16 dot products).
+  // (Not with the reference kernels: theirs is the truth kernel_check compares against, and
+  // slower than exact FMAs.)
+  bool rounds_activations(DType t) const {
+    return !exact_ && k_ != &ref_kernels() && k_->matmul_xbf16[int(t)] != nullptr;
+  }
+
  private:
   // Checks W's dtype, quantizes x if W is block-quantized, and returns the function that
   // computes output rows [n0, n1) (n0 a multiple of kQRows).
@@ -52,7 +64,7 @@ class Backend {
   static int chunks_per_thread(int64_t T);
 
   Backend(std::string name, const KernelTable* k, int threads)
-      : name_(std::move(name)), k_(k), pool_(threads) {}
+      : name_(std::move(name)), k_(k), pool_(threads), exact_(name_ == "ref") {}
   std::string name_;
   const KernelTable* k_;
   ThreadPool pool_;
@@ -61,6 +73,8 @@ class Backend {
   std::vector<int8_t> act_q_;
   std::vector<float> act_d_;
   std::vector<int32_t> act_s_;
+  bool exact_;
+  std::vector<uint16_t> act_bf16_;  // [T][K] activations rounded to bf16 (matmul_xbf16)
 };
 
 }  // namespace oelm

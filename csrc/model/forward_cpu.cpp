@@ -214,8 +214,10 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
       float* q = qkv_.data() + t * nqkv;  // heads: nq queries, then nkv keys, then nkv values
       float* k = q + nq * hd;
       const float* v = k + nkv * hd;
-      for (int64_t i = 0; i < nq; ++i) K.rmsnorm(q + i * hd, L.q_norm, hd, eps, q + i * hd);
-      for (int64_t i = 0; i < nkv; ++i) K.rmsnorm(k + i * hd, L.k_norm, hd, eps, k + i * hd);
+      if (L.q_norm) {  // models with normalize_qk_projections
+        for (int64_t i = 0; i < nq; ++i) K.rmsnorm(q + i * hd, L.q_norm, hd, eps, q + i * hd);
+        for (int64_t i = 0; i < nkv; ++i) K.rmsnorm(k + i * hd, L.k_norm, hd, eps, k + i * hd);
+      }
       const int64_t pos = pos_[size_t(t)];
       const float* cs = rope_cos_.data() + pos * half;
       const float* sn = rope_sin_.data() + pos * half;

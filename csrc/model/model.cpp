@@ -66,7 +66,15 @@ DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallbac
 
 }  // namespace
 
+const Tokenizer& Model::tokenizer() const {
+  if (!tok_)
+    throw InvalidArgument(file_->path() + " has no tokenizer (it was exported with --no-tokenizer): pass token "
+                          "ids instead of text, or re-export the model with its tokenizer.model");
+  return *tok_;
+}
+
 std::string_view Model::tokenizer_blob() const {
+  tokenizer();  // throws when there is none
   return std::string_view(reinterpret_cast<const char*>(tokenizer_->data), tokenizer_->size);
 }
 
@@ -104,12 +112,23 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
   const json::Value* tied = mc->find("tied_embeddings");
   if (!tied || !tied->is_bool()) bad(f, "model config: \"tied_embeddings\" must be true or false");
   c.tied_embeddings = tied->as_bool();
+  // Optional (absent in files written before it existed: they all have q/k norms).
+  if (const json::Value* qk = mc->find("qk_norm")) {
+    if (!qk->is_bool()) bad(f, "model config: \"qk_norm\" must be true or false");
+    c.qk_norm = qk->as_bool();
+  }
   c.weights_dtype = get_weights_dtype(f, "weights_dtype", nullptr);
   c.embedding_dtype = get_weights_dtype(f, "embedding_dtype", &c.weights_dtype);
 
-  m->tokenizer_ = &Tokenizer::stored_tensor(f);
-  m->tokenizer_type_ = "sentencepiece";  // the only type stored_tensor accepts
+  // "tokenizer": null (or absent) is a file of token ids only.
+  const json::Value* tok_meta = f.metadata().find("tokenizer");
+  const bool has_tok = tok_meta && !tok_meta->is_null();
+  if (has_tok) {
+    m->tokenizer_ = &Tokenizer::stored_tensor(f);
+    m->tokenizer_type_ = "sentencepiece";  // the only type stored_tensor accepts
+  }
   m->bind_weights();
+  if (!has_tok) return m;
   m->tok_ = Tokenizer::load(f);
   const Tokenizer& tk = *m->tok_;
   if (tk.vocab_size() > c.vocab_size)
@@ -149,7 +168,7 @@ void Model::bind_weights() {
   const DType wd = c.weights_dtype;
   const int64_t D = c.d_model, hd = c.head_dim;
 
-  expected.insert(tokenizer_->name);
+  if (tokenizer_) expected.insert(tokenizer_->name);
 
   tok_embd_ = need("token_embd", {c.vocab_size, D}, c.embedding_dtype);
   for (int64_t i = 0; i < c.n_layer; ++i) {
@@ -160,8 +179,8 @@ void Model::bind_weights() {
     L.ffn_dim = c.ffn_dim[size_t(i)];
     L.attn_norm = vec(p + "attn_norm", D);
     L.attn_qkv = need(p + "attn_qkv", {(L.n_head_q + 2 * L.n_head_kv) * hd, D}, wd);
-    L.q_norm = vec(p + "attn_q_norm", hd);
-    L.k_norm = vec(p + "attn_k_norm", hd);
+    L.q_norm = c.qk_norm ? vec(p + "attn_q_norm", hd) : nullptr;
+    L.k_norm = c.qk_norm ? vec(p + "attn_k_norm", hd) : nullptr;
     L.attn_out = need(p + "attn_output", {D, L.n_head_q * hd}, wd);
     L.ffn_norm = vec(p + "ffn_norm", D);
     L.gate_up = need(p + "ffn_gate_up", {2 * L.ffn_dim, D}, wd);

@@ -23,6 +23,7 @@ struct ModelConfig {
   int64_t max_context = 0;  // training context of the checkpoint
   int32_t bos_token_id = 1, eos_token_id = 2;
   bool tied_embeddings = true;
+  bool qk_norm = true;  // per-head RMSNorm on q and k (OpenELM's normalize_qk_projections)
   DType weights_dtype = DType::f32;    // every matrix but the vocabulary ones
   DType embedding_dtype = DType::f32;  // token_embd and (untied) output; = weights_dtype if unset
 };
@@ -31,8 +32,8 @@ struct LayerWeights {
   int64_t n_head_q, n_head_kv, ffn_dim;
   const float* attn_norm;      // [D]
   const TensorView* attn_qkv;  // [(nq + 2 nkv) hd, D]
-  const float* q_norm;         // [hd]
-  const float* k_norm;         // [hd]
+  const float* q_norm;         // [hd]; nullptr when the model has no q/k norm (qk_norm false)
+  const float* k_norm;         // [hd]; nullptr likewise
   const TensorView* attn_out;  // [D, nq hd]
   const float* ffn_norm;       // [D]
   const TensorView* gate_up;   // [2F, D]
@@ -51,8 +52,11 @@ class Model {
   const TensorView& token_embd() const { return *tok_embd_; }
   const TensorView& lm_head() const { return *lm_head_; }
   const float* output_norm() const { return output_norm_; }
+  // A file may hold no tokenizer (token ids only, FORMAT.md); then tokenizer() and
+  // tokenizer_blob() throw InvalidArgument saying so, and tokenizer_type() is "".
+  bool has_tokenizer() const { return tok_ != nullptr; }
   std::string_view tokenizer_blob() const;  // the stored SentencePiece model, byte for byte
-  const Tokenizer& tokenizer() const { return *tok_; }
+  const Tokenizer& tokenizer() const;
   const std::string& tokenizer_type() const { return tokenizer_type_; }
 
   int64_t max_qkv_dim() const { return max_qkv_; }

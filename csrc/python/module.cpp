@@ -203,6 +203,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("file_size", [](const Model& mdl) { return mdl.file().file_size(); })
       .def("tokenizer_blob", [](const Model& mdl) { auto b = mdl.tokenizer_blob(); return py::bytes(b.data(), b.size()); })
       .def_property_readonly("tokenizer", &Model::tokenizer, py::return_value_policy::reference_internal)
+      .def_property_readonly("has_tokenizer", &Model::has_tokenizer)
       .def("tensor_names", [](const Model& mdl) {
         std::vector<std::string> n;
         for (const auto& t : mdl.file().tensors()) n.push_back(t.name);
@@ -252,8 +253,18 @@ PYBIND11_MODULE(_core, m) {
       .def("flush", &StreamDecoder::flush, "The held bytes at the end of the stream.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
-      .def(py::init(&Backend::create), py::arg("name") = "cpu", py::arg("threads") = 0,
-           py::arg("kernels") = "")
+      .def(py::init([](const std::string& name, int threads, const std::string& kernels, bool exact) {
+             auto b = Backend::create(name, threads, kernels);
+             b->set_exact(exact);
+             return b;
+           }),
+           py::arg("name") = "cpu", py::arg("threads") = 0, py::arg("kernels") = "", py::arg("exact") = false)
+      .def_property_readonly("exact", &Backend::exact)
+      .def("rounds_activations", [](const Backend& b, const std::string& dtype) {
+        DType t;
+        if (!dtype_from_name(dtype, &t)) throw InvalidArgument("unknown dtype '" + dtype + "'");
+        return b.rounds_activations(t);
+      }, py::arg("dtype"), "Whether matmuls with these weights round activations to bf16 (bf16 dot products).")
       .def_property_readonly("name", &Backend::name)
       .def_property_readonly("threads", &Backend::threads)
       .def_property_readonly("kernels", [](const Backend& b) { return std::string(b.kernels().name); })

@@ -1,14 +1,18 @@
 """openelm_rt: a native inference runtime for Apple's OpenELM language models.
 
 Public surface: `Session`, `GenerationResult`, `GenerationStream`, `BatchStream`,
-`ScoreResult`, `FormatError`, `KVBudgetError`.
+`ScoreResult`, `FormatError`, `KVBudgetError`, and `perplexity` (perplexity / KL against a
+base model, `PerplexityResult`).
 The exporter (`openelm_rt.export`) and checkpoint tools import without the compiled
 core, so they are importable before the extension is built.
 """
 
 __version__ = "0.2.0"
+# NumPy only (the core is imported when it runs); binds the function over the submodule's name.
+from .perplexity import PerplexityResult, perplexity  # noqa: E402
+
 __all__ = ["Session", "GenerationResult", "GenerationStream", "BatchStream", "ScoreResult", "FormatError",
-           "KVBudgetError", "__version__"]
+           "KVBudgetError", "perplexity", "PerplexityResult", "__version__"]
 
 
 def __getattr__(name):

@@ -5,6 +5,7 @@
     openelm-rt generate --model M.oelm --chat [--system TEXT]   (Instruct models; stdin)
     openelm-rt demo     (random OpenELM-270M weights when you have no checkpoint)
     openelm-rt info M.oelm [--verify]
+    openelm-rt perplexity M.oelm --text FILE | --ids FILE [--ctx 512] [--kl-base BASE.oelm]
 
 Flags mirror the OpenELM model card's generate_openelm.py where they overlap
 (--model, --prompt, --max_length, --generate_kwargs).
@@ -200,9 +201,35 @@ def cmd_info(args) -> int:
     print(f"kv heads:      {c['n_head_kv']}")
     print(f"ffn widths:    {c['ffn_dim']}")
     print(f"rope theta:    {c['rope_theta']}   norm eps {c['norm_eps']}   max_context {c['max_context']}")
-    print(f"tokens:        bos {c['bos_token_id']}   eos {c['eos_token_id']}   tied head {c['tied_embeddings']}")
+    print(f"tokens:        bos {c['bos_token_id']}   eos {c['eos_token_id']}   tied head {c['tied_embeddings']}"
+          f"   q/k norm {c.get('qk_norm', True)}")
+    print(f"tokenizer:     {'sentencepiece' if m.has_tokenizer else 'none (token ids only)'}")
     if args.verify:
         print("checksums:     all tensors verified")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    import json
+
+    from .perplexity import _read_ids, perplexity
+
+    if (args.text is None) == (args.ids is None):
+        raise UsageError("give the input as --text FILE or --ids FILE (one of them)")
+    kw = {}
+    if args.text is not None:
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                kw["text"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --text {args.text}: {e}") from None
+    else:
+        if not os.path.isfile(args.ids):
+            raise UsageError(f"--ids {args.ids}: no such file")
+        kw["ids"] = _read_ids(args.ids)
+    r = perplexity(args.model, ctx=args.ctx, kl_base=args.kl_base, threads=args.threads,
+                   add_bos=False if args.no_bos else None, **kw)
+    print(json.dumps(r.as_dict()) if args.json else str(r))
     return 0
 
 
@@ -285,6 +312,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="path of an .oelm file")
     i.add_argument("--verify", action="store_true", help="also check every tensor's CRC-32")
     i.set_defaults(func=cmd_info)
+
+    pp = sub.add_parser("perplexity", help="perplexity on a text, and KL / top-1 / ΔPPL against a base model",
+                        description="Perplexity of MODEL over non-overlapping windows of --ctx tokens (each "
+                                    "from an empty cache; every token but a window's first is predicted; with "
+                                    "text, each window starts with BOS and every text token is predicted). "
+                                    "With --kl-base, also KL(base ‖ model) per position (mean, p99, max), "
+                                    "top-1 agreement and ΔPPL, as llama-perplexity --kl-divergence reports.",
+                        epilog="example: openelm-rt perplexity m-q4.oelm --text wiki.txt --kl-base m-f32.oelm")
+    pp.add_argument("model", help="path of an .oelm file")
+    pp.add_argument("--text", metavar="FILE", help="UTF-8 text, tokenized with the model's tokenizer")
+    pp.add_argument("--ids", metavar="FILE",
+                    help="token ids (integers separated by spaces/commas/newlines, or a .npy array): "
+                         "for models without a tokenizer; used as given (no BOS added)")
+    pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    pp.add_argument("--kl-base", metavar="BASE.oelm", default=None,
+                    help="reference model (e.g. the f32 export) for KL divergence and top-1 agreement")
+    pp.add_argument("--no-bos", action="store_true", help="with --text: do not start each window with BOS")
+    pp.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    pp.set_defaults(func=cmd_perplexity)
     return p
 
 

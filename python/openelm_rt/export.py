@@ -80,7 +80,8 @@ def _load_tokenizer(src: Path, tokenizer, spec: ModelSpec) -> bytes:
                 f"no tokenizer: {src} has no tokenizer.model and --tokenizer was not given. "
                 f"Apple's OpenELM repos ship no tokenizer; OpenELM uses the LLaMA-2 SentencePiece "
                 f"model, so pass its tokenizer.model (from meta-llama/Llama-2-7b-hf, or an "
-                f"ungated copy) with --tokenizer PATH.")
+                f"ungated copy) with --tokenizer PATH (or --no-tokenizer for a file of "
+                f"token ids only).")
     else:
         path = Path(tokenizer)
         if not path.is_file():
@@ -303,7 +304,8 @@ def _drop_from_page_cache(fd: int) -> None:
 
 
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
-                      progress: bool | None = None, embedding_dtype: str | None = None) -> Path:
+                      progress: bool | None = None, embedding_dtype: str | None = None,
+                      with_tokenizer: bool = True) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
@@ -311,7 +313,9 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     norm weights are always f32. embedding_dtype: one of those (not auto) for the token
     embedding, which is also the LM head when tied (and for `output` when untied); default
     the weights' dtype, but q8 for q4 weights (_choose_embedding_dtype). tokenizer: path of a
-    SentencePiece tokenizer.model (default src_dir/tokenizer.model). progress: show a bar on
+    SentencePiece tokenizer.model (default src_dir/tokenizer.model); with_tokenizer=False writes
+    a file of token ids only, with no tokenizer (FORMAT.md; for models whose vocabulary is not
+    SentencePiece, e.g. the SmolLM2 stand-in of benchmarks/standin.py). progress: show a bar on
     stderr (None: only if stderr is a terminal). Everything is validated before a byte is
     written; NaN/Inf and out-of-range values are found while converting, and then, as on any
     error or Ctrl-C, the temporary file is removed and out_path is left untouched. Notes
@@ -339,7 +343,13 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     except ValueError:
         raise ExportError(f"{cfg_path} contains NaN or Infinity, which is not valid JSON; "
                           f"fix the value in config.json") from None
-    tok = _load_tokenizer(src, tokenizer, spec)
+    if with_tokenizer:
+        tok = _load_tokenizer(src, tokenizer, spec)
+    elif tokenizer is not None:
+        raise ExportError("a tokenizer was given but with_tokenizer is False (--no-tokenizer); "
+                          "pass one or the other")
+    else:
+        tok = None
 
     ckpt = HFCheckpoint(src)
     try:
@@ -352,7 +362,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 return "f32"
             return edtype if t.oelm_name in ("token_embd", "output") else wdtype
 
-        entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))]
+        entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))] if tok is not None else []
         entries += [_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name) for t in layout]
         offset = 0
         for e in entries:
@@ -366,7 +376,8 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             "weights_dtype": wdtype,
             "embedding_dtype": edtype,
             "model": spec.to_metadata(),
-            "tokenizer": {"type": "sentencepiece", "tensor": TOKENIZER_TENSOR},
+            "tokenizer": ({"type": "sentencepiece", "tensor": TOKENIZER_TENSOR}
+                          if tok is not None else None),
             "source": {"hf_config": cfg},
             "tensors": [e.to_json() for e in entries],
         }
@@ -488,6 +499,9 @@ def _parser() -> argparse.ArgumentParser:
                         "logits)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="SentencePiece tokenizer.model (default: SRC/tokenizer.model)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="store no tokenizer: the model then takes and returns token ids only "
+                        "(for a model whose vocabulary is not a SentencePiece model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_writer_version()} "
                    f"(writes .oelm format_version {FORMAT_VERSION}, names_version {NAMES_VERSION})")
@@ -509,7 +523,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                                 progress=False if args.no_progress else None,
-                                embedding_dtype=args.embedding_dtype)
+                                embedding_dtype=args.embedding_dtype,
+                                with_tokenizer=not args.no_tokenizer)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
             ed = f.metadata["embedding_dtype"]

@@ -22,8 +22,12 @@ class ExportError(ValueError):
 
 
 # Hard-coded in modeling_openelm.py (`OpenELMRMSNorm(..., eps=1e-6)` for every norm); config.json
-# does not carry it, so the exporter records it in the .oelm metadata.
+# does not carry it, so the exporter records it in the .oelm metadata. A config.json may override
+# it with `rms_norm_eps` (Hugging Face Llama's name; not an OpenELM field, which HF's OpenELM code
+# ignores): checkpoints converted from other models of the same block type need their own eps,
+# e.g. the SmolLM2 stand-in of benchmarks/standin.py (1e-5).
 NORM_EPS = 1e-6
+NORM_EPS_KEY = "rms_norm_eps"
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -195,6 +199,7 @@ class ModelSpec:
     bos_token_id: int
     eos_token_id: int
     tied_embeddings: bool
+    qk_norm: bool = True  # normalize_qk_projections: per-head RMSNorm on q and k
 
     def to_metadata(self) -> dict:
         """The `model` object of the .oelm metadata (docs/FORMAT.md)."""
@@ -223,8 +228,11 @@ def tensor_layout(spec: ModelSpec) -> list[TensorSpec]:
         out += [
             TensorSpec(hf + "attn_norm.weight", ob + "attn_norm", (D,), True),
             TensorSpec(hf + "attn.qkv_proj.weight", ob + "attn_qkv", ((nq + 2 * nkv) * hd, D), False),
-            TensorSpec(hf + "attn.q_norm.weight", ob + "attn_q_norm", (hd,), True),
-            TensorSpec(hf + "attn.k_norm.weight", ob + "attn_k_norm", (hd,), True),
+        ]
+        if spec.qk_norm:
+            out += [TensorSpec(hf + "attn.q_norm.weight", ob + "attn_q_norm", (hd,), True),
+                    TensorSpec(hf + "attn.k_norm.weight", ob + "attn_k_norm", (hd,), True)]
+        out += [
             TensorSpec(hf + "attn.out_proj.weight", ob + "attn_output", (D, nq * hd), False),
             TensorSpec(hf + "ffn_norm.weight", ob + "ffn_norm", (D,), True),
             TensorSpec(hf + "ffn.proj_1.weight", ob + "ffn_gate_up", (2 * F, D), False),
@@ -299,7 +307,6 @@ def parse_config(cfg: dict) -> ModelSpec:
     eos = _require(cfg, "eos_token_id", "int>=0")
 
     _require_value(cfg, "ffn_with_glu", (True,), "the gated SwiGLU FFN with fused gate+up projection")
-    _require_value(cfg, "normalize_qk_projections", (True,), "per-head RMSNorm on q and k")
     _require_value(cfg, "activation_fn_name", ("swish", "silu"), "SiLU in the FFN gate")
     _require_value(cfg, "normalization_layer_name", ("rms_norm",), "RMSNorm everywhere")
     for key, v in (("bos_token_id", bos), ("eos_token_id", eos)):
@@ -330,6 +337,10 @@ def parse_config(cfg: dict) -> ModelSpec:
                               f"do not describe a valid layer (need n_head_kv >= 1 dividing "
                               f"n_head_q). {_FIX}")
 
+    eps = cfg.get(NORM_EPS_KEY, NORM_EPS)
+    if not (_is_number(eps) and 0 < eps <= 1):
+        raise ExportError(f"config.json {NORM_EPS_KEY} = {eps!r} is not a number in (0, 1]. {_FIX}")
+
     share = cfg["share_input_output_layers"]
     tie = cfg.get("tie_word_embeddings", True)
     if not isinstance(tie, bool):
@@ -341,5 +352,6 @@ def parse_config(cfg: dict) -> ModelSpec:
     return ModelSpec(
         n_layer=n_layer, d_model=d_model, head_dim=head_dim, vocab_size=vocab,
         n_head_q=dims["n_head_q"], n_head_kv=dims["n_head_kv"], ffn_dim=dims["ffn_dim"],
-        rope_theta=float(rope_theta), norm_eps=NORM_EPS, max_context=max_ctx,
-        bos_token_id=bos, eos_token_id=eos, tied_embeddings=tied)
+        rope_theta=float(rope_theta), norm_eps=float(eps), max_context=max_ctx,
+        bos_token_id=bos, eos_token_id=eos, tied_embeddings=tied,
+        qk_norm=cfg["normalize_qk_projections"])

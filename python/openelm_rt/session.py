@@ -36,7 +36,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 class GenerationResult:
     """What `Session.generate` returns."""
 
-    text: str  # the generated text only (no prompt)
+    text: str  # the generated text only (no prompt); None for a model without a tokenizer
     token_ids: list  # the generated token ids (EOS included when generated)
     finish_reason: str  # "eos", "length", "stop" (a stop string), "context" (context full), "cancelled"
     prompt_token_ids: list = field(repr=False, default_factory=list)
@@ -152,10 +152,14 @@ class Session:
         prefix_cache: finished sequences kept so that a prompt extending one of them (a
             chat's next turn, a shared system prompt) evaluates only its new tokens; 0: off.
         kv_block_size: positions per KV block (a multiple of 16); default 16.
+        exact: bf16 weights only. False (default): where the CPU has AVX-512 BF16 dot products,
+            the activations entering bf16 matmuls are rounded to bf16 (twice the arithmetic
+            rate; README gives the measured cost in KL); True: exact f32 activations (f32 FMAs).
+            "ref" is always exact.
     """
 
     def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu", kv_budget=None,
-                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None):
+                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=False):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -174,7 +178,7 @@ class Session:
         prefix_cache = _check_int("prefix_cache", prefix_cache, lo=0)
         block = 0 if kv_block_size is None else _check_int("kv_block_size", kv_block_size, lo=16)
         self._model = _core.Model(path, bool(verify))
-        self._backend = _core.Backend(backend, threads)
+        self._backend = _core.Backend(backend, threads, "", bool(exact))
         cfg = self._model.config
         self.config = dict(cfg)
         if max_context is None:
@@ -184,7 +188,8 @@ class Session:
                                  block_size=block, kv_dtype=kv_dtype, prefix_cache=prefix_cache,
                                  max_step_tokens=max(256, max_batch))
         self._engine = _core.Engine(self._rt, max_batch=max_batch)
-        self._tok = self._model.tokenizer  # validated by the core at load
+        # Validated by the core at load; None for a file of token ids only (--no-tokenizer).
+        self._tok = self._model.tokenizer if self._model.has_tokenizer else None
         self._streams = {}  # request id -> the live stream that receives its events
         self.path = path
 
@@ -209,6 +214,19 @@ class Session:
         if self._model is None:
             raise ValueError("this Session is closed; create a new Session to keep working")
         return self
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """False for a model file exported without a tokenizer (token ids only)."""
+        return self._open()._tok is not None
+
+    def _tokenizer(self, what: str):
+        tok = self._open()._tok
+        if tok is None:
+            raise ValueError(f"{self.path} has no tokenizer (it was exported with --no-tokenizer), so "
+                             f"{what} is not possible: pass token ids instead of text, or re-export the "
+                             f"model with its tokenizer.model")
+        return tok
 
     @property
     def threads(self) -> int:
@@ -248,11 +266,11 @@ class Session:
         """Token ids of `text`, with BOS first (as OpenELM was trained) unless add_bos=False."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
-        return self._open()._tok.encode(text, bool(add_bos))
+        return self._tokenizer("tokenize()").encode(text, bool(add_bos))
 
     def detokenize(self, ids) -> str:
         """Text of token ids; BOS/EOS and other control tokens produce no text."""
-        return self._open()._tok.decode(self._check_ids(ids, "ids", allow_empty=True))
+        return self._tokenizer("detokenize()").decode(self._check_ids(ids, "ids", allow_empty=True))
 
     def chat_token_ids(self, messages: List[Message]) -> list:
         """The prompt token ids of a conversation, in the format OpenELM Instruct was tuned on.
@@ -267,7 +285,7 @@ class Session:
         a message stays text; it never becomes the EOS token.
         """
         msgs = _check_messages(messages)
-        tok, eos = self._open()._tok, self.eos_token_id
+        tok, eos = self._tokenizer("chat"), self.eos_token_id
         ids = [self.bos_token_id]
         for i, m in enumerate(msgs):
             ids += tok.encode(("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}", False)
@@ -387,7 +405,13 @@ class Session:
         if seed >= 2**64:
             raise ValueError(f"seed must be < 2**64, got {seed}")
         return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=self._check_stop(stop))
+                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=self._stops(stop))
+
+    def _stops(self, stop):
+        stops = self._check_stop(stop)
+        if stops and self._tok is None:
+            self._tokenizer("a stop string")  # raises
+        return stops
 
     def _prompt_ids(self, prompt, name, max_new_tokens):
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt, name)
@@ -416,9 +440,12 @@ class Session:
 
         Returns a GenerationResult, or with stream=True a GenerationStream: an iterator
         of text pieces whose `.result` is set once it is exhausted. Streams of one Session
-        may be iterated alternately: they run batched.
+        may be iterated alternately: they run batched. A model without a tokenizer takes
+        token ids only and returns `.text` None (no stream, no stop strings).
         """
         self._open()
+        if stream and self._tok is None:
+            self._tokenizer("streaming text")  # raises
         params = self._sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
         ids = self._prompt_ids(prompt, "prompt", params["max_new_tokens"])
         it = GenerationStream(self, ids, params)
@@ -438,6 +465,8 @@ class Session:
         `.results` is set once it is exhausted.
         """
         self._open()
+        if stream and self._tok is None:
+            self._tokenizer("streaming text")  # raises
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise ValueError(f"prompts must be a list of prompts (str or token ids), got {type(prompts).__name__}")
         n = len(prompts)
@@ -547,7 +576,8 @@ class GenerationStream:
             if e["finish"] == "error":
                 raise KVBudgetError(e["error"])
             self.result = GenerationResult(
-                text="".join(self._text), token_ids=self._ids, finish_reason=e["finish"],
+                text="".join(self._text) if self._s._tok is not None else None, token_ids=self._ids,
+                finish_reason=e["finish"],
                 prompt_token_ids=list(self._prompt), prefill_seconds=e["prefill_seconds"],
                 decode_seconds=e["decode_seconds"], n_decoded=e["n_decoded"], cached_tokens=e["n_cached"])
         return None

@@ -283,6 +283,59 @@ void check_matmul(Report& rep, const std::string& name, const KernelTable& v, co
   }
 }
 
+// matmul_xbf16 (bf16 activations, bf16 weights): against the reference with matmul's tolerance (the
+// products are exact; only the order of the f32 sums differs), and every output bitwise the same
+// whatever T and the row range are (decode = one token of a prefill). The activations are the
+// bf16 rounding of random floats, rounded here with the reference rule.
+void check_matmul_xbf16(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
+  const int dt = int(DType::bf16);
+  if (!v.matmul_xbf16[dt] || !ref.matmul_xbf16[dt]) return;
+  const std::string key = name + " matmul_xbf16_bf16";
+  auto run = [](matmul_xbf16_fn fn, const std::vector<uint16_t>& x, int64_t T, int64_t K, const uint8_t* W,
+                int64_t n0, int64_t n1, int64_t ldy) {
+    std::vector<float> y(static_cast<size_t>(T * ldy), kSentinel);
+    fn(x.data(), T, K, W, n0, n1, y.data(), ldy);
+    return y;
+  };
+  for (int64_t N : {1, 3, 17, 37})
+    for (int64_t K : {1, 2, 31, 32, 33, 63, 64, 65, 100, 257, 576, 1000}) {
+      std::vector<uint8_t> W(static_cast<size_t>(N * K) * 2);
+      fill_rows(r, dt, W.data(), K, 0, N);
+      for (int64_t T : {1, 2, 5, 6, 7, 13, 17}) {
+        std::vector<uint16_t> x(static_cast<size_t>(T * K));
+        std::vector<float> xf(x.size());
+        for (size_t i = 0; i < x.size(); ++i) {
+          x[i] = f32_to_bf16(r.uniform(-1.0f, 1.0f));
+          xf[i] = bf16_to_f32(x[i]);
+        }
+        const int64_t ldy = N + 2, n0 = N >= 3 ? 1 : 0;
+        const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
+        const std::vector<float> yv = run(v.matmul_xbf16[dt], x, T, K, W.data(), n0, N, ldy);
+        const std::vector<float> yr = run(ref.matmul_xbf16[dt], x, T, K, W.data(), n0, N, ldy);
+        std::vector<float> got, want;
+        std::vector<double> tol;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t n = n0; n < N; ++n) {
+            double mag = 0;
+            for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(xf[size_t(t * K + k)]) * widen(dt, W.data(), n * K + k));
+            got.push_back(yv[size_t(t * ldy + n)]);
+            want.push_back(yr[size_t(t * ldy + n)]);
+            tol.push_back(16 * kU * mag);
+          }
+        rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
+        check_untouched(rep, key, what, yv, T, ldy, n0, N);
+        // Token by token, one row at a time: bitwise the batched result.
+        std::vector<float> one;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t n = n0; n < N; ++n) {
+            const std::vector<uint16_t> xt(x.begin() + t * K, x.begin() + (t + 1) * K);
+            one.push_back(run(v.matmul_xbf16[dt], xt, 1, K, W.data(), n, n + 1, ldy)[size_t(n)]);
+          }
+        rep.compare(key + " (decode = prefill, bitwise)", what, one.data(), got.data(), nullptr, int64_t(one.size()));
+      }
+    }
+}
+
 // ----------------------------------------------------------------------------- block-quantized (FORMAT.md)
 
 // The activation quantizer exactly as kernels.h states it.
@@ -783,6 +836,7 @@ int main() {
     std::fflush(stdout);
     if (&v != &ref) {
       check_matmul(rep, name, v, ref, r);
+      check_matmul_xbf16(rep, name, v, ref, r);
       check_ops(rep, name, v, ref, r);
     }
     check_qmatmul(rep, name, v, ref, r);

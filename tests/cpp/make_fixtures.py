@@ -16,6 +16,9 @@ Writes into DIR:
   stream.bin      u32 count, then per case: u32 len, prompt text, f32 temperature,
                   u64 seed, i32 max_new_tokens, u32 m, i32 tokens[m], u32 len, generated
                   text                                                (Session.generate)
+  noqk.oelm       tiny model with normalize_qk_projections=false, rms_norm_eps 1e-5 and no
+                  tokenizer (token ids only)
+  noqk.bin        u32 n, i32 prompt[n], u32 m, i32 tokens[m]   (greedy, Session.generate)
 All little-endian. Needs the openelm_rt package (with its compiled core) importable.
 """
 from __future__ import annotations
@@ -110,6 +113,11 @@ def main(argv=None) -> int:
             r = s.generate(t, max_new_tokens=max_new, temperature=temperature, seed=seed)
             stream += _str(t) + struct.pack("<fQi", temperature, seed, max_new) + _ids(r.token_ids) + _str(r.text)
         (out / "stream.bin").write_bytes(stream)
+    noqk = build_model(out, tok, "noqk", seed=4, with_tokenizer=False,
+                       config_overrides={"normalize_qk_projections": False, "rms_norm_eps": 1e-5})
+    with openelm_rt.Session(noqk.oelm) as s:
+        prompt = prompt_ids(9, s.vocab_size, seed=3)
+        (out / "noqk.bin").write_bytes(_ids(prompt) + _ids(s.generate(prompt, max_new_tokens=16).token_ids))
     print(f"fixtures in {out}")
     return 0
 

@@ -962,4 +962,38 @@ TEST(usable_from_c) {
 
 }  // namespace
 
+// A file of token ids only (exported with --no-tokenizer; here also without q/k norms and with
+// its own RMSNorm eps): ids in and out as in Python, text calls refused with a message.
+TEST(token_id_only_model) {
+  oelm_model* m = nullptr;
+  CHECK_OK(oelm_model_load((data_dir() + "/noqk.oelm").c_str(), nullptr, &m));
+  ModelPtr model(m);
+  CHECK_EQ(oelm_model_has_tokenizer(m), 0);
+  int32_t ids[8];
+  size_t n = 0;
+  CHECK_EQ(oelm_tokenize(m, "hello", size_t(-1), 1, ids, 8, &n), OELM_INVALID_ARGUMENT);
+  CHECK(std::string(oelm_last_error()).find("has no tokenizer") != std::string::npos);
+  char text[16];
+  const int32_t one = 5;
+  CHECK_EQ(oelm_detokenize(m, &one, 1, text, sizeof text, &n), OELM_INVALID_ARGUMENT);
+  Reader r(data_dir() + "/noqk.bin");
+  const std::vector<int32_t> prompt = r.ids(), want = r.ids();
+  SessionPtr s = new_session(m);
+  struct Pieces {
+    std::vector<int32_t> tokens;
+    bool all_empty = true;
+    static int callback(void* user, int32_t token, const char* piece, size_t len) {
+      auto* p = static_cast<Pieces*>(user);
+      p->tokens.push_back(token);
+      p->all_empty = p->all_empty && piece == nullptr && len == 0;
+      return 0;
+    }
+  } got;
+  CHECK_OK(oelm_session_generate(s.get(), prompt.data(), prompt.size(), int32_t(want.size()), &Pieces::callback,
+                                 &got, nullptr));
+  CHECK(got.tokens == want);
+  CHECK(got.all_empty);
+  CHECK_EQ(oelm_model_has_tokenizer(load(1).get()), 1);
+}
+
 int main(int argc, char** argv) { return check::main(argc, argv); }

@@ -137,9 +137,12 @@ typedef struct oelm_model_options {
   int32_t kv_block_size; /* positions per KV block, a multiple of 16; 0 = the default (16) */
   int32_t max_batch;     /* engine: sequences generating at once; 0 = 16 */
   int32_t prefix_cache;  /* finished sequences kept for prefix reuse; 0 = 16, -1 = none */
+  int32_t exact;         /* bf16 weights: 0 = activations rounded to bf16 for the CPU's bf16 dot
+                            products where it has them (AVX-512 BF16; faster), nonzero = exact
+                            f32 activations (as openelm_rt.Session's `exact`) */
 } oelm_model_options;
 
-/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults). */
+/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0). */
 OELM_API oelm_model_options oelm_model_options_default(void);
 
 /* Maps and validates an .oelm file (written by openelm-rt-export). options may be NULL
@@ -156,6 +159,10 @@ OELM_API int32_t oelm_model_bos_token(const oelm_model* model);
 OELM_API int32_t oelm_model_eos_token(const oelm_model* model);
 /* The context length the checkpoint was trained with. */
 OELM_API int32_t oelm_model_train_context(const oelm_model* model);
+/* 1 if the file holds a tokenizer, 0 if it holds token ids only (exported with
+ * --no-tokenizer: then oelm_tokenize / oelm_detokenize return OELM_INVALID_ARGUMENT
+ * saying so, and oelm_session_generate passes pieces of length 0 to its callback). */
+OELM_API int oelm_model_has_tokenizer(const oelm_model* model);
 
 /* ---- text ---------------------------------------------------------------------- */
 
@@ -364,6 +371,7 @@ OELM_API oelm_generate_result oelm_generate_result_init(void);
  * session's prefix cache), and only the tokens after the longest prefix the prompt shares
  * with one of them are evaluated (result->n_cached), so a chat's next turn costs its new
  * tokens only; the output is the same as without reuse.
+ * A model without a tokenizer (oelm_model_has_tokenizer) passes piece NULL, len 0.
  * Afterwards the session's sequence holds the prompt and the generated tokens except the
  * last (which was sampled but not evaluated); oelm_session_logits() is NULL. On failure
  * (OELM_INTERRUPTED included) the session's sequence is left empty. */

@@ -647,6 +647,7 @@ const KernelTable& neon_kernels() {
   static const KernelTable table = {
       "neon",
       {matmul_f32_neon, matmul_f16_neon, matmul_bf16_neon, nullptr, nullptr, nullptr},
+      {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},  // no bf16 dot products (BFDOT) yet
       {nullptr, nullptr, nullptr, nullptr, qmatmul_q8_neon, qmatmul_q4_neon},
       {row_f32_neon, row_16bit_neon<W_f16>, row_16bit_neon<W_bf16>, nullptr, row_q_neon<false>,
        row_q_neon<true>},

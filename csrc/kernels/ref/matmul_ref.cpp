@@ -76,6 +76,17 @@ void matmul_16bit(const float* x, int64_t T, int64_t K, const void* W, int64_t n
 
 }  // namespace
 
+// bf16 activations and weights: both widened exactly, then the f32 reference dot product.
+void matmul_bf16_xbf16_ref(const uint16_t* x, int64_t T, int64_t K, const void* W, int64_t n0, int64_t n1,
+                           float* y, int64_t ldy) {
+  const uint16_t* w = static_cast<const uint16_t*>(W);
+  std::vector<float> xf(static_cast<size_t>(K));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) xf[size_t(k)] = bf16_to_f32(x[t * K + k]);
+    for (int64_t n = n0; n < n1; ++n) y[t * ldy + n] = dot_widen<bf16_to_f32>(xf.data(), w + n * K, K);
+  }
+}
+
 void matmul_f32_ref(const float* x, int64_t T, int64_t K, const void* W, int64_t n0, int64_t n1,
                     float* y, int64_t ldy) {
   const float* w = static_cast<const float*>(W);

@@ -107,6 +107,7 @@ const KernelTable& ref_kernels() {
   static const KernelTable table = {
       "ref",
       {matmul_f32_ref, matmul_f16_ref, matmul_bf16_ref, nullptr, nullptr, nullptr},
+      {nullptr, nullptr, matmul_bf16_xbf16_ref, nullptr, nullptr, nullptr},
       {nullptr, nullptr, nullptr, nullptr, qmatmul_q8_ref, qmatmul_q4_ref},
       {row_f32, row_16bit<f16_to_f32>, row_16bit<bf16_to_f32>, nullptr, row_to_f32_q8_ref, row_to_f32_q4_ref},
       quantize_row_ref,
