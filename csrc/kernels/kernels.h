@@ -37,9 +37,12 @@ using attention_fn = void (*)(const float* q, const float* k, const float* v, in
                               int64_t hd, float scale, float* out);
 
 // The KV cache of one KV head of one sequence, in blocks of `block` positions (a multiple of
-// kKvAlign, so a kernel's 16-key step never crosses a block): the key of position s is row
-// s % block of block table[s / block], whose rows start at k + table[s / block] * stride
-// (elements of `type`); values alike from v. Rows are hd elements, contiguous.
+// kKvAlign, so a kernel's 16-key step never crosses a block). Block i of the table starts at
+// k + table[i] * stride (and v + table[i] * stride), in elements of `type`.
+//  - Values: row-major, position r of a block at row r: element d at r * hd + d.
+//  - Keys: in groups of kKvAlign positions, each group dimension-major: element d of position
+//    r is at (r / 16) * 16 * hd + d * 16 + r % 16. A kernel reads the 16 keys' element d as
+//    one contiguous run, so q.k for 16 keys is hd multiply-adds of vectors, no horizontal sums.
 constexpr int64_t kKvAlign = 16;
 enum class KvType : int { f32 = 0, f16 = 1 };  // f16: IEEE binary16, widened exactly on load
 struct KvView {

@@ -51,7 +51,7 @@ class CpuExecutor final : public Executor {
   const KvGeometry& kv_geometry() const override { return geo_; }
 
  private:
-  // Layer li's keys (or values) of block id, kv head h: [block_size][hd] elements.
+  // Layer li's keys (or values) of block id, kv head h: block_size x hd elements.
   uint8_t* kv_at(size_t li, bool value, int64_t id, int64_t h) const {
     const Layer& L = layers_[li];
     return (value ? L.v : L.k)->data() + size_t(((id * L.n_head_kv + h) * geo_.block_size) * hd_ * elem_);
@@ -60,7 +60,9 @@ class CpuExecutor final : public Executor {
 
   struct Layer {
     int64_t n_head_kv;
-    std::unique_ptr<HostBuffer> k, v;  // [n_blocks][n_head_kv][block_size][hd]
+    // [n_blocks][n_head_kv][block_size x hd]: values [block_size][hd]; keys in groups of 16
+    // positions, each [hd][16] (kernels.h, KvView)
+    std::unique_ptr<HostBuffer> k, v;
   };
   std::shared_ptr<const Model> model_;
   std::shared_ptr<Backend> backend_;
@@ -138,27 +140,31 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Bac
 
 void CpuExecutor::copy_block(int32_t src, int32_t dst, int64_t rows) {
   if (rows <= 0) return;
-  const size_t bytes = size_t(std::min(rows, geo_.block_size) * hd_) * elem_;
+  // Keys sit in groups of 16 positions (kernels.h, KvView): copy whole groups, for values too.
+  const int64_t n = std::min(geo_.block_size, (rows + kKvAlign - 1) / kKvAlign * kKvAlign);
+  const size_t bytes = size_t(n * hd_) * elem_;
   for (size_t li = 0; li < layers_.size(); ++li)
     for (int64_t h = 0; h < layers_[li].n_head_kv; ++h)
       for (bool value : {false, true}) std::memcpy(kv_at(li, value, dst, h), kv_at(li, value, src, h), bytes);
 }
 
 void CpuExecutor::store_kv(size_t li, const StepSeq& s, int64_t pos, const float* k, const float* v) {
+  // Values row-major; keys dimension-major within their group of 16 positions (kernels.h).
   const int64_t id = s.blocks[pos / geo_.block_size], row = pos % geo_.block_size;
+  const size_t voff = size_t(row * hd_), koff = size_t((row / kKvAlign) * kKvAlign * hd_ + row % kKvAlign);
   for (int64_t h = 0; h < layers_[li].n_head_kv; ++h) {
-    const size_t off = size_t(row * hd_) * elem_;
-    uint8_t* kd = kv_at(li, false, id, h) + off;
-    uint8_t* vd = kv_at(li, true, id, h) + off;
+    const float* kh = k + h * hd_;
+    const float* vh = v + h * hd_;
     if (geo_.type == KvType::f32) {
-      std::memcpy(kd, k + h * hd_, size_t(hd_) * sizeof(float));
-      std::memcpy(vd, v + h * hd_, size_t(hd_) * sizeof(float));
+      float* kd = reinterpret_cast<float*>(kv_at(li, false, id, h)) + koff;
+      std::memcpy(reinterpret_cast<float*>(kv_at(li, true, id, h)) + voff, vh, size_t(hd_) * sizeof(float));
+      for (int64_t d = 0; d < hd_; ++d) kd[d * kKvAlign] = kh[d];
     } else {
-      uint16_t* k16 = reinterpret_cast<uint16_t*>(kd);
-      uint16_t* v16 = reinterpret_cast<uint16_t*>(vd);
+      uint16_t* kd = reinterpret_cast<uint16_t*>(kv_at(li, false, id, h)) + koff;
+      uint16_t* vd = reinterpret_cast<uint16_t*>(kv_at(li, true, id, h)) + voff;
       for (int64_t d = 0; d < hd_; ++d) {
-        k16[d] = f32_to_f16(k[h * hd_ + d]);
-        v16[d] = f32_to_f16(v[h * hd_ + d]);
+        kd[d * kKvAlign] = f32_to_f16(kh[d]);
+        vd[d] = f32_to_f16(vh[d]);
       }
     }
   }

@@ -681,7 +681,8 @@ void check_ops(Report& rep, const std::string& name, const KernelTable& v, const
       }
 
   // attention_tile: a tile of n_tok tokens x n_grp query heads sharing one KV head, token t
-  // seeing positions 0..pos0+t of a paged KV cache (kernels.h, KvView): blocks in a shuffled
+  // seeing positions 0..pos0+t of a paged KV cache (kernels.h, KvView: keys dimension-major in
+  // groups of 16 positions, values row-major): blocks in a shuffled
   // order, one KV head among two per block (stride twice the head's rows), f32 and f16
   // elements, every unused row filled with garbage that must not be read. Tolerance per
   // query row as for attention, on the widened keys and values. Tiles smaller and larger
@@ -711,11 +712,14 @@ void check_ops(Report& rep, const std::string& name, const KernelTable& v, const
                 }
                 // The positions' rows as contiguous f32 (widened for f16), for the tolerance.
                 std::vector<float> k(static_cast<size_t>(n_kv * hd)), vv(k.size());
+                // (values row-major in a block, keys dimension-major in groups of 16: kernels.h)
                 for (int64_t s2 = 0; s2 < n_kv; ++s2)
                   for (int64_t d = 0; d < hd; ++d) {
-                    const size_t at = size_t(table[size_t(s2 / block)] * stride + block * hd + (s2 % block) * hd + d);
-                    k[size_t(s2 * hd + d)] = kt == KvType::f32 ? kf[at] : f16_to_f32(kh[at]);
-                    vv[size_t(s2 * hd + d)] = kt == KvType::f32 ? vf[at] : f16_to_f32(vh[at]);
+                    const int64_t base = table[size_t(s2 / block)] * stride + block * hd, r = s2 % block;
+                    const size_t ka = size_t(base + (r / 16) * 16 * hd + d * 16 + r % 16);
+                    const size_t va = size_t(base + r * hd + d);
+                    k[size_t(s2 * hd + d)] = kt == KvType::f32 ? kf[ka] : f16_to_f32(kh[ka]);
+                    vv[size_t(s2 * hd + d)] = kt == KvType::f32 ? vf[va] : f16_to_f32(vh[va]);
                   }
                 KvView kv;
                 kv.k = kt == KvType::f32 ? static_cast<const void*>(kf.data() + block * hd)

@@ -546,13 +546,14 @@ void attention_tile_neon_typed(const float* q, int64_t ldq, int64_t n_tok, int64
   const int64_t nv = hd / 4, rows = n_tok * n_grp;
   for (int64_t r0 = 0; r0 < rows; r0 += kQB) {
     const int nr = int(std::min<int64_t>(kQB, rows - r0));
-    float32x4_t qv[kQB][kMaxHd / 4], acc[kQB][kMaxHd / 4];
+    float qs[kQB][kMaxHd];  // scaled queries, broadcast element by element
+    float32x4_t acc[kQB][kMaxHd / 4];
     float m[kQB], l[kQB];
     int64_t last[kQB];  // the last key each row may see (causal)
     for (int i = 0; i < nr; ++i) {
       const int64_t t = (r0 + i) / n_grp, g = (r0 + i) % n_grp;
       for (int64_t c = 0; c < nv; ++c) {
-        qv[i][c] = vld1q_f32(q + t * ldq + g * hd + 4 * c);
+        vst1q_f32(&qs[i][4 * c], vmulq_n_f32(vld1q_f32(q + t * ldq + g * hd + 4 * c), scale));
         acc[i][c] = vdupq_n_f32(0.0f);
       }
       m[i] = -INFINITY;
@@ -563,17 +564,25 @@ void attention_tile_neon_typed(const float* q, int64_t ldq, int64_t n_tok, int64
     for (int64_t s0 = 0; s0 < n_keys; s0 += kKB) {
       const int ns = int(std::min<int64_t>(kKB, n_keys - s0));
       const int64_t off = int64_t(kv.table[s0 / kv.block]) * kv.stride + (s0 % kv.block) * hd;
-      float p[kQB][kKB];
-      for (int j = 0; j < ns; ++j) {
-        const E* ks = kbase + off + j * hd;
-        float32x4_t dot[kQB];
-        for (int i = 0; i < nr; ++i) dot[i] = vdupq_n_f32(0.0f);
-        for (int64_t c = 0; c < nv; ++c) {
-          const float32x4_t kc = load_kv4(ks + 4 * c);
-          for (int i = 0; i < nr; ++i) dot[i] = vfmaq_f32(dot[i], qv[i][c], kc);
+      // The 16 keys' element d is one run of 16 (kernels.h, KvView): 16 scores per row are hd
+      // multiply-adds of four vectors, no horizontal sums.
+      float32x4_t sc[kQB][4];
+      for (int i = 0; i < kQB; ++i)
+        for (int c = 0; c < 4; ++c) sc[i][c] = vdupq_n_f32(0.0f);
+      for (int64_t d = 0; d < hd; ++d) {
+        const E* kd = kbase + off + d * kKB;
+        const float32x4_t k0 = load_kv4(kd), k1 = load_kv4(kd + 4), k2 = load_kv4(kd + 8), k3 = load_kv4(kd + 12);
+        for (int i = 0; i < nr; ++i) {
+          const float qd = qs[i][d];
+          sc[i][0] = vfmaq_n_f32(sc[i][0], k0, qd);
+          sc[i][1] = vfmaq_n_f32(sc[i][1], k1, qd);
+          sc[i][2] = vfmaq_n_f32(sc[i][2], k2, qd);
+          sc[i][3] = vfmaq_n_f32(sc[i][3], k3, qd);
         }
-        for (int i = 0; i < nr; ++i) p[i][j] = vaddvq_f32(dot[i]) * scale;
       }
+      float p[kQB][kKB];
+      for (int i = 0; i < nr; ++i)
+        for (int c = 0; c < 4; ++c) vst1q_f32(&p[i][4 * c], sc[i][c]);
       int valid[kQB];
       for (int i = 0; i < nr; ++i) {
         valid[i] = int(std::max<int64_t>(0, std::min<int64_t>(ns, last[i] - s0 + 1)));

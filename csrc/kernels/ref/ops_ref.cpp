@@ -58,13 +58,20 @@ void attend_row(const float* q, int64_t n_kv, int64_t hd, float scale, float* ou
   for (int64_t d = 0; d < hd; ++d) out[d] = acc[size_t(d)] * inv;
 }
 
-// Row s of a paged K or V (kernels.h, KvView) as f32: a pointer into the cache for f32,
-// else widened into buf.
-const float* kv_row(const KvView& kv, const void* base, int64_t s, int64_t hd, float* buf) {
+// Position s's value row (row-major) or key (16-position groups, dimension-major) of a paged
+// cache (kernels.h, KvView) as f32, in buf.
+float kv_elem(const KvView& kv, const void* base, int64_t at) {
+  return kv.type == KvType::f32 ? static_cast<const float*>(base)[at] : f16_to_f32(static_cast<const uint16_t*>(base)[at]);
+}
+const float* kv_value(const KvView& kv, int64_t s, int64_t hd, float* buf) {
   const int64_t off = int64_t(kv.table[s / kv.block]) * kv.stride + (s % kv.block) * hd;
-  if (kv.type == KvType::f32) return static_cast<const float*>(base) + off;
-  const uint16_t* h = static_cast<const uint16_t*>(base) + off;
-  for (int64_t d = 0; d < hd; ++d) buf[d] = f16_to_f32(h[d]);
+  for (int64_t d = 0; d < hd; ++d) buf[d] = kv_elem(kv, kv.v, off + d);
+  return buf;
+}
+const float* kv_key(const KvView& kv, int64_t s, int64_t hd, float* buf) {
+  const int64_t r = s % kv.block;
+  const int64_t off = int64_t(kv.table[s / kv.block]) * kv.stride + (r / kKvAlign) * kKvAlign * hd + r % kKvAlign;
+  for (int64_t d = 0; d < hd; ++d) buf[d] = kv_elem(kv, kv.k, off + d * kKvAlign);
   return buf;
 }
 }  // namespace
@@ -80,8 +87,8 @@ void attention_tile_ref(const float* q, int64_t ldq, int64_t n_tok, int64_t n_gr
   for (int64_t t = 0; t < n_tok; ++t)
     for (int64_t g = 0; g < n_grp; ++g)
       attend_row(q + t * ldq + g * hd, pos0 + t + 1, hd, scale, out + t * ldo + g * hd,
-                 [&](int64_t s) { return kv_row(kv, kv.k, s, hd, kb.data()); },
-                 [&](int64_t s) { return kv_row(kv, kv.v, s, hd, vb.data()); });
+                 [&](int64_t s) { return kv_key(kv, s, hd, kb.data()); },
+                 [&](int64_t s) { return kv_value(kv, s, hd, vb.data()); });
 }
 
 void swiglu_ref(const float* gate, const float* up, int64_t n, float* out) {
