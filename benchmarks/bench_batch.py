@@ -74,7 +74,8 @@ def ours_step(model, be, b, prompt, tg, rng, kv_dtype="f32", block=0, max_contex
 def ours_engine(model, be, b, prompt, tg, rng):
     """Aggregate tokens/s of the engine generating tg tokens for each of b requests, counted
     once every prompt is prefilled."""
-    rt = _core.Runtime(model, be, max_context=prompt + tg + 8, max_step_tokens=max(256, b), prefix_cache=0)
+    rt = _core.Runtime(model, be, max_context=prompt + tg + 8, max_step_tokens=max(256, b), prefix_cache=0,
+                       budget_sequences=b)
     eng = _core.Engine(rt, max_batch=b)
     for p in _prompts(rng, b, prompt, model.vocab_size):
         eng.submit(p, max_new_tokens=tg + 1)

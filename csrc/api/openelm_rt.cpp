@@ -295,6 +295,7 @@ oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session
     ro.kv_budget_bytes = o.kv_budget_mib * (int64_t(1) << 20);
     ro.block_size = o.kv_block_size;
     ro.prefix_cache_entries = o.prefix_cache == 0 ? 16 : o.prefix_cache < 0 ? 0 : o.prefix_cache;
+    ro.budget_sequences = o.max_batch > 0 ? o.max_batch : 16;
     std::shared_ptr<oelm::Backend> backend = oelm::Backend::create("cpu", o.n_threads);
     backend->set_exact(o.exact != 0);
     s->rt = std::make_shared<oelm::Runtime>(s->model, std::move(backend), ro);

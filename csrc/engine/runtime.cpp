@@ -7,6 +7,8 @@
 #include <cstring>
 #include <numeric>
 
+#include <unistd.h>
+
 #include "common/error.h"
 
 namespace oelm {
@@ -39,9 +41,13 @@ double log_sum_exp(const float* x, int64_t n, int64_t* argmax) {
   return m + std::log(sum);
 }
 
-int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type) {
+int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type, int64_t sequences) {
   const int64_t blocks = (max_context + kDefaultKvBlock - 1) / kDefaultKvBlock;
-  return kDefaultBudgetSequences * blocks * kv_block_bytes(c, kDefaultKvBlock, type);
+  const int64_t one = blocks * kv_block_bytes(c, kDefaultKvBlock, type);
+  int64_t cap = int64_t(1) << 62;
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) cap = int64_t(pages) * int64_t(page) / 4;
+  return std::max(one, std::min(std::max<int64_t>(sequences, 1) * one, cap));
 }
 
 Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, const RuntimeOptions& o)
@@ -55,7 +61,8 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   if (o.kv_budget_bytes < 0) throw InvalidArgument("kv_budget must be positive, got " + std::to_string(o.kv_budget_bytes));
   if (o.prefix_cache_entries < 0) throw InvalidArgument("prefix_cache_entries must be >= 0");
   const int64_t block_bytes = kv_block_bytes(c, bs, o.kv_type);
-  budget_bytes_ = o.kv_budget_bytes > 0 ? o.kv_budget_bytes : kv_budget_default(c, max_ctx, o.kv_type);
+  budget_bytes_ =
+      o.kv_budget_bytes > 0 ? o.kv_budget_bytes : kv_budget_default(c, max_ctx, o.kv_type, o.budget_sequences);
   const int64_t n_blocks = budget_bytes_ / block_bytes;
   if (n_blocks < 1)
     throw InvalidArgument("kv_budget of " + std::to_string(budget_bytes_) + " bytes is less than one KV block of " +

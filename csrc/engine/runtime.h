@@ -20,6 +20,7 @@ namespace oelm {
 struct RuntimeOptions {
   int64_t max_context = 0;      // positions a sequence may hold; 0: the model's training context
   int64_t kv_budget_bytes = 0;  // KV memory, all sequences; 0: kv_budget_default()
+  int64_t budget_sequences = 4;  // the default budget's room, in sequences of max_context
   int64_t block_size = 0;       // positions per KV block (multiple of 16); 0: kDefaultKvBlock
   KvType kv_type = KvType::f32;
   int64_t max_step_tokens = 0;  // rows per forward step; 0: kDefaultStepTokens
@@ -144,8 +145,10 @@ class Runtime {
 // engine's logprobs use it.
 double log_sum_exp(const float* x, int64_t n, int64_t* argmax);
 
-// The default KV budget for a model: kDefaultBudgetSequences sequences of max_context.
-int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type);
+// The default KV budget: room for `sequences` sequences of max_context (a session's max_batch),
+// but at most a quarter of the machine's memory (and at least one sequence). The pages are
+// committed only as sequences fill them.
+int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type, int64_t sequences);
 
 // One sequence with an append-only API, as the runtime had before paging (tests, benchmarks
 // and Session.logits use it): its own Runtime sized for exactly max_context positions.

@@ -335,8 +335,9 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
       .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<Backend> backend, int64_t max_context,
                        int64_t kv_budget, int64_t block_size, const std::string& kv_dtype, int64_t max_step_tokens,
-                       int32_t prefix_cache) {
+                       int32_t prefix_cache, int64_t budget_sequences) {
              RuntimeOptions o;
+             o.budget_sequences = budget_sequences;
              o.max_context = max_context;
              o.kv_budget_bytes = kv_budget;
              o.block_size = block_size;
@@ -354,7 +355,7 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("model"), py::arg("backend"), py::arg("max_context") = 0, py::arg("kv_budget") = 0,
            py::arg("block_size") = 0, py::arg("kv_dtype") = "f32", py::arg("max_step_tokens") = 0,
-           py::arg("prefix_cache") = 0)
+           py::arg("prefix_cache") = 0, py::arg("budget_sequences") = 4)
       .def_property_readonly("max_context", &Runtime::max_context)
       .def_property_readonly("max_step_tokens", &Runtime::max_step_tokens)
       .def_property_readonly("kv_budget", &Runtime::kv_budget_bytes)

@@ -144,8 +144,8 @@ class Session:
         verify: check every tensor's CRC-32 at load (reads the whole file once).
         backend: "cpu" (default) or "ref", the single-threaded scalar reference.
         kv_budget: memory for the KV cache of all sequences at once, in bytes or as a size
-            ("512MiB", "2GiB"); default: room for 4 sequences of max_context. Pages are
-            only used as sequences fill them.
+            ("512MiB", "2GiB"); default: room for max_batch sequences of max_context, at most
+            a quarter of the machine's memory. Pages are only used as sequences fill them.
         kv_dtype: "f32" (default, exact) or "f16" (half the KV memory and bandwidth; keys
             and values rounded to binary16).
         max_batch: sequences generating at once (generate_batch, concurrent streams).
@@ -186,7 +186,7 @@ class Session:
         max_context = _check_int("max_context", max_context, lo=2)
         self._rt = _core.Runtime(self._model, self._backend, max_context=max_context, kv_budget=budget,
                                  block_size=block, kv_dtype=kv_dtype, prefix_cache=prefix_cache,
-                                 max_step_tokens=max(256, max_batch))
+                                 max_step_tokens=max(256, max_batch), budget_sequences=max_batch)
         self._engine = _core.Engine(self._rt, max_batch=max_batch)
         # Validated by the core at load; None for a file of token ids only (--no-tokenizer).
         self._tok = self._model.tokenizer if self._model.has_tokenizer else None

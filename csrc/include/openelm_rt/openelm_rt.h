@@ -133,7 +133,8 @@ typedef struct oelm_model_options {
   /* Since 0.2: */
   int32_t kv_type;       /* oelm_kv_type */
   int64_t kv_budget_mib; /* KV cache memory of a session, all its sequences, in MiB; 0 = room
-                            for 4 sequences of max_context. Pages are used as sequences fill */
+                            for max_batch sequences of max_context, at most a quarter of the
+                            machine's memory. Pages are used as sequences fill them */
   int32_t kv_block_size; /* positions per KV block, a multiple of 16; 0 = the default (16) */
   int32_t max_batch;     /* engine: sequences generating at once; 0 = 16 */
   int32_t prefix_cache;  /* finished sequences kept for prefix reuse; 0 = 16, -1 = none */
