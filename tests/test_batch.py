@@ -447,6 +447,19 @@ def test_preemption_under_a_small_budget_changes_nothing(ort, exports):
         assert s.generate(prompts[0], max_new_tokens=30).token_ids == alone[0]
 
 
+def test_default_budget_holds_max_batch_full_sequences(ort, core, exports):
+    """Without kv_budget, the pool holds max_batch sequences of max_context: a full batch never
+    preempts. The budget is exactly that many blocks (the tiny model's block: 14 KiB)."""
+    rt = _runtime(core, exports["f32"], max_context=256, budget_sequences=6)
+    assert rt.kv_blocks == 6 * (256 // 16)
+    with ort.Session(str(exports["q8"]), max_context=128, max_batch=5, prefix_cache=0) as s:
+        assert s._rt.kv_blocks == 5 * (128 // 16)
+        prompts = [prompt_ids(100, 1024, seed=n) for n in range(5)]
+        batch = s.generate_batch(prompts, max_new_tokens=20)
+        assert all(r.token_ids for r in batch)
+        assert s.stats["preempted"] == 0
+
+
 def test_generate_batch_errors(session_f32):
     s = session_f32
     with pytest.raises(ValueError, match="top_k has 2 values for 3 prompts"):
