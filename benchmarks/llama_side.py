@@ -38,6 +38,19 @@ def _venv_ready(venv: str) -> bool:
     return subprocess.run([py, "-c", check], capture_output=True).returncode == 0
 
 
+NO_AMX_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+                     "-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+                     "-DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
 def ensure_venv(venv: str) -> str:
     """Path of the venv's python, creating the venv (python -m venv + pip install) if needed."""
     venv = os.path.abspath(venv)
@@ -49,7 +62,14 @@ def ensure_venv(venv: str) -> str:
     _log(f"creating {venv} with {' '.join(VENV_PACKAGES)}: pip compiles llama.cpp for this CPU, "
          f"which takes about 10 minutes the first time ...")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    subprocess.run([venv_python(venv), "-m", "pip", "install", *VENV_PACKAGES], check=True)
+    env = dict(os.environ)
+    if _cpu_has_amx() and "CMAKE_ARGS" not in env:
+        # ggml's AMX path (on with GGML_NATIVE where the CPU has AMX) segfaulted in the first
+        # Q8_0/Q4_0 llama_decode on the development VM (2026-12-02): build for the same vector
+        # extensions without AMX. Our kernels do not use AMX either.
+        env["CMAKE_ARGS"] = NO_AMX_CMAKE_ARGS
+        _log(f"this CPU has AMX: building llama.cpp with CMAKE_ARGS={env['CMAKE_ARGS']}")
+    subprocess.run([venv_python(venv), "-m", "pip", "install", *VENV_PACKAGES], check=True, env=env)
     if not _venv_ready(venv):
         raise RuntimeError(f"{venv} was created but cannot import llama_cpp/gguf; see pip's output")
     return venv_python(venv)
