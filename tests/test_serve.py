@@ -468,3 +468,37 @@ def test_bounded_load_every_response_complete_and_correct(srv, ref, concurrency)
     for i, (text, n) in enumerate(out):
         assert text == want[i % 8], i
         assert n == want_n[i % 8], i
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_serve_subprocess(tiny_f32, tmp_path):
+    import subprocess
+    import sys
+    from conftest import env_with_pythonpath
+    bad = subprocess.run([sys.executable, "-m", "openelm_rt", "serve", str(tmp_path / "nope.oelm")],
+                         capture_output=True, text=True, env=env_with_pythonpath())
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "openelm_rt", "serve", str(tiny_f32.oelm), "--port", str(port),
+                          "--threads", "1", "--max-batch", "2", "--model-name", "tiny", "--log-level", "warning"],
+                         env={**env_with_pythonpath(), "OPENELM_RT_API_KEY": "envkey"}, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and p.poll() is None, "the server did not start"
+            time.sleep(0.05)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="envkey", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        assert c.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+    finally:
+        p.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
+        err = p.communicate(timeout=30)[1]
+    assert p.returncode in (0, -15) and "Traceback" not in err, err
