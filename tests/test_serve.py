@@ -23,7 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from openelm_rt.serve import ServeOptions, create_app  # noqa: E402
+from openelm_rt.serve import ServeOptions, create_app, wait_ready  # noqa: E402
 
 KEY = "test-key"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Ünïcödé — naïve café, 東京 🙂",
@@ -48,16 +48,6 @@ def serving(app):
     finally:
         server.should_exit = True
         t.join(timeout=30)
-
-
-def wait_ready(base, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = httpx.get(base + "/health")
-        if r.status_code == 200:
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"/health never became 200: {r.status_code} {r.text}")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +124,10 @@ def test_api_key_and_body_cap(srv):
     assert httpx.get(base + "/health").status_code == 200  # open, for load balancers
     r = httpx.post(base + "/v1/completions", headers=auth(), content=b"{" + b" " * (4 * 1024 * 1024) + b"}")
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/embeddings", headers=auth(), json={"input": "x"})  # OpenAI-style errors throughout
+    assert r.status_code == 404 and "/v1/embeddings" in r.json()["error"]["message"]
+    r = httpx.get(base + "/v1/completions", headers=auth())
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 # ---------------------------------------------------------------------------------------------- equality
@@ -486,15 +480,7 @@ def test_cli_serve_subprocess(tiny_f32, tmp_path):
                          env={**env_with_pythonpath(), "OPENELM_RT_API_KEY": "envkey"}, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and p.poll() is None, "the server did not start"
-            time.sleep(0.05)
+        wait_ready(base, process=p)
         c = openai.OpenAI(base_url=base + "/v1", api_key="envkey", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["tiny"]
         assert c.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0).usage.completion_tokens >= 1

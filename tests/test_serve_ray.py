@@ -38,12 +38,13 @@ def local_ray():
 def test_ray_serve_two_replicas_answer_the_sdk(local_ray, tiny_f32):
     from ray import serve
     from openelm_rt import Session
-    from openelm_rt.serve.ray import deployment
+    from openelm_rt.serve.ray import app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment(str(tiny_f32.oelm), threads=1, num_replicas=2, max_batch=4, api_key="k"),
-              name="openelm", route_prefix="/", blocking=False)
+    # the builder `serve run openelm_rt.serve.ray:app model=... threads=1 num_replicas=2 ...` calls
+    serve.run(app({"model": str(tiny_f32.oelm), "threads": "1", "num_replicas": "2", "max_batch": "4",
+                   "api_key": "k"}), name="openelm", route_prefix="/", blocking=False)
     st = serve.status().applications["openelm"]
     assert st.status == "RUNNING", st
     assert st.deployments["openelm"].replica_states.get("RUNNING") == 2

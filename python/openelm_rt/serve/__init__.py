@@ -17,7 +17,7 @@ try:
 except ImportError as e:  # FastAPI / uvicorn / prometheus_client not installed
     _MISSING = e
 
-__all__ = ["ServeOptions", "create_app", "run"]
+__all__ = ["ServeOptions", "create_app", "run", "wait_ready"]
 
 
 def _require():
@@ -33,6 +33,28 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def wait_ready(base_url: str, timeout: float = 60.0, process=None) -> None:
+    """Waits until the server at base_url answers GET /health with 200 (the model is loaded).
+    Raises TimeoutError after `timeout` seconds, RuntimeError if `process` (a Popen) exits."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(base_url.rstrip("/") + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass  # not listening yet, or 503 while loading
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base_url} was not ready within {timeout} s")
+        time.sleep(0.05)
 
 
 def run(options, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info"):

@@ -21,10 +21,11 @@ from typing import Any, Dict, List, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Histogram, generate_latest, CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..session import Session
 from .engine import AsyncEngine
@@ -59,8 +60,9 @@ class APIError(Exception):
                  headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                               413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+        self.type = type_ or {401: "authentication_error", 404: "not_found_error",
+                               503: "service_unavailable"}.get(status, "invalid_request_error" if status < 500
+                                                               else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
@@ -467,6 +469,11 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):  # 404 unknown path, 405 wrong method
+        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                        headers=getattr(e, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
