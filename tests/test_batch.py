@@ -430,6 +430,8 @@ def test_cancel_leaves_the_others_running(session_f32):
     assert streams[0].result.token_ids == want[0] and streams[2].result.token_ids == want[2]
     assert all(rest)
     assert s._engine.idle and s._rt.n_seqs == 0
+    st = s._engine.stats()  # a running sequence cancelled leaves the counts (the server's metrics)
+    assert st["running"] == 0 and st["waiting"] == 0 and st["cancelled"] >= 1
 
 
 def test_preemption_under_a_small_budget_changes_nothing(ort, exports):
@@ -515,6 +517,8 @@ def test_engine_thread_with_many_submitters(ort, exports):
         else:
             assert got[rid] == want[i], i
     assert eng.idle and rt.n_seqs == 0
+    st = eng.stats()
+    assert st["running"] == 0 and st["waiting"] == 0
 
 
 # ----------------------------------------------------------------------------- prefix reuse
@@ -566,17 +570,22 @@ def test_prefix_cache_serves_a_shared_system_prompt(ort, tiny_f32):
         assert r2.cached_tokens == 71 and r2.token_ids == r.token_ids
 
 
+def _run_one(eng, prompt, **kw):
+    """The events of one request submitted to an engine stepped here until idle."""
+    rid = eng.submit(prompt, **kw)
+    events = []
+    while not eng.idle:
+        eng.step()
+        events += [e for e in eng.take_events() if e["id"] == rid]
+    return events
+
+
 def test_engine_logprobs_and_prompt_logprobs(session_f32):
     """The engine's per-token log-probabilities (with the likeliest alternatives) and the prompt's
     own log-probabilities agree with score() on the same tokens."""
     s = session_f32
     prompt = prompt_ids(25, 1024, seed=70)
-    eng = s._engine
-    rid = eng.submit(prompt, max_new_tokens=5, logprobs=3, prompt_logprobs=True)
-    events = []
-    while not eng.idle:
-        eng.step()
-        events += [e for e in eng.take_events() if e["id"] == rid]
+    events = _run_one(s._engine, prompt, max_new_tokens=5, logprobs=3, prompt_logprobs=True)
     toks = [e["token"] for e in events if e["token"] >= 0]
     assert len(toks) == 5
     plp = events[0]["prompt_logprobs"]
@@ -587,6 +596,26 @@ def test_engine_logprobs_and_prompt_logprobs(session_f32):
         assert e["logprob"] == pytest.approx(w, rel=1e-5, abs=1e-6)
         assert len(e["top"]) == 3 and e["top"][0][0] == e["token"]  # greedy: the likeliest
         assert e["top"][0][1] >= e["top"][1][1] >= e["top"][2][1]
+    # the likeliest tokens at each prompt position too (an API's echo + logprobs), from the same logits
+    top = events[0]["prompt_top"]
+    assert len(top) == len(prompt) - 1 and all(len(t) == 3 for t in top)
+    for pos, row in enumerate(top):
+        assert row[0][1] >= row[1][1] >= row[2][1] and row[0][1] >= plp[pos] - 1e-6
+        if row[0][0] == prompt[pos + 1]:
+            assert row[0][1] == pytest.approx(plp[pos], abs=1e-6)
+    full = s.logits(prompt)
+    assert [t for t, _ in top[3]] == list(np.argsort(-full[3], kind="stable")[:3])
+
+
+def test_engine_prompt_logprobs_without_generating(session_f32):
+    """max_new_tokens=0 with prompt_logprobs: the prompt is scored and no token is drawn."""
+    s = session_f32
+    prompt = prompt_ids(20, 1024, seed=71)
+    events = _run_one(s._engine, prompt, max_new_tokens=0, logprobs=2, prompt_logprobs=True)
+    assert [e["token"] for e in events] == [-1] and events[0]["finish"] == "length"
+    assert events[0]["n_generated"] == 0 and len(events[0]["prompt_top"]) == len(prompt) - 1
+    np.testing.assert_allclose(events[0]["prompt_logprobs"], s.score(prompt[:1], prompt[1:]).logprobs,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_cli_kv_options(tiny_f32, tmp_path):

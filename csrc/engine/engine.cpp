@@ -39,6 +39,7 @@ struct Engine::Req {
   double prefill_s = 0, decode_s = 0;
   bool sampled_once = false;
   std::vector<float> prompt_lp;
+  std::vector<std::vector<TokenLogprob>> prompt_top;  // prompt_logprobs with logprobs > 0
   bool first_event_sent = false;
   bool done = false;
 };
@@ -160,7 +161,10 @@ void Engine::close(Req& r, Event& e, FinishReason why) {
   e.n_decoded = r.n_decoded;
   e.prefill_seconds = r.prefill_s;
   e.decode_seconds = r.decode_s;
-  if (!r.first_event_sent) e.prompt_logprobs = std::move(r.prompt_lp);
+  if (!r.first_event_sent) {
+    e.prompt_logprobs = std::move(r.prompt_lp);
+    e.prompt_top = std::move(r.prompt_top);
+  }
   r.first_event_sent = true;
   if (r.seq >= 0) {
     if (why != FinishReason::error) rt_->cache_prefix(r.seq, rt_->seq_len(r.seq));
@@ -200,6 +204,8 @@ void Engine::handle_cancels() {
     if (ids.count((*it)->id)) {
       finish(**it, FinishReason::cancelled);
       it = running_.erase(it);
+      std::lock_guard<std::mutex> lk(mu_);
+      --stats_.running;
     } else {
       ++it;
     }
@@ -268,18 +274,24 @@ bool Engine::preempt_one(const Req* keep) {
   return false;
 }
 
+// The k likeliest tokens of a logits row with their log-probabilities (ties: lower id first).
+static void top_logprobs(const float* x, int64_t V, int32_t k_want, double lse, std::vector<TokenLogprob>& out) {
+  const int32_t k = std::min<int32_t>(k_want, int32_t(V));
+  std::vector<int32_t> idx(static_cast<size_t>(V));
+  for (int64_t v = 0; v < V; ++v) idx[size_t(v)] = int32_t(v);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+  out.clear();
+  for (int32_t i = 0; i < k; ++i) out.push_back({idx[size_t(i)], float(double(x[idx[size_t(i)]]) - lse)});
+}
+
 void Engine::sample_row(Req& r, const float* x, double step_seconds) {
   const int64_t V = rt_->model().config().vocab_size;
   Event e;
   e.id = r.id;
   if (r.p.logprobs >= 0) {  // log-softmax of the raw logits, accumulated in float64
     const double lse = log_sum_exp(x, V, nullptr);
-    const int32_t k = std::min<int32_t>(r.p.logprobs, int32_t(V));
-    std::vector<int32_t> idx(static_cast<size_t>(V));
-    for (int64_t v = 0; v < V; ++v) idx[size_t(v)] = int32_t(v);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                      [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
-    for (int32_t i = 0; i < k; ++i) e.top.push_back({idx[size_t(i)], float(double(x[idx[size_t(i)]]) - lse)});
+    top_logprobs(x, V, r.p.logprobs, lse, e.top);
     const int32_t tok = r.sampler->sample(x, V, r.tokens);
     e.logprob = float(double(x[tok]) - lse);
     e.token = tok;
@@ -312,7 +324,10 @@ void Engine::sample_row(Req& r, const float* x, double step_seconds) {
     close(r, e, why);  // the final event carries this token and the finish
     return;
   }
-  if (!r.first_event_sent) e.prompt_logprobs = std::move(r.prompt_lp);
+  if (!r.first_event_sent) {
+    e.prompt_logprobs = std::move(r.prompt_lp);
+    e.prompt_top = std::move(r.prompt_top);
+  }
   r.first_event_sent = true;
   emit(std::move(e));
 }
@@ -389,7 +404,7 @@ bool Engine::step(const InterruptFn& interrupt) {
     const bool completes = len + take[i] == int64_t(r.tokens.size());
     for (int64_t j = 0; j < take[i]; ++j) {
       const int64_t pos = len + j;
-      const bool sample = completes && j == take[i] - 1;
+      const bool sample = completes && j == take[i] - 1 && r.p.max_new_tokens > 0;  // 0: prompt_logprobs only
       const bool prompt_lp = r.p.prompt_logprobs && !r.sampled_once && pos <= r.n_prompt - 2;
       if (sample || prompt_lp) {
         rows.push_back(int32_t(row0 + j));
@@ -440,7 +455,18 @@ bool Engine::step(const InterruptFn& interrupt) {
     }
     // log p(prompt[pos + 1] | prompt[..pos]), float64 accumulation
     if (r.prompt_lp.empty()) r.prompt_lp.assign(size_t(r.n_prompt - 1), 0.0f);
-    r.prompt_lp[size_t(uses[u].pos)] = float(double(x[r.tokens[size_t(uses[u].pos + 1)]]) - log_sum_exp(x, V, nullptr));
+    const double lse = log_sum_exp(x, V, nullptr);
+    r.prompt_lp[size_t(uses[u].pos)] = float(double(x[r.tokens[size_t(uses[u].pos + 1)]]) - lse);
+    if (r.p.logprobs > 0) {  // the likeliest tokens at each prompt position too (an API's echo + logprobs)
+      if (r.prompt_top.empty()) r.prompt_top.resize(size_t(r.n_prompt - 1));
+      top_logprobs(x, V, r.p.logprobs, lse, r.prompt_top[size_t(uses[u].pos)]);
+    }
+  }
+  // max_new_tokens == 0 (prompt log-probabilities only): done once the prompt is evaluated.
+  for (size_t k = 0; k < in_step.size(); ++k) {
+    Req& r = *running_[in_step[k]];
+    if (!r.done && r.p.max_new_tokens == 0 && seqs[k].n_past + seqs[k].n_new == int64_t(r.tokens.size()))
+      finish(r, FinishReason::length);
   }
   // Sequences that finished leave.
   for (auto it = running_.begin(); it != running_.end();) {

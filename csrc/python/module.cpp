@@ -141,6 +141,15 @@ py::dict event_dict(Event& e) {
   }
   if (!e.prompt_logprobs.empty())
     d["prompt_logprobs"] = py::array_t<float>(py::ssize_t(e.prompt_logprobs.size()), e.prompt_logprobs.data());
+  if (!e.prompt_top.empty()) {
+    py::list tops;
+    for (const auto& row : e.prompt_top) {
+      py::list top;
+      for (const TokenLogprob& t : row) top.append(py::make_tuple(t.token, t.logprob));
+      tops.append(top);
+    }
+    d["prompt_top"] = tops;
+  }
   return d;
 }
 

@@ -6,6 +6,7 @@
     openelm-rt demo     (random OpenELM-270M weights when you have no checkpoint)
     openelm-rt info M.oelm [--verify]
     openelm-rt perplexity M.oelm --text FILE | --ids FILE [--ctx 512] [--kl-base BASE.oelm]
+    openelm-rt serve M.oelm [--host 127.0.0.1] [--port 8080] [--api-key KEY]   (extra [serve])
 
 Flags mirror the OpenELM model card's generate_openelm.py where they overlap
 (--model, --prompt, --max_length, --generate_kwargs).
@@ -245,6 +246,32 @@ def _version_string() -> str:
         return f"openelm-rt {__version__} (native core not built)"
 
 
+def cmd_serve(args) -> int:
+    from .session import parse_size
+
+    if args.kv_budget is not None:
+        parse_size("--kv-budget", args.kv_budget)
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"{args.model}: no such file; export a model with "
+                                f"`openelm-rt-export CHECKPOINT_DIR -o model.oelm` first")
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, "
+                             f"got {getattr(args, name)}")
+    try:
+        from . import serve
+        serve._require()
+    except ImportError as e:
+        raise UsageError(str(e))
+    api_key = args.api_key or os.environ.get("OPENELM_RT_API_KEY") or None
+    opts = serve.ServeOptions(model=args.model, model_name=args.model_name, api_key=api_key,
+                              max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
+                              max_context=args.max_context, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
+                              prefix_cache=args.prefix_cache)
+    serve.run(opts, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openelm-rt", description="Run Apple OpenELM models natively.")
     p.add_argument("--version", action="version", version=_version_string())
@@ -332,6 +359,35 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pp.set_defaults(func=cmd_perplexity)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the extra openelm_rt[serve])",
+                        description="Serve MODEL over the OpenAI HTTP API: /v1/chat/completions, /v1/completions "
+                                    "(streamed or not), /v1/models, /tokenize, /detokenize, /health, /metrics "
+                                    "(Prometheus). One engine batches all requests (continuous batching); chat "
+                                    "uses the OpenELM Instruct format. Binds to loopback unless --host says "
+                                    "otherwise.",
+                        epilog="example: openelm-rt serve openelm-270m-instruct.oelm --port 8080 --api-key s3cret\n"
+                               "  then: OpenAI(base_url='http://127.0.0.1:8080/v1', api_key='s3cret')",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sv.add_argument("model", help="path of an .oelm file")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $OPENELM_RT_API_KEY, else no key)")
+    sv.add_argument("--model-name", default=None, help="the model id clients see (default: the file name's stem)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences generating at once (default 16)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="sequences waiting beyond those; more get 503 with Retry-After (default 64)")
+    sv.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    sv.add_argument("--max-context", type=int, default=None, help="context size (default: the model's)")
+    sv.add_argument("--kv-budget", default=None, metavar="SIZE",
+                    help="KV cache memory, e.g. 1GiB (default: room for --max-batch sequences of the context, "
+                         "at most a quarter of RAM)")
+    sv.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32", help="KV cache element type")
+    sv.add_argument("--prefix-cache", type=int, default=16,
+                    help="finished sequences kept for prefix reuse (system prompts, chat turns); 0 = off")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
