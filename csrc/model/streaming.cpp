@@ -326,21 +326,30 @@ WeightStreamer::WeightStreamer(std::shared_ptr<const Model> model, const MemoryP
       if (it.stream_down) place(*L.down, &it.down[b]);
     }
   }
-  // No huge pages for the mapped file: a 2 MiB page faulted in for a resident tensor would also
-  // map the streamed neighbours (the kernel reads and maps whole 2 MiB folios for MADV_HUGEPAGE
-  // mappings). And the mapping's pages of streamed matrices are not ours to keep (verify may
-  // have read them).
+  // The mapped file is read by resident tensors only: no huge pages and no readahead there (a
+  // fault on a resident tensor would otherwise read, and map, its streamed neighbours with its
+  // 2 MiB folio or readahead window), the resident tensors read ahead exactly (WILLNEED), and
+  // the streamed matrices' pages split off into mappings of their own (DONTDUMP) and dropped
+  // (verify may have read them).
   no_huge_pages(*model_);
+  std::vector<std::pair<uint64_t, uint64_t>> streamed;
   for (const Item& it : items_)
     for (const auto& m : it.mapped) {
+      streamed.push_back({uint64_t(reinterpret_cast<uintptr_t>(m.first)), m.second});
       const uintptr_t b = align_up(reinterpret_cast<uintptr_t>(m.first));
       const uintptr_t e = align_down(reinterpret_cast<uintptr_t>(m.first) + m.second);
       if (e <= b) continue;
-      // A mapping of its own (madvise splits it off), so that a fault on a resident neighbour
-      // cannot map these pages with its folio; no readahead into them.
-      madvise(reinterpret_cast<void*>(b), e - b, MADV_RANDOM);
+      madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTDUMP);
       madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
     }
+  for (const TensorView& t : model_->file().tensors()) {
+    const uintptr_t b = align_down(reinterpret_cast<uintptr_t>(t.data)), e = align_up(reinterpret_cast<uintptr_t>(t.data) + t.size);
+    if (std::find(streamed.begin(), streamed.end(), std::make_pair(uint64_t(reinterpret_cast<uintptr_t>(t.data)), t.size)) ==
+        streamed.end()) {
+      madvise(reinterpret_cast<void*>(b), e - b, MADV_RANDOM);
+      madvise(reinterpret_cast<void*>(b), e - b, MADV_WILLNEED);
+    }
+  }
   if (opt_.prefetch) thread_ = std::thread([this] { producer(); });
 }
 

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include <pybind11/numpy.h>
@@ -352,7 +353,7 @@ PYBIND11_MODULE(_core, m) {
   // injected faults ("short": reads of at most a third of what was asked, rounded to 4 KiB
   // for direct reads; "eintr": every other call fails with EINTR first).
   m.def("_io_read", [](const std::string& path, std::vector<std::pair<uint64_t, uint64_t>> ranges,
-                       const std::string& mode, int threads, const std::string& fault) {
+                       const std::string& mode, int threads, const std::string& fault, bool keep) {
     static std::atomic<uint64_t> calls{0};
     IoEngine io(path, mode == "direct" ? IoEngine::Mode::direct : IoEngine::Mode::buffered, threads);
     const bool direct = io.mode() == IoEngine::Mode::direct;
@@ -376,6 +377,7 @@ PYBIND11_MODULE(_core, m) {
     void* mem = nullptr;
     if (posix_memalign(&mem, IoEngine::kAlign, std::max<uint64_t>(total, 1))) throw std::bad_alloc();
     std::unique_ptr<void, void (*)(void*)> hold(mem, free);
+    std::memset(mem, 0, total);  // pages faulted in before the timed reads
     std::vector<IoEngine::Range> rs;
     uint64_t at = 0;
     for (const auto& r : ranges) {
@@ -388,15 +390,17 @@ PYBIND11_MODULE(_core, m) {
     }
     const IoStats st = io.stats();
     py::dict d;
-    d["data"] = py::bytes(static_cast<const char*>(mem), total);
+    d["data"] = keep ? py::bytes(static_cast<const char*>(mem), total) : py::bytes();
     d["mode"] = direct ? "direct" : "buffered";
     d["fell_back"] = io.fell_back();
     d["bytes"] = st.bytes;
     d["requests"] = st.requests;
     d["syscalls"] = st.syscalls;
     d["retries"] = st.retries;
+    d["read_s"] = st.read_s;
     return d;
-  }, py::arg("path"), py::arg("ranges"), py::arg("mode") = "direct", py::arg("threads") = 2, py::arg("fault") = "");
+  }, py::arg("path"), py::arg("ranges"), py::arg("mode") = "direct", py::arg("threads") = 2, py::arg("fault") = "",
+     py::arg("keep") = true);
   m.def("_coalesce", [](std::vector<std::pair<uint64_t, uint64_t>> ranges, uint64_t max_gap) {
     std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> out;
     for (const IoGroup& g : coalesce(std::move(ranges), max_gap)) out.emplace_back(g.offset, g.length, g.buffer_offset);
