@@ -197,7 +197,9 @@ oelm_status oelm_model_load(const char* path, const oelm_model_options* options,
     require(out_model != nullptr, "oelm_model_load: out_model is NULL");
     require(path != nullptr, "oelm_model_load: path is NULL");
     const oelm_model_options d = oelm_model_options_default();
-    oelm_model_options o = options ? accept_struct(*options, d, {offsetof(oelm_model_options, kv_type)},
+    oelm_model_options o = options ? accept_struct(*options, d,
+                                                   {offsetof(oelm_model_options, kv_type),
+                                                    offsetof(oelm_model_options, memory_budget_mib)},
                                                    "oelm_model_options", "oelm_model_options_default()")
                                    : d;
     if (o.n_threads < 0)
@@ -212,6 +214,9 @@ oelm_status oelm_model_load(const char* path, const oelm_model_options* options,
     if (o.kv_budget_mib < 0 || o.kv_budget_mib > (int64_t(1) << 30))
       throw oelm::InvalidArgument("kv_budget_mib must be >= 1 (or 0 for the default), got " +
                                   std::to_string(o.kv_budget_mib));
+    if (o.memory_budget_mib < 0 || o.memory_budget_mib > (int64_t(1) << 30))
+      throw oelm::InvalidArgument("memory_budget_mib must be >= 1 (or 0 for no cap), got " +
+                                  std::to_string(o.memory_budget_mib));
     if (o.kv_block_size < 0 || o.kv_block_size % 16 || o.kv_block_size > 4096)
       throw oelm::InvalidArgument("kv_block_size must be a multiple of 16 up to 4096 (or 0 for the default), got " +
                                   std::to_string(o.kv_block_size));
@@ -294,6 +299,7 @@ oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session
     ro.kv_type = o.kv_type == OELM_KV_F16 ? oelm::KvType::f16 : oelm::KvType::f32;
     ro.kv_budget_bytes = o.kv_budget_mib * (int64_t(1) << 20);
     ro.block_size = o.kv_block_size;
+    ro.memory_budget_bytes = o.memory_budget_mib * (int64_t(1) << 20);
     ro.prefix_cache_entries = o.prefix_cache == 0 ? 16 : o.prefix_cache < 0 ? 0 : o.prefix_cache;
     ro.budget_sequences = o.max_batch > 0 ? o.max_batch : 16;
     std::shared_ptr<oelm::Backend> backend = oelm::Backend::create("cpu", o.n_threads);

@@ -15,12 +15,6 @@ namespace oelm {
 
 namespace {
 
-std::string mib(int64_t bytes) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.1f MiB", double(bytes) / (1024.0 * 1024.0));
-  return buf;
-}
-
 void check_tokens(const int32_t* ids, int64_t n, int64_t vocab, const char* what) {
   for (int64_t i = 0; i < n; ++i)
     if (ids[i] < 0 || ids[i] >= vocab)
@@ -60,9 +54,12 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
                           std::to_string(bs));
   if (o.kv_budget_bytes < 0) throw InvalidArgument("kv_budget must be positive, got " + std::to_string(o.kv_budget_bytes));
   if (o.prefix_cache_entries < 0) throw InvalidArgument("prefix_cache_entries must be >= 0");
+  if (o.memory_budget_bytes < 0)
+    throw InvalidArgument("memory_budget must be positive, got " + std::to_string(o.memory_budget_bytes));
+  const bool capped = o.memory_budget_bytes > 0;
   const int64_t block_bytes = kv_block_bytes(c, bs, o.kv_type);
-  budget_bytes_ =
-      o.kv_budget_bytes > 0 ? o.kv_budget_bytes : kv_budget_default(c, max_ctx, o.kv_type, o.budget_sequences);
+  budget_bytes_ = o.kv_budget_bytes > 0 ? o.kv_budget_bytes
+                                        : kv_budget_default(c, max_ctx, o.kv_type, capped ? 1 : o.budget_sequences);
   const int64_t n_blocks = budget_bytes_ / block_bytes;
   if (n_blocks < 1)
     throw InvalidArgument("kv_budget of " + std::to_string(budget_bytes_) + " bytes is less than one KV block of " +
@@ -73,9 +70,17 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   geo.n_blocks = int32_t(n_blocks);
   geo.block_size = bs;
   geo.type = o.kv_type;
-  exec_ = make_cpu_executor(model_, backend_, geo, max_ctx, o.max_step_tokens > 0 ? o.max_step_tokens : kDefaultStepTokens);
+  const int64_t step_tokens = o.max_step_tokens > 0 ? o.max_step_tokens : kDefaultStepTokens;
+  if (capped) {
+    // Scratch: the executor's, plus logits of a full step (scoring) and of a batch (engine).
+    const int64_t scratch = cpu_scratch_bytes(*model_, max_ctx, step_tokens) +
+                            (step_tokens + std::max<int64_t>(o.budget_sequences, 1)) * c.vocab_size * 4;
+    plan_ = plan_memory(*model_, o.memory_budget_bytes, n_blocks * block_bytes, scratch);
+    if (plan_->streams()) stream_ = std::make_shared<WeightStreamer>(model_, *plan_, o.stream);
+  }
+  exec_ = make_cpu_executor(model_, backend_, geo, max_ctx, step_tokens, stream_);
   Executor* ex = exec_.get();
-  const std::string text = mib(n_blocks * block_bytes) + " (" + std::to_string(n_blocks) + " blocks of " +
+  const std::string text = mib_text(n_blocks * block_bytes) + " (" + std::to_string(n_blocks) + " blocks of " +
                            std::to_string(bs) + " positions, " + std::to_string(block_bytes / 1024) + " KiB each, " +
                            (o.kv_type == KvType::f16 ? "f16" : "f32") + ")";
   kv_ = std::make_unique<KvCache>(int32_t(n_blocks), bs, [ex](int32_t s, int32_t d, int64_t r) { ex->copy_block(s, d, r); },

@@ -14,6 +14,7 @@
 #include "engine/kv_cache.h"
 #include "model/executor.h"
 #include "model/model.h"
+#include "model/streaming.h"
 
 namespace oelm {
 
@@ -25,6 +26,12 @@ struct RuntimeOptions {
   KvType kv_type = KvType::f32;
   int64_t max_step_tokens = 0;  // rows per forward step; 0: kDefaultStepTokens
   int32_t prefix_cache_entries = 0;  // finished sequences kept for prefix reuse; 0: none
+  // Cap on the memory the model takes (resident weights, KV cache, activations, logits, read
+  // buffers); 0: none, every weight resident. Under a cap the KV cache defaults to one
+  // sequence of max_context, and FFN matrices that do not fit are read from the file at every
+  // step (streaming.h); below the minimum the constructor throws, stating it.
+  int64_t memory_budget_bytes = 0;
+  StreamOptions stream;
 };
 
 // Positions per KV block; docs/ARCHITECTURE.md gives the measurement behind the choice.
@@ -59,6 +66,10 @@ class Runtime {
   int64_t max_context() const { return exec_->max_context(); }
   int64_t max_step_tokens() const { return exec_->max_step_tokens(); }
   int64_t kv_budget_bytes() const { return budget_bytes_; }
+  // The memory plan (null without memory_budget_bytes) and the weight stream (null when
+  // nothing streams).
+  const MemoryPlan* memory_plan() const { return plan_ ? &*plan_ : nullptr; }
+  const WeightStreamer* streamer() const { return stream_.get(); }
 
   // ---- sequences: small integer handles, reused after seq_free ----
   int32_t seq_new();
@@ -129,6 +140,8 @@ class Runtime {
 
   std::shared_ptr<const Model> model_;
   std::shared_ptr<Backend> backend_;
+  std::optional<MemoryPlan> plan_;
+  std::shared_ptr<WeightStreamer> stream_;
   std::unique_ptr<Executor> exec_;
   std::unique_ptr<KvCache> kv_;
   PrefixCache prefix_;

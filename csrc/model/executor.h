@@ -69,9 +69,17 @@ class Executor {
 // Bytes of KV memory one block of `block_size` positions takes, every layer.
 int64_t kv_block_bytes(const ModelConfig& c, int64_t block_size, KvType type);
 
+class WeightStreamer;
+
 // The CPU backend's executor: kernels and threads of `backend`, KV blocks in host memory
 // (mapped lazily: pages cost memory once written). max_context bounds positions (RoPE table).
+// `stream` (optional): where the FFN matrices come from under a memory budget (streaming.h).
 std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend,
-                                            const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens);
+                                            const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens,
+                                            std::shared_ptr<WeightStreamer> stream = nullptr);
+
+// Bytes of activations and scratch the CPU executor and its backend use for steps of up to
+// max_step_tokens rows (the memory planner counts them).
+int64_t cpu_scratch_bytes(const Model& m, int64_t max_context, int64_t max_step_tokens);
 
 }  // namespace oelm

@@ -12,6 +12,7 @@
 #include "common/error.h"
 #include "common/half.h"
 #include "model/executor.h"
+#include "model/streaming.h"
 
 namespace oelm {
 
@@ -41,7 +42,7 @@ class HostBuffer {
 class CpuExecutor final : public Executor {
  public:
   CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, const KvGeometry& kv,
-              int64_t max_context, int64_t max_step_tokens);
+              int64_t max_context, int64_t max_step_tokens, std::shared_ptr<WeightStreamer> stream);
 
   const char* name() const override { return "cpu"; }
   void forward(const Step& step, float* logits, const InterruptFn& interrupt) override;
@@ -66,6 +67,7 @@ class CpuExecutor final : public Executor {
   };
   std::shared_ptr<const Model> model_;
   std::shared_ptr<Backend> backend_;
+  std::shared_ptr<WeightStreamer> stream_;  // FFN matrices read per step (memory budget); null: all resident
   KvGeometry geo_;
   int64_t max_ctx_, max_tokens_, hd_;
   size_t elem_;  // bytes per KV element
@@ -83,8 +85,8 @@ class CpuExecutor final : public Executor {
 };
 
 CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend, const KvGeometry& kv,
-                         int64_t max_context, int64_t max_step_tokens)
-    : model_(std::move(model)), backend_(std::move(backend)), geo_(kv), max_ctx_(max_context),
+                         int64_t max_context, int64_t max_step_tokens, std::shared_ptr<WeightStreamer> stream)
+    : model_(std::move(model)), backend_(std::move(backend)), stream_(std::move(stream)), geo_(kv), max_ctx_(max_context),
       max_tokens_(max_step_tokens) {
   const ModelConfig& c = model_->config();
   if (max_context < 1 || max_context > (int64_t(1) << 20))
@@ -180,6 +182,7 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
     throw InvalidArgument("a step has " + std::to_string(T) + " tokens; it must have 1 to " +
                           std::to_string(max_tokens_));
   float *x = x_.data(), *h = h_.data(), *tmp = tmp_.data();
+  if (stream_) stream_->begin_step();
 
   // Each row's sequence and position; attention work items: (sequence, block of up to
   // kAttnTokens of its rows), each later split over the layer's kv heads.
@@ -257,9 +260,12 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
     for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
 
     // --- feed-forward (SwiGLU) ---
+    // Under a memory budget the matrices may be a streamed copy (same bytes, same kernels).
+    const WeightStreamer::Ffn ffn = stream_ ? stream_->acquire(li) : WeightStreamer::Ffn{L.gate_up, L.down};
     over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.ffn_norm, D, eps, h + t * D); });
-    backend_->matmul_swiglu(h, T, *L.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
-    backend_->matmul(act_.data(), T, *L.down, tmp, D);  // [T, D]
+    backend_->matmul_swiglu(h, T, *ffn.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
+    backend_->matmul(act_.data(), T, *ffn.down, tmp, D);  // [T, D]
+    if (stream_) stream_->release(li);
     for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
   }
 
@@ -282,9 +288,22 @@ int64_t kv_block_bytes(const ModelConfig& c, int64_t block_size, KvType type) {
   return 2 * heads * block_size * c.head_dim * (type == KvType::f16 ? 2 : 4);
 }
 
+int64_t cpu_scratch_bytes(const Model& m, int64_t max_context, int64_t max_step_tokens) {
+  // What the constructor allocates (x, h, tmp, qkv, attn, ffn, act; RoPE tables) and what the
+  // backend's matmuls add (activations quantized to int8 or rounded to bf16), in bytes.
+  const ModelConfig& c = m.config();
+  const int64_t T = max_step_tokens, K = std::max({c.d_model, m.max_q_dim(), m.max_ffn_dim()});
+  const int64_t floats = T * (3 * c.d_model + m.max_qkv_dim() + m.max_q_dim() + 3 * m.max_ffn_dim()) +
+                         max_context * c.head_dim;
+  const int64_t quantized = T * (K + 32) + 2 * T * (K / 32 + 1) * 4 + T * K * 2;
+  return floats * 4 + quantized;
+}
+
 std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend,
-                                            const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens) {
-  return std::make_unique<CpuExecutor>(std::move(model), std::move(backend), kv, max_context, max_step_tokens);
+                                            const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens,
+                                            std::shared_ptr<WeightStreamer> stream) {
+  return std::make_unique<CpuExecutor>(std::move(model), std::move(backend), kv, max_context, max_step_tokens,
+                                       std::move(stream));
 }
 
 }  // namespace oelm

@@ -1,6 +1,13 @@
 // pybind11 bindings: a thin layer over the C++ core. Heavy calls release the GIL and
 // poll for Ctrl-C between layers, so a long prefill stops promptly and cleanly.
 // The Python-facing API (Session, generate, CLI) lives in python/openelm_rt/.
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,6 +19,7 @@
 #include "generate/sampler.h"
 #include "kernels/dispatch.h"
 #include "model/model.h"
+#include "model/streaming.h"
 #include "tokenizer/tokenizer.h"
 
 namespace py = pybind11;
@@ -341,11 +349,74 @@ PYBIND11_MODULE(_core, m) {
         return out;
       }, py::arg("token_ids"), py::arg("all_logits") = false);
 
+  // The I/O engine's test hooks (tests/test_memory_budget.py): reads ranges of a file with
+  // injected faults ("short": reads of at most a third of what was asked, rounded to 4 KiB
+  // for direct reads; "eintr": every other call fails with EINTR first).
+  m.def("_io_read", [](const std::string& path, std::vector<std::pair<uint64_t, uint64_t>> ranges,
+                       const std::string& mode, int threads, const std::string& fault, bool keep) {
+    static std::atomic<uint64_t> calls{0};
+    IoEngine io(path, mode == "direct" ? IoEngine::Mode::direct : IoEngine::Mode::buffered, threads);
+    const bool direct = io.mode() == IoEngine::Mode::direct;
+    if (fault == "short")  // the whole request is read, fewer bytes reported (unaligned ones too)
+      io.set_pread_for_testing(+[](int fd, void* b, size_t n, off_t o) -> ssize_t {
+        const ssize_t r = ::pread(fd, b, n, o);
+        return r > 0 ? std::min<ssize_t>(r, std::max<ssize_t>(IoEngine::kAlign + 100, ssize_t(n / 3) + 100)) : r;
+      });
+    else if (fault == "eintr")
+      io.set_pread_for_testing(+[](int fd, void* b, size_t n, off_t o) -> ssize_t {
+        if (calls.fetch_add(1) % 2 == 0) {
+          errno = EINTR;
+          return -1;
+        }
+        return ::pread(fd, b, n, o);
+      });
+    else if (!fault.empty())
+      throw InvalidArgument("fault must be '', 'short' or 'eintr'");
+    uint64_t total = 0;
+    for (const auto& r : ranges) total += r.second;
+    void* mem = nullptr;
+    if (posix_memalign(&mem, IoEngine::kAlign, std::max<uint64_t>(total, 1))) throw std::bad_alloc();
+    std::unique_ptr<void, void (*)(void*)> hold(mem, free);
+    std::memset(mem, 0, total);  // pages faulted in before the timed reads
+    std::vector<IoEngine::Range> rs;
+    uint64_t at = 0;
+    for (const auto& r : ranges) {
+      rs.push_back({r.first, r.second, static_cast<uint8_t*>(mem) + at});
+      at += r.second;
+    }
+    {
+      py::gil_scoped_release release;
+      io.read(rs);
+    }
+    const IoStats st = io.stats();
+    py::dict d;
+    d["data"] = keep ? py::bytes(static_cast<const char*>(mem), total) : py::bytes();
+    d["mode"] = direct ? "direct" : "buffered";
+    d["fell_back"] = io.fell_back();
+    d["bytes"] = st.bytes;
+    d["requests"] = st.requests;
+    d["syscalls"] = st.syscalls;
+    d["retries"] = st.retries;
+    d["read_s"] = st.read_s;
+    return d;
+  }, py::arg("path"), py::arg("ranges"), py::arg("mode") = "direct", py::arg("threads") = 2, py::arg("fault") = "",
+     py::arg("keep") = true);
+  m.def("_coalesce", [](std::vector<std::pair<uint64_t, uint64_t>> ranges, uint64_t max_gap) {
+    std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> out;
+    for (const IoGroup& g : coalesce(std::move(ranges), max_gap)) out.emplace_back(g.offset, g.length, g.buffer_offset);
+    return out;
+  }, py::arg("ranges"), py::arg("max_gap"));
+
   py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
       .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<Backend> backend, int64_t max_context,
                        int64_t kv_budget, int64_t block_size, const std::string& kv_dtype, int64_t max_step_tokens,
-                       int32_t prefix_cache, int64_t budget_sequences) {
+                       int32_t prefix_cache, int64_t budget_sequences, int64_t memory_budget,
+                       const std::string& stream_io, int io_threads, bool prefetch) {
              RuntimeOptions o;
+             o.memory_budget_bytes = memory_budget;
+             o.stream.io = stream_io;
+             o.stream.io_threads = io_threads;
+             o.stream.prefetch = prefetch;
              o.budget_sequences = budget_sequences;
              o.max_context = max_context;
              o.kv_budget_bytes = kv_budget;
@@ -364,7 +435,50 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("model"), py::arg("backend"), py::arg("max_context") = 0, py::arg("kv_budget") = 0,
            py::arg("block_size") = 0, py::arg("kv_dtype") = "f32", py::arg("max_step_tokens") = 0,
-           py::arg("prefix_cache") = 0, py::arg("budget_sequences") = 4)
+           py::arg("prefix_cache") = 0, py::arg("budget_sequences") = 4, py::arg("memory_budget") = 0,
+           py::arg("stream_io") = "direct", py::arg("io_threads") = 4, py::arg("prefetch") = true)
+      .def_property_readonly("memory_plan", [](Runtime& r) -> py::object {
+        const MemoryPlan* p = r.memory_plan();
+        if (!p) return py::none();
+        py::dict d;
+        d["budget"] = p->budget;
+        d["model_bytes"] = p->model_bytes;
+        d["resident_fixed"] = p->resident_fixed;
+        d["resident_ffn"] = p->resident_ffn;
+        d["kv_bytes"] = p->kv_bytes;
+        d["scratch_bytes"] = p->scratch_bytes;
+        d["io_bytes"] = p->io_bytes;
+        d["streamed_bytes_per_step"] = p->streamed_bytes;
+        d["total"] = p->total();
+        d["minimum"] = p->minimum;
+        py::list layers;
+        for (const MemoryPlan::Layer& l : p->layers) {
+          py::list streamed;
+          if (l.gate_up) streamed.append("gate_up");
+          if (l.down) streamed.append("down");
+          layers.append(streamed);
+        }
+        d["streamed_layers"] = layers;
+        d["text"] = p->text();
+        const WeightStreamer* w = r.streamer();
+        d["io"] = w ? py::object(py::str(w->io_fell_back() ? "buffered (O_DIRECT refused)" : w->options().io))
+                    : py::object(py::none());
+        return d;
+      })
+      .def_property_readonly("stream_stats", [](Runtime& r) -> py::object {
+        const WeightStreamer* w = r.streamer();
+        if (!w) return py::none();
+        const StreamStats st = w->stats();
+        py::dict d;
+        d["bytes_read"] = st.io.bytes;
+        d["requests"] = st.io.requests;
+        d["syscalls"] = st.io.syscalls;
+        d["retries"] = st.io.retries;
+        d["read_s"] = st.io.read_s;
+        d["wait_s"] = st.wait_s;
+        d["layers_streamed"] = st.layers_streamed;
+        return d;
+      })
       .def_property_readonly("max_context", &Runtime::max_context)
       .def_property_readonly("max_step_tokens", &Runtime::max_step_tokens)
       .def_property_readonly("kv_budget", &Runtime::kv_budget_bytes)

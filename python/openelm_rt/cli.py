@@ -149,13 +149,16 @@ def cmd_generate(args) -> int:
     if not os.path.exists(args.model):
         raise UsageError(f"model file {args.model!r} does not exist; create one with "
                          f"`openelm-rt-export CHECKPOINT_DIR -o {args.model}`")
-    from .session import parse_size
+    from .session import parse_memory_budget, parse_size
     try:
         parse_size("--kv-budget", args.kv_budget)
+        parse_memory_budget(args.memory_budget, os.path.getsize(args.model))
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(str(e).replace("memory_budget", "--memory-budget")) from None
     with Session(args.model, threads=args.threads, max_context=args.max_context, backend=args.backend,
-                 kv_budget=args.kv_budget, kv_dtype=args.kv_dtype) as s:
+                 kv_budget=args.kv_budget, kv_dtype=args.kv_dtype, memory_budget=args.memory_budget) as s:
+        if s.memory_plan is not None:
+            print(s.memory_plan["text"], file=sys.stderr, flush=True)
         if args.chat:
             return _run_chat(s, args, max_new, kw)
         if args.max_length is not None:
@@ -307,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--kv-budget", default=None, metavar="SIZE",
                    help="KV cache memory, e.g. 512MiB or 2GiB (default: room for 4 sequences of the context)")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE|PCT",
+                   help="run in at most this much memory, e.g. 1.2GiB or 50%% (of the model file): feed-forward "
+                        "weights that do not fit are read from the file every token, same output; prints the plan")
     g.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
                    help="KV cache element type: f32 (exact, default) or f16 (half the memory)")
     g.add_argument("--backend", choices=("cpu", "ref"), default="cpu", help=argparse.SUPPRESS)

@@ -89,6 +89,19 @@ def parse_size(name, value) -> int:
     raise ValueError(f"{name} must be a number of bytes or a size such as '512MiB' or '2GiB', got {value!r}")
 
 
+def parse_memory_budget(value, model_bytes: int) -> int:
+    """Bytes from a size (parse_size) or a percentage of the model file such as "50%"."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = float(value.strip()[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 1000:
+            raise ValueError(f"memory_budget as a percentage must be in (0%, 1000%] of the model file, got {value!r}")
+        return max(1, int(model_bytes * pct / 100))
+    return parse_size("memory_budget", value)
+
+
 def _check_int(name, value, lo=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -156,10 +169,23 @@ class Session:
             the activations entering bf16 matmuls are rounded to bf16 (twice the arithmetic
             rate; README gives the measured cost in KL); True: exact f32 activations (f32 FMAs).
             "ref" is always exact.
+        memory_budget: run the model in at most this much memory (bytes, a size such as
+            "1.2GiB", or a percentage of the model file such as "50%"): resident weights, the
+            KV cache (default under a budget: one sequence of max_context), activations and
+            read buffers. What does not fit (feed-forward matrices) is read from the file at
+            every forward step by a prefetch thread with O_DIRECT; the logits are the same,
+            bit for bit. The plan is in `memory_plan`; a budget below the minimum is a
+            ValueError stating the minimum. Default None: every weight resident.
+        stream_io: with memory_budget: "direct" (default; buffered reads dropped from the page
+            cache where the file system refuses O_DIRECT), "buffered", or "mmap" (benchmark
+            baseline: pages of the mapped file dropped after each use).
+        prefetch: with memory_budget: read the next layer's weights while this one computes
+            (default True; False is the naive baseline, each layer read when needed).
     """
 
     def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu", kv_budget=None,
-                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=False):
+                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=False,
+                 memory_budget=None, stream_io="direct", prefetch=True):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -177,6 +203,9 @@ class Session:
         max_batch = _check_int("max_batch", max_batch, lo=1)
         prefix_cache = _check_int("prefix_cache", prefix_cache, lo=0)
         block = 0 if kv_block_size is None else _check_int("kv_block_size", kv_block_size, lo=16)
+        memory = parse_memory_budget(memory_budget, os.path.getsize(path))
+        if stream_io not in ("direct", "buffered", "mmap"):
+            raise ValueError(f"stream_io must be 'direct', 'buffered' or 'mmap', got {stream_io!r}")
         self._model = _core.Model(path, bool(verify))
         self._backend = _core.Backend(backend, threads, "", bool(exact))
         cfg = self._model.config
@@ -186,7 +215,8 @@ class Session:
         max_context = _check_int("max_context", max_context, lo=2)
         self._rt = _core.Runtime(self._model, self._backend, max_context=max_context, kv_budget=budget,
                                  block_size=block, kv_dtype=kv_dtype, prefix_cache=prefix_cache,
-                                 max_step_tokens=max(256, max_batch), budget_sequences=max_batch)
+                                 max_step_tokens=max(256, max_batch), budget_sequences=max_batch,
+                                 memory_budget=memory, stream_io=stream_io, prefetch=bool(prefetch))
         self._engine = _core.Engine(self._rt, max_batch=max_batch)
         # Validated by the core at load; None for a file of token ids only (--no-tokenizer).
         self._tok = self._model.tokenizer if self._model.has_tokenizer else None
@@ -253,6 +283,19 @@ class Session:
                 "generated_tokens": eng["generated"], "preempted": eng["preempted"],
                 "kv_budget": rt.kv_budget, "kv_blocks": rt.kv_blocks, "kv_blocks_free": rt.kv_blocks_free,
                 "kv_block_size": rt.kv_block_size, "prefix_cache_entries": rt.prefix_cache_entries}
+
+    @property
+    def memory_plan(self):
+        """Under memory_budget: the plan (dict: budget, resident and streamed bytes, KV, scratch,
+        read buffers, streamed bytes per forward step, minimum; streamed_layers lists each
+        layer's streamed matrices; text: the readable summary). None without a budget."""
+        return self._open()._rt.memory_plan
+
+    @property
+    def stream_stats(self):
+        """Counters of the weight stream (bytes read, read requests, syscalls, retries, read
+        time, time the forward pass waited, layers streamed); None when nothing streams."""
+        return self._open()._rt.stream_stats
 
     def __repr__(self):
         c = self.config

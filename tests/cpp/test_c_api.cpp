@@ -740,6 +740,31 @@ TEST(kv_budget_is_a_clear_error) {
   CHECK_OK(oelm_session_eval_batch(s.get(), items.data(), 3, nullptr, 0, &rows));  // half of it fits
 }
 
+// memory_budget_mib: below the minimum, oelm_session_new says what the minimum is; at it, the
+// session generates what the Python path generates (streamed FFN weights, same logits).
+TEST(memory_budget_states_the_minimum) {
+  oelm_model_options o = oelm_model_options_default();
+  o.n_threads = 2;
+  o.memory_budget_mib = 1;
+  oelm_model* mp = nullptr;
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr small(mp);
+  oelm_session* sp = nullptr;
+  CHECK_STATUS(oelm_session_new(small.get(), &sp), OELM_INVALID_ARGUMENT);
+  const std::string err = oelm_last_error();
+  const size_t at = err.find("minimum of ");
+  CHECK(at != std::string::npos && contains(err.c_str(), "raise memory_budget"));
+  const double minimum_mib = std::stod(err.substr(at + 11));
+  o.memory_budget_mib = int64_t(std::ceil(minimum_mib + 0.05));
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr m(mp);
+  SessionPtr s = new_session(m.get());
+  for (const GenCase& c : generate_cases()) CHECK(generate(s.get(), c) == c.tokens);
+  o.memory_budget_mib = -1;
+  CHECK_STATUS(oelm_model_load(model_path().c_str(), &o, &mp), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "memory_budget_mib"));
+}
+
 TEST(score_matches_eval) {
   ModelPtr m = load(2);
   SessionPtr s = new_session(m.get());

@@ -141,6 +141,12 @@ typedef struct oelm_model_options {
   int32_t exact;         /* bf16 weights: 0 = activations rounded to bf16 for the CPU's bf16 dot
                             products where it has them (AVX-512 BF16; faster), nonzero = exact
                             f32 activations (as openelm_rt.Session's `exact`) */
+  int64_t memory_budget_mib; /* cap on the memory a session takes for the model (resident
+                            weights, KV cache, activations, read buffers), in MiB; 0 = none (all
+                            weights resident). Under a cap the KV cache defaults to one sequence
+                            of max_context and the FFN matrices that do not fit are read from the
+                            file at every step (exact: same logits). oelm_session_new fails with
+                            OELM_INVALID_ARGUMENT stating the minimum when the cap is too small */
 } oelm_model_options;
 
 /* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0). */
