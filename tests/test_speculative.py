@@ -215,9 +215,10 @@ def test_context_limit(ort, exports):
         ref = s.generate(p, max_new_tokens=100)
         assert ref.finish_reason == "context"
         for kw in (dict(assistant_model=s, num_assistant_tokens=8), dict(prompt_lookup_num_tokens=8)):
-            r = s.generate(p, max_new_tokens=100, speculation="hf", **kw)
-            _same(r, ref)
-            assert len(p) + len(r.token_ids) == 41
+            for mode in ("hf", "adaptive"):  # adaptive: the cost curve is measured near the limit
+                r = s.generate(p, max_new_tokens=100, speculation=mode, **kw)
+                _same(r, ref)
+                assert len(p) + len(r.token_ids) == 41
 
 
 def test_stop_strings_and_stream(sessions):
@@ -277,6 +278,13 @@ def _sequence_distribution(s, prompt, n, kw):
     return out
 
 
+def _chi2_quantile_999(df):
+    """The 0.999 quantile of chi-square with df degrees of freedom (Wilson-Hilferty; within 1 %
+    of the exact value for df >= 10: 124.8 for df = 80)."""
+    z = 3.090232  # the standard normal's 0.999 quantile
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
 def test_sampling_with_an_assistant_matches_the_target_distribution(sessions):
     """The speculative-sampling rule keeps the target's distribution: over the 81 continuations
     of 4 tokens with top_k=3, N = 2000 seeded draws pass a chi-square test at the 0.1 % level.
@@ -284,7 +292,6 @@ def test_sampling_with_an_assistant_matches_the_target_distribution(sessions):
     target's without being equal, so both keeping and redrawing happen often. (Redrawing from
     p instead of norm(max(0, p - q)), the classic mistake, scores ~980 against a bound of 125;
     accepting every draft token leaves the target's support.)"""
-    from scipy import stats as sst
     s = sessions["f32"]
     p = prompt_ids(8, seed=9)
     kw = dict(temperature=1.5, top_k=3)
@@ -314,7 +321,7 @@ def test_sampling_with_an_assistant_matches_the_target_distribution(sessions):
         o2[-1] += oa
         e2[-1] += ea
     chi2 = float(((np.array(o2) - np.array(e2)) ** 2 / np.array(e2)).sum())
-    assert chi2 < sst.chi2.ppf(0.999, len(o2) - 1), (chi2, len(o2))
+    assert chi2 < _chi2_quantile_999(len(o2) - 1), (chi2, len(o2))
 
 
 # ----------------------------------------------------------------------------- KV truncation

@@ -122,6 +122,12 @@ class DraftModel:
             self.rt.seq_free(self.seq)
         self.seq = None
 
+    def prefill(self, tokens):
+        """Evaluate all of `tokens` but the last (the prompt's processing, timed as prefill)."""
+        if len(tokens) > 1 and not self.kv:
+            self.rt.eval([(self.seq, tokens[:-1], "none")])
+            self.kv = list(tokens[:-1])
+
     def sync(self, tokens):
         """Truncate the draft's cache to its common prefix with `tokens` (what the target kept);
         returns the tokens still to feed it (at least the last one, whose logits are needed)."""
@@ -177,13 +183,14 @@ def _draw(w, u):
 
 def measure_cost_curve(rt, seq, token, reps=2):
     """Seconds of a step of n tokens, for n = 1 .. ADAPTIVE_MAX_TOKENS + 1 (interpolated
-    between the measured points _CURVE_POINTS), on a fork of `seq` (its context, freed after).
-    The fastest of `reps` runs of each point."""
+    between the measured points _CURVE_POINTS), on a fork of `seq` (its context, as much of it
+    as leaves room for the longest step; freed after). The fastest of `reps` runs of each point."""
+    keep = max(0, min(rt.seq_len(seq), rt.max_context - max(_CURVE_POINTS)))
     meas = {}
     for n in _CURVE_POINTS:
         best = math.inf
         for _ in range(reps):
-            f = rt.seq_fork(seq)
+            f = rt.seq_fork(seq, keep)
             try:
                 t0 = time.perf_counter()
                 rt.eval([(f, [token] * n, "all")])
@@ -219,6 +226,16 @@ class Controller:
     @property
     def rate(self):
         return self.acc / (self.acc + self.rej)
+
+    def can_pay(self, kmax, draft_step_seconds):
+        """Whether checking proposals could ever beat a plain step, even if all were accepted
+        (an assistant as slow as the target cannot)."""
+        acc, rej = self.acc, self.rej
+        self.acc, self.rej = 1.0, 0.0
+        try:
+            return self.choose(kmax, draft_step_seconds) > 0
+        finally:
+            self.acc, self.rej = acc, rej
 
     def choose(self, kmax, draft_step_seconds=0.0):
         a, t1 = self.rate, self.curve[0]
@@ -274,7 +291,6 @@ def _generate(s, prompt, params, opts: SpeculationOptions, out: SpeculativeStrea
     from .session import GenerationResult
 
     rt = s._rt
-    V = s.vocab_size
     eos = s.eos_token_id
     max_ctx = rt.max_context
     max_new = params["max_new_tokens"]
@@ -330,11 +346,22 @@ def _generate(s, prompt, params, opts: SpeculationOptions, out: SpeculativeStrea
             prefill_s = time.perf_counter() - t_start
             if opts.mode == "adaptive" and finish is None:
                 t0 = time.perf_counter()
-                curve = s._spec_curve
-                if curve is None:
-                    curve = s._spec_curve = measure_cost_curve(rt, seq, tokens[-1])
+                if s._spec_curve is None:
+                    s._spec_curve = measure_cost_curve(rt, seq, tokens[-1])
+                ctl = Controller(s._spec_curve)
+                if draft is not None:
+                    a = draft.s
+                    if a._spec_curve is None:
+                        a._spec_curve = measure_cost_curve(draft.rt, draft.seq, tokens[-1])
+                    draft.step_seconds = a._spec_curve[0]
+                    if not ctl.can_pay(min(n_assist, ADAPTIVE_MAX_TOKENS), draft.step_seconds):
+                        draft.close()  # as slow as the target: it can never pay for itself
+                        draft = None
                 calib_s = time.perf_counter() - t0
-                ctl = Controller(curve)
+            if draft is not None and finish is None:
+                t0 = time.perf_counter()
+                draft.prefill(tokens)
+                prefill_s += time.perf_counter() - t0
         else:
             finish = "length"
         t_decode = time.perf_counter()
@@ -357,8 +384,7 @@ def _generate(s, prompt, params, opts: SpeculationOptions, out: SpeculativeStrea
             if kmax > 0 and not props and shadow is None and draft is not None:
                 k = min(n_assist, kmax, draft.s.max_context - len(tokens) + 1)
                 if ctl is not None and k > 0:
-                    step = draft.step_seconds if draft.step_seconds is not None else 0.5 * ctl.curve[0]
-                    kc = ctl.choose(k, step)
+                    kc = ctl.choose(k, draft.step_seconds)
                     since_probe += 1
                     if kc == 0 and since_probe >= _PROBE_EVERY:
                         kc = 1
