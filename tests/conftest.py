@@ -177,6 +177,17 @@ def tiny_f32_export(work_dir, tokenizer_path, tiny_f32):
 
 
 @pytest.fixture(scope="session")
+def tiny_f32_all_dtypes(work_dir, tokenizer_path, tiny_f32, tiny_f32_export):
+    """The f32 checkpoint in every weight type: {dtype: .oelm path} (f32, f16, bf16, q8, q4)."""
+    export = _import_or_skip("openelm_rt.export")
+    out = {"f32": tiny_f32.oelm, **tiny_f32_export}
+    for dt in ("q8", "q4"):
+        out[dt] = export.export_checkpoint(tiny_f32.ckpt_dir, work_dir / f"batch_{dt}.oelm", dtype=dt,
+                                           tokenizer=tokenizer_path)
+    return out
+
+
+@pytest.fixture(scope="session")
 def oracle_weights(tiny_f32):
     """The f32 checkpoint as the package's own loader reads it (cross-checked in
     test_forward against the independent safetensors reader in oracle.py)."""

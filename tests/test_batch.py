@@ -18,14 +18,9 @@ DTYPES = ["f32", "f16", "bf16", "q8", "q4"]
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_f32, tiny_f32_export, work_dir, tokenizer_path):
+def exports(tiny_f32_all_dtypes):
     """The tiny f32 checkpoint in every weight type: {dtype: .oelm path}."""
-    from openelm_rt import export
-    out = {"f32": tiny_f32.oelm, **tiny_f32_export}
-    for dt in ("q8", "q4"):
-        out[dt] = export.export_checkpoint(tiny_f32.ckpt_dir, work_dir / f"batch_{dt}.oelm", dtype=dt,
-                                           tokenizer=tokenizer_path)
-    return out
+    return tiny_f32_all_dtypes
 
 
 @pytest.fixture(scope="module")

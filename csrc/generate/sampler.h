@@ -39,6 +39,10 @@ class Sampler {
 
   int32_t sample(const float* logits, int64_t V, const std::vector<int32_t>& history);
 
+  // A uniform draw in [0, 1) from this sampler's own generator (the speculative verifier's
+  // accept/reject coin, so one seed drives the whole generation).
+  double uniform() { return rng_.uniform(); }
+
  private:
   // Fills scores_ with the processed logits; -inf marks removed tokens.
   // Returns the argmax when greedy, else -1.

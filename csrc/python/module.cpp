@@ -17,6 +17,7 @@
 #include "engine/engine.h"
 #include "engine/runtime.h"
 #include "generate/sampler.h"
+#include "generate/text_stream.h"
 #include "kernels/dispatch.h"
 #include "model/model.h"
 #include "model/streaming.h"
@@ -615,6 +616,48 @@ PYBIND11_MODULE(_core, m) {
         d["generated"] = s.generated;
         return d;
       });
+
+  // The engine's per-request sampler and text stream, for generation loops written in Python
+  // (speculative decoding): the same draws from the same seed, the same pieces and stop rule.
+  py::class_<Sampler>(m, "Sampler")
+      .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float repetition_penalty,
+                       uint64_t seed) {
+             return std::make_unique<Sampler>(SamplingParams{temperature, top_k, top_p, min_p, repetition_penalty, seed});
+           }),
+           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f,
+           py::arg("repetition_penalty") = 1.0f, py::arg("seed") = 0)
+      .def("sample", [](Sampler& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+                        const std::vector<int32_t>& history) {
+        if (logits.ndim() != 1) throw InvalidArgument("logits must be a 1-D array");
+        return s.sample(logits.data(), logits.shape(0), history);
+      }, py::arg("logits"), py::arg("history"),
+         "The next token (Engine semantics: penalty over `history`, filters, one seeded draw; argmax when greedy).")
+      .def("probs", [](Sampler& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+                       const std::vector<int32_t>& history) {
+        if (logits.ndim() != 1) throw InvalidArgument("logits must be a 1-D array");
+        std::vector<float> p;
+        s.probs(logits.data(), logits.shape(0), history, p);
+        return py::array_t<float>(py::ssize_t(p.size()), p.data());
+      }, py::arg("logits"), py::arg("history"), "The distribution sample() draws from (one-hot when greedy).")
+      .def("uniform", &Sampler::uniform, "A uniform draw in [0, 1) from the sampler's generator.");
+
+  py::class_<TextStream>(m, "TextStream")
+      .def(py::init([](const Tokenizer& tok, const std::vector<int32_t>& prompt, std::vector<std::string> stops) {
+             for (const std::string& s : stops)
+               if (s.empty()) throw InvalidArgument("a stop string is empty; stop strings must be non-empty");
+             return std::make_unique<TextStream>(tok, prompt.data(), int64_t(prompt.size()), std::move(stops));
+           }),
+           py::arg("tokenizer"), py::arg("prompt"), py::arg("stops"), py::keep_alive<1, 2>())
+      .def("push", [](TextStream& t, int32_t token) {
+        bool stopped = false;
+        std::string piece = t.push(token, &stopped);
+        return py::make_tuple(py::str(piece), stopped);
+      }, py::arg("token"), "(text now safe to emit, a stop string appeared)")
+      .def("finish", [](TextStream& t) {
+        bool stopped = false;
+        std::string piece = t.finish(&stopped);
+        return py::make_tuple(py::str(piece), stopped);
+      }, "(the held text, a stop string appeared in it)");
 
   m.def("sampling_probs",
         [](py::array_t<float, py::array::c_style | py::array::forcecast> logits, const std::vector<int64_t>& prev_ids,

@@ -2,6 +2,7 @@
 
     openelm-rt generate --model M.oelm --prompt TEXT [--max-new-tokens N]
                         [--generate_kwargs repetition_penalty=1.2 top_k=40 ...]
+                        [--generate_kwargs prompt_lookup_num_tokens=10] [--assistant_model SMALL.oelm]
     openelm-rt generate --model M.oelm --chat [--system TEXT]   (Instruct models; stdin)
     openelm-rt demo     (random OpenELM-270M weights when you have no checkpoint)
     openelm-rt info M.oelm [--verify]
@@ -22,9 +23,11 @@ EXIT_USAGE = 2
 
 # generate_kwargs keys we implement, with Hugging Face meanings.
 _SUPPORTED_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
-                     "repetition_penalty", "do_sample", "seed")
+                     "repetition_penalty", "do_sample", "seed", "prompt_lookup_num_tokens",
+                     "max_matching_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
+                     "assistant_confidence_threshold")
 # Keys of Hugging Face generate() that exist upstream but are not implemented here yet.
-_NOT_YET = ("prompt_lookup_num_tokens", "assistant_model", "num_beams", "num_return_sequences")
+_NOT_YET = ("num_beams", "num_return_sequences")
 
 
 class UsageError(Exception):
@@ -49,6 +52,9 @@ def parse_generate_kwargs(items) -> dict:
         if "=" not in item:
             raise UsageError(f"--generate_kwargs entry {item!r} is not of the form key=value")
         k, v = item.split("=", 1)
+        if k == "assistant_model":
+            raise UsageError("the assistant model is a flag of its own, as in generate_openelm.py: "
+                             "--assistant_model SMALLER.oelm")
         if k in _NOT_YET:
             raise UsageError(f"generate_kwargs key {k!r} is not supported by openelm-rt yet; "
                              f"supported keys: {', '.join(_SUPPORTED_KWARGS)}")
@@ -77,8 +83,14 @@ def _sampling_from_kwargs(kw: dict) -> dict:
 
 
 def _speed_line(r) -> str:
+    spec = ""
+    if r.speculation is not None:
+        sp = r.speculation
+        rate = sp["accepted"] / sp["proposed"] if sp["proposed"] else 0.0
+        spec = (f" (speculation {sp['mode']}: {sp['accepted']}/{sp['proposed']} proposed tokens accepted, "
+                f"{rate:.0%}; {sp['steps']} steps)")
     return (f"[openelm-rt] prompt {len(r.prompt_token_ids)} tokens, prefill {r.prefill_tokens_per_s:.1f} tok/s; "
-            f"generated {len(r.token_ids)} tokens, decode {r.decode_tokens_per_s:.1f} tok/s; "
+            f"generated {len(r.token_ids)} tokens, decode {r.decode_tokens_per_s:.1f} tok/s{spec}; "
             f"finish: {r.finish_reason}")
 
 
@@ -100,10 +112,11 @@ def _print_stream(it, stream=True):
 
 
 def _run_generation(session, prompt, max_new_tokens, kwargs, echo_prompt=True, stream=True):
+    it = session.generate(prompt, max_new_tokens=max_new_tokens, stream=True, **kwargs)  # validates everything
     if echo_prompt:
         sys.stdout.write(prompt)
         sys.stdout.flush()
-    return _print_stream(session.generate(prompt, max_new_tokens=max_new_tokens, stream=True, **kwargs), stream)
+    return _print_stream(it, stream)
 
 
 def _user_lines(first):
@@ -145,6 +158,16 @@ def cmd_generate(args) -> int:
     kw = _sampling_from_kwargs(parse_generate_kwargs(args.generate_kwargs))
     if args.seed is not None:
         kw["seed"] = args.seed
+    if args.assistant_model is not None:
+        if not os.path.exists(args.assistant_model):
+            raise UsageError(f"assistant model file {args.assistant_model!r} does not exist; export the smaller "
+                             f"model with `openelm-rt-export CHECKPOINT_DIR -o {args.assistant_model}`")
+        kw["assistant_model"] = args.assistant_model
+    if args.speculation is not None:
+        if "prompt_lookup_num_tokens" not in kw and args.assistant_model is None:
+            raise UsageError("--speculation needs prompt_lookup_num_tokens=N in --generate_kwargs or "
+                             "--assistant_model PATH")
+        kw["speculation"] = args.speculation
     max_new = kw.pop("max_new_tokens", args.max_new_tokens)
     if not os.path.exists(args.model):
         raise UsageError(f"model file {args.model!r} does not exist; create one with "
@@ -287,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "message and each reply is printed on its own line, until EOF.",
                        epilog="examples: openelm-rt generate --model openelm-270m.oelm --prompt 'Once upon a "
                               "time there was' --generate_kwargs repetition_penalty=1.2\n"
+                              "  openelm-rt generate --model openelm-1_1b.oelm --prompt '...' --generate_kwargs "
+                              "repetition_penalty=1.2 prompt_lookup_num_tokens=10\n"
+                              "  openelm-rt generate --model openelm-1_1b.oelm --prompt '...' --assistant_model "
+                              "openelm-270m.oelm\n"
                               "  echo 'What is the capital of France?' | openelm-rt generate --model "
                               "openelm-270m-instruct.oelm --chat --system 'Answer briefly.'",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate_kwargs", "--generate-kwargs", nargs="*", metavar="KEY=VALUE",
                    help=f"generation options: {', '.join(_SUPPORTED_KWARGS)}; values parse as int, "
                         f"then float, then string (as in generate_openelm.py)")
+    g.add_argument("--assistant_model", "--assistant-model", default=None, metavar="PATH",
+                   help="a smaller .oelm model with the same tokenizer that proposes tokens for this one to "
+                        "check (speculative generation; the output does not change)")
+    g.add_argument("--speculation", choices=("adaptive", "hf"), default=None,
+                   help="with prompt_lookup_num_tokens or --assistant_model: 'adaptive' (default) checks as "
+                        "many proposed tokens per step as pays on this machine, none when speculation would "
+                        "be slower; 'hf' uses Hugging Face's fixed numbers")
     g.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     g.add_argument("--max-context", type=int, default=None, help="context size (default: the model's)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, speculative
 
 FormatError = _core.FormatError
 KVBudgetError = _core.KVBudgetError
@@ -44,6 +44,8 @@ class GenerationResult:
     decode_seconds: float = 0.0
     n_decoded: int = field(repr=False, default=0)
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache (not evaluated)
+    # With prompt lookup or an assistant model: {"proposed", "accepted", "steps", ...}; else None.
+    speculation: Optional[dict] = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -221,6 +223,8 @@ class Session:
         # Validated by the core at load; None for a file of token ids only (--no-tokenizer).
         self._tok = self._model.tokenizer if self._model.has_tokenizer else None
         self._streams = {}  # request id -> the live stream that receives its events
+        self._assistants = {}  # path -> Session opened for assistant_model=PATH
+        self._spec_curve = None  # seconds of an n-token step, measured at the first speculation
         self.path = path
 
     # -- properties ---------------------------------------------------------------
@@ -468,7 +472,10 @@ class Session:
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed=None, stop=None, stream: bool = False):
+                 repetition_penalty: float = 1.0, seed=None, stop=None, stream: bool = False, *,
+                 prompt_lookup_num_tokens=None, max_matching_ngram_size=2, assistant_model=None,
+                 assistant=None, num_assistant_tokens=None, num_assistant_tokens_schedule="constant",
+                 assistant_confidence_threshold=0.4, speculation="adaptive"):
         """Generate a continuation of `prompt` (a str, tokenized with BOS, or token ids as is).
 
         temperature=0 is greedy decoding; otherwise the logits go through
@@ -485,16 +492,91 @@ class Session:
         of text pieces whose `.result` is set once it is exhausted. Streams of one Session
         may be iterated alternately: they run batched. A model without a tokenizer takes
         token ids only and returns `.text` None (no stream, no stop strings).
+
+        Speculative generation (README, "Speculative generation"): `prompt_lookup_num_tokens=N`
+        proposes continuations of an earlier occurrence of the last `max_matching_ngram_size`
+        tokens (Hugging Face's prompt lookup); `assistant_model` (alias `assistant`: a Session
+        or an .oelm path of a model with the same tokenizer) proposes its own continuation,
+        up to `num_assistant_tokens` per step, stopping where its confidence falls below
+        `assistant_confidence_threshold`. Both may be given (prompt lookup is tried first).
+        One target step checks the proposals; the output is the plain generation's (greedy:
+        the same tokens; sampling: the same distribution, and with prompt lookup the same
+        tokens for a seed). speculation="adaptive" (default) checks as many tokens per step
+        as the measured cost of a k-token step and the acceptance so far make worthwhile,
+        none when speculation would be slower; "hf" uses Hugging Face's fixed numbers
+        (`num_assistant_tokens` default 20, `num_assistant_tokens_schedule` "constant" or
+        "heuristic"). `result.speculation` reports what it did. Not with generate_batch.
         """
         self._open()
         if stream and self._tok is None:
             self._tokenizer("streaming text")  # raises
         params = self._sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        spec = self._speculation(prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, assistant,
+                                 num_assistant_tokens, num_assistant_tokens_schedule,
+                                 assistant_confidence_threshold, speculation)
         ids = self._prompt_ids(prompt, "prompt", params["max_new_tokens"])
-        it = GenerationStream(self, ids, params)
+        if spec is not None:
+            it = speculative.SpeculativeStream(self, ids, params, spec)
+        else:
+            it = GenerationStream(self, ids, params)
         if stream:
             return it
         return it._drain()
+
+    def _speculation(self, prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, assistant,
+                     num_assistant_tokens, schedule, threshold, mode):
+        """Checked speculation arguments (SpeculationOptions), or None for a plain generation."""
+        if assistant is not None and assistant_model is not None:
+            raise ValueError("give the assistant as assistant_model= or assistant=, not both")
+        assistant = assistant_model if assistant_model is not None else assistant
+        if mode not in speculative.MODES:
+            raise ValueError(f"speculation must be one of {', '.join(map(repr, speculative.MODES))}, got {mode!r}")
+        if prompt_lookup_num_tokens is not None:
+            prompt_lookup_num_tokens = _check_int("prompt_lookup_num_tokens", prompt_lookup_num_tokens, lo=0)
+        max_matching_ngram_size = _check_int("max_matching_ngram_size", max_matching_ngram_size, lo=1)
+        if num_assistant_tokens is not None:
+            num_assistant_tokens = _check_int("num_assistant_tokens", num_assistant_tokens, lo=1)
+        if schedule not in speculative.SCHEDULES:
+            raise ValueError(f"num_assistant_tokens_schedule must be one of "
+                             f"{', '.join(map(repr, speculative.SCHEDULES))}, got {schedule!r}")
+        threshold = _check_float("assistant_confidence_threshold", threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"assistant_confidence_threshold must be in [0, 1] (0 = off), got {threshold}")
+        if not prompt_lookup_num_tokens and assistant is None:
+            return None
+        if assistant is not None:
+            assistant = self._assistant(assistant)
+        return speculative.SpeculationOptions(
+            mode=mode, prompt_lookup_num_tokens=prompt_lookup_num_tokens or None,
+            max_matching_ngram_size=max_matching_ngram_size, assistant=assistant,
+            num_assistant_tokens=num_assistant_tokens, num_assistant_tokens_schedule=schedule,
+            assistant_confidence_threshold=threshold)
+
+    def _assistant(self, a) -> "Session":
+        """The assistant as an open Session (a path is opened once and kept), checked to share
+        this model's vocabulary."""
+        if isinstance(a, (str, os.PathLike)):
+            path = os.fspath(a)
+            if path not in self._assistants:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"assistant model {path}: no such file; pass an .oelm file "
+                                            f"exported with openelm-rt-export (or an open Session)")
+                self._assistants[path] = Session(path, threads=self.threads, max_context=self.max_context,
+                                                 max_batch=1, prefix_cache=0)
+            a = self._assistants[path]
+        if not isinstance(a, Session):
+            raise ValueError(f"assistant_model must be a Session or the path of an .oelm file, "
+                             f"got {type(a).__name__}")
+        a._open()
+        if a.vocab_size != self.vocab_size or a.eos_token_id != self.eos_token_id:
+            raise ValueError(f"the assistant {a.path} has vocab_size {a.vocab_size} and EOS {a.eos_token_id}, "
+                             f"this model {self.vocab_size} and {self.eos_token_id}: an assistant must use the "
+                             f"same tokenizer (every OpenELM size does)")
+        if a._tok is not None and self._tok is not None and \
+                a._model.tokenizer_blob() != self._model.tokenizer_blob():
+            raise ValueError(f"the assistant {a.path} stores a different tokenizer from {self.path}; an "
+                             f"assistant must use the same tokenizer (every OpenELM size does)")
+        return a
 
     def generate_batch(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                        repetition_penalty=1.0, seed=None, stop=None, stream: bool = False):
@@ -569,6 +651,9 @@ class Session:
         for st in list(self._streams.values()):
             st._closed = True
         self._streams = {}
+        for a in getattr(self, "_assistants", {}).values():
+            a.close()
+        self._assistants = {}
         self._engine = self._rt = self._backend = self._model = self._tok = None
 
     def __enter__(self):
