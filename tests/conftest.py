@@ -213,3 +213,21 @@ def real_llama_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def ort():
     return core_or_skip()
+
+
+def poison_token_embedding(src, dst, token: int, value: float = float("nan")) -> Path:
+    """Copy the .oelm file src to dst with row `token` of an f32 token_embd set to `value`
+    (NaN / inf): the tensor data of a corrupt file, which loads (tensor CRCs are checked only
+    with verify) and makes non-finite activations for prompts holding that token."""
+    import json
+    import struct
+    raw = bytearray(Path(src).read_bytes())
+    _, _, _, meta_off, meta_size, data_off = struct.unpack_from("<8sIIQQQ", raw, 0)
+    meta = json.loads(raw[meta_off: meta_off + meta_size].decode("utf-8"))
+    t = next(t for t in meta["tensors"] if t["name"] == "token_embd")
+    assert t["dtype"] == "f32", f"token_embd is {t['dtype']}; export it with embedding_dtype='f32'"
+    d = t["shape"][-1]
+    at = data_off + t["offset"] + 4 * d * token
+    raw[at: at + 4 * d] = np.full(d, value, dtype="<f4").tobytes()
+    Path(dst).write_bytes(bytes(raw))
+    return Path(dst)

@@ -629,7 +629,11 @@ oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt, 
       }
       throw;
     }
-    if (last.finish == oelm::FinishReason::error) throw oelm::KvBudgetExceeded(last.error);
+    if (last.finish == oelm::FinishReason::error) {
+      if (last.error_kind == oelm::ErrorKind::model) throw oelm::FormatError(last.error);  // OELM_FORMAT_ERROR
+      if (last.error_kind == oelm::ErrorKind::kv_budget) throw oelm::KvBudgetExceeded(last.error);
+      throw std::runtime_error(last.error);  // OELM_INTERNAL
+    }
     finish = stopped_by_callback ? OELM_FINISH_CALLBACK : to_c(last.finish);
     {
       // The session's sequence: every token but the last sampled (never evaluated), shared

@@ -22,6 +22,16 @@ const char* finish_reason_name(FinishReason r) {
   return "";
 }
 
+const char* error_kind_name(ErrorKind k) {
+  switch (k) {
+    case ErrorKind::none: return "";
+    case ErrorKind::kv_budget: return "kv_budget";
+    case ErrorKind::model: return "model";
+    case ErrorKind::internal: return "internal";
+  }
+  return "";
+}
+
 namespace {
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -175,10 +185,11 @@ void Engine::close(Req& r, Event& e, FinishReason why) {
   emit(std::move(e));
 }
 
-void Engine::finish(Req& r, FinishReason why, std::string error) {
+void Engine::finish(Req& r, FinishReason why, std::string error, ErrorKind kind) {
   Event e;
   e.id = r.id;
   e.error = std::move(error);
+  e.error_kind = why == FinishReason::error ? kind : ErrorKind::none;
   close(r, e, why);
 }
 
@@ -232,7 +243,8 @@ void Engine::admit() {
       if (!running_.empty()) return;  // wait until running sequences give blocks back
       r.seq = -1;
       finish(r, FinishReason::error,
-             rt_->budget_error("a sequence of " + std::to_string(n) + " tokens", need - rt_->kv().n_free()));
+             rt_->budget_error("a sequence of " + std::to_string(n) + " tokens", need - rt_->kv().n_free()),
+             ErrorKind::kv_budget);
       waiting_.pop_front();
       std::lock_guard<std::mutex> lk(mu_);
       --stats_.waiting;
@@ -376,7 +388,8 @@ bool Engine::step(const InterruptFn& interrupt) {
     // Alone and still short: this sequence cannot grow within the budget.
     const int64_t need = rt_->kv().blocks_needed(rt_->seq_kv(r->seq), take[i]) - rt_->kv().n_free();
     finish(*r, FinishReason::error,
-           rt_->budget_error("a sequence of " + std::to_string(r->tokens.size()) + " tokens", need));
+           rt_->budget_error("a sequence of " + std::to_string(r->tokens.size()) + " tokens", need),
+           ErrorKind::kv_budget);
     running_.clear();
     take.clear();
     std::lock_guard<std::mutex> lk(mu_);
@@ -449,6 +462,14 @@ bool Engine::step(const InterruptFn& interrupt) {
   for (size_t u = 0; u < uses.size(); ++u) {
     Req& r = *running_[uses[u].req];
     const float* x = logits_.data() + u * size_t(V);
+    if (r.done) continue;  // its logits were not finite (below)
+    if (!all_finite(x, V)) {  // corrupt weights: this request ends; the others go on
+      finish(r, FinishReason::error,
+             non_finite_logits_error(rt_->model(), "at position " + std::to_string(uses[u].pos) + " of request " +
+                                                       std::to_string(r.id)),
+             ErrorKind::model);
+      continue;
+    }
     if (uses[u].sample) {
       sample_row(r, x, dt);
       continue;
@@ -490,8 +511,11 @@ void Engine::loop() {
       did = step();
     } catch (const std::exception& e) {
       // A failed step (out of memory, a bug): end what was running with the message, keep serving.
+      const ErrorKind kind = dynamic_cast<const KvBudgetExceeded*>(&e) ? ErrorKind::kv_budget
+                             : dynamic_cast<const FormatError*>(&e)    ? ErrorKind::model
+                                                                       : ErrorKind::internal;
       std::lock_guard<std::mutex> g(step_mu_);
-      for (auto& r : running_) finish(*r, FinishReason::error, e.what());
+      for (auto& r : running_) finish(*r, FinishReason::error, e.what(), kind);
       {
         std::lock_guard<std::mutex> lk(mu_);
         stats_.running -= int64_t(running_.size());

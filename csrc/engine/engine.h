@@ -36,6 +36,10 @@ namespace oelm {
 
 enum class FinishReason { none, eos, length, stop, context, cancelled, error };
 const char* finish_reason_name(FinishReason r);
+// What kind of failure a FinishReason::error is: the KV budget (the caller can ask for less),
+// the model (non-finite logits: a corrupt file), or anything else (out of memory, a bug).
+enum class ErrorKind { none, kv_budget, model, internal };
+const char* error_kind_name(ErrorKind k);
 
 struct GenerateRequest {
   std::vector<int32_t> prompt;  // token ids, BOS included when wanted
@@ -60,6 +64,7 @@ struct Event {
   std::vector<TokenLogprob> top;  // the likeliest tokens, when logprobs > 0
   FinishReason finish = FinishReason::none;  // set on the request's last event
   std::string error;                         // finish == error: what went wrong
+  ErrorKind error_kind = ErrorKind::none;    // finish == error: which kind of failure
   // On the last event:
   int64_t n_prompt = 0, n_cached = 0, n_generated = 0, n_decoded = 0;
   double prefill_seconds = 0, decode_seconds = 0;
@@ -124,7 +129,7 @@ class Engine {
   void handle_cancels();
   void admit();
   bool preempt_one(const Req* keep);
-  void finish(Req& r, FinishReason why, std::string error = {});
+  void finish(Req& r, FinishReason why, std::string error = {}, ErrorKind kind = ErrorKind::none);
   void close(Req& r, Event& e, FinishReason why);  // completes e as r's final event and emits it
   void emit(Event&& e);
   void sample_row(Req& r, const float* logits, double step_seconds);

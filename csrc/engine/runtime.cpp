@@ -2,6 +2,7 @@
 #include "engine/runtime.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -33,6 +34,20 @@ double log_sum_exp(const float* x, int64_t n, int64_t* argmax) {
   for (int64_t v = 0; v < n; ++v) sum += std::exp(double(x[v]) - m);
   if (argmax) *argmax = arg;
   return m + std::log(sum);
+}
+
+bool all_finite(const float* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::fabs(x[i]) <= FLT_MAX;  // false for NaN and +-inf
+  return ok;
+}
+
+std::string non_finite_logits_error(const Model& model, const std::string& where) {
+  const std::string& path = model.file().path();
+  return "the model computed non-finite logits (NaN or infinity) " + where +
+         "; its weights are most likely corrupt (tensor data is CRC-checked only on request): check the file "
+         "with `openelm-rt info --verify " + path + "` (or load it with verify=True / "
+         "oelm_model_options.verify = 1) and re-export or re-download it";
 }
 
 int64_t kv_budget_default(const ModelConfig& c, int64_t max_context, KvType type, int64_t sequences) {
@@ -293,8 +308,17 @@ void Runtime::eval_steps(const std::vector<EvalEntry>& entries, float* out, cons
     const Step st{tokens.data(), int64_t(tokens.size()), seqs.data(), int64_t(seqs.size()), rows.data(),
                   int64_t(rows.size())};
     forward(st, step_logits_.data(), interrupt);
-    for (size_t r = 0; r < rows.size(); ++r)
-      std::memcpy(out + dst[r] * V, step_logits_.data() + r * size_t(V), size_t(V) * sizeof(float));
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const float* x = step_logits_.data() + r * size_t(V);
+      if (!all_finite(x, V)) {  // eval() rolls every sequence back
+        size_t k = 0;
+        while (k + 1 < seqs.size() && seqs[k + 1].row0 <= rows[r]) ++k;
+        throw FormatError(non_finite_logits_error(
+            *model_, "for sequence " + std::to_string(entries[which[k]].seq) + " at position " +
+                         std::to_string(seqs[k].n_past + rows[r] - seqs[k].row0)));
+      }
+      std::memcpy(out + dst[r] * V, x, size_t(V) * sizeof(float));
+    }
     for (size_t k = 0; k < which.size(); ++k) {
       const size_t i = which[k];
       Seq& s = seqs_[size_t(entries[i].seq)];
@@ -429,6 +453,11 @@ std::vector<ScoreResult> Runtime::score_batch(
       // Log-softmax of each row in float64; rows in parallel.
       std::vector<double> lp(rows.size());
       std::vector<uint8_t> greedy(rows.size());
+      for (size_t i = 0; i < rows.size(); ++i)
+        if (!all_finite(step_logits_.data() + i * size_t(V), V))
+          throw FormatError(non_finite_logits_error(
+              *model_, "scoring pair " + std::to_string(row_req[i].first) + " (continuation token " +
+                           std::to_string(row_req[i].second) + ")"));
       backend_->pool().parallel_for(int64_t(rows.size()), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const float* x = step_logits_.data() + size_t(i) * size_t(V);

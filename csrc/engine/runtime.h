@@ -158,6 +158,14 @@ class Runtime {
 // engine's logprobs use it.
 double log_sum_exp(const float* x, int64_t n, int64_t* argmax);
 
+// Whether x[0..n) holds no NaN and no infinity.
+bool all_finite(const float* x, int64_t n);
+// The error for logits holding a NaN or an infinity (`where`: which sequence and position):
+// a model file whose tensor data is corrupt computes them (tensor CRCs are checked only with
+// verify), so it names the file and the check (openelm-rt info --verify). eval() and
+// score_batch() throw it as a FormatError; the engine ends the request with it.
+std::string non_finite_logits_error(const Model& model, const std::string& where);
+
 // The default KV budget: room for `sequences` sequences of max_context (a session's max_batch),
 // but at most a quarter of the machine's memory (and at least one sequence). The pages are
 // committed only as sequences fill them.

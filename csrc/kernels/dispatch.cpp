@@ -5,6 +5,10 @@
 
 #include "common/error.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
@@ -19,9 +23,16 @@ namespace {
 bool always() { return true; }
 
 #if defined(__x86_64__) || defined(_M_X64)
-// __builtin_cpu_supports also checks that the OS saves the wider registers (XGETBV).
+// F16C (CPUID leaf 1, ECX bit 29) read directly: clang before 15 does not know
+// __builtin_cpu_supports("f16c"), and the fuzzers and sanitizer builds use Debian's clang 14.
+bool cpuid_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+// __builtin_cpu_supports("avx2") also checks that the OS saves the YMM registers (XGETBV),
+// which F16C needs as well.
 bool has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpuid_f16c();
 }
 bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -74,9 +74,12 @@ using row_to_f32_fn = void (*)(const void* W, int64_t N, int64_t K, int64_t row,
 
 // --- Block-quantized weights (q8_b32r16i, q4_b32r16i; layout in docs/FORMAT.md) ---
 // Integer kernels multiply int8 activations by the stored integer weights. Activations are
-// quantized per block of kQBlock values: d = amax / 127, q = nearbyint(x * (127 / amax))
-// (q = 0 and d = 0 for an all-zero block), s = sum of the block's q. A row of K values is
-// padded with zeros to Kp = round_up(K, kQBlock).
+// quantized per block of kQBlock values: d = amax / 127, q = nearbyint(x * (127 / amax)),
+// s = sum of the block's q. A row of K values is padded with zeros to Kp = round_up(K, kQBlock).
+// Every input is defined: a block holding a NaN or an infinity gets q = 0, s = 0 and d = NaN
+// (every output it touches is NaN, as a float matmul would give, and the runtime reports the
+// non-finite logits); a block whose 127 / amax is not finite (all zero, or amax < 127 / FLT_MAX,
+// about 3.7e-37) gets q = 0, s = 0 and d = 0. So |s| <= 32 * 127 always.
 constexpr int64_t kQBlock = 32;   // weights and activations share the block size along K
 constexpr int64_t kQRows = 16;    // rows interleaved in one panel of a quantized matrix
 // A panel is nb blocks one after another; a block is the 16 rows' binary16 scales, then

@@ -135,6 +135,7 @@ py::dict event_dict(Event& e) {
   d["finish"] = finish_reason_name(e.finish);
   if (e.finish != FinishReason::none) {
     d["error"] = e.error;
+    d["error_kind"] = error_kind_name(e.error_kind);
     d["n_prompt"] = e.n_prompt;
     d["n_cached"] = e.n_cached;
     d["n_generated"] = e.n_generated;

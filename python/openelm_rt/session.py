@@ -702,7 +702,11 @@ class GenerationStream:
         if self._final is not None and self.result is None:
             e = self._final
             if e["finish"] == "error":
-                raise KVBudgetError(e["error"])
+                if e["error_kind"] == "model":  # non-finite logits: a corrupt model file
+                    raise FormatError(e["error"])
+                if e["error_kind"] == "kv_budget":
+                    raise KVBudgetError(e["error"])
+                raise RuntimeError(e["error"])
             self.result = GenerationResult(
                 text="".join(self._text) if self._s._tok is not None else None, token_ids=self._ids,
                 finish_reason=e["finish"],

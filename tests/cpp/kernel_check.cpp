@@ -11,6 +11,7 @@
 // Prints one line per variant and kernel (cases, failures, worst error / tolerance), then
 // "N passed, N failed"; exits 1 if any check failed, 2 if the forced variant cannot run.
 #include <algorithm>
+#include <cfloat>
 #include <cinttypes>
 #include <cmath>
 #include <cstdarg>
@@ -343,12 +344,17 @@ void quantize_row_spec(const float* x, int64_t K, int8_t* q, float* d, int32_t* 
   const int64_t Kp = q_padded_k(K);
   for (int64_t b = 0; b < Kp / kQBlock; ++b) {
     float amax = 0;
-    for (int64_t k = b * kQBlock; k < std::min(K, (b + 1) * kQBlock); ++k) amax = std::max(amax, std::fabs(x[k]));
+    bool finite = true;
+    for (int64_t k = b * kQBlock; k < std::min(K, (b + 1) * kQBlock); ++k) {
+      if (!std::isfinite(x[k])) finite = false;
+      else amax = std::max(amax, std::fabs(x[k]));
+    }
+    const float inv = 127.0f / amax;  // +inf for an all-zero block or amax < 127 / FLT_MAX
+    const bool zero = !finite || std::isinf(inv);
     s[b] = 0;
-    d[b] = amax / 127.0f;
-    const float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
+    d[b] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
     for (int64_t k = b * kQBlock; k < (b + 1) * kQBlock; ++k) {
-      q[k] = k < K && amax != 0.0f ? int8_t(std::nearbyint(x[k] * inv)) : int8_t(0);
+      q[k] = k < K && !zero ? int8_t(std::nearbyint(x[k] * inv)) : int8_t(0);
       s[b] += q[k];
     }
   }
@@ -422,8 +428,9 @@ struct QActsBuf {
   QActs view(int64_t Kp) const { return {q.data(), d.data(), s.data(), Kp}; }
 };
 
-// Activations with every kind of block: random, all zero, one non-zero value, ties.
-QActsBuf quantized_acts(Rng& r, int64_t T, int64_t K) {
+// Activations with every kind of block: random, all zero, one non-zero value, ties; with
+// nonfinite, every third token also holds a NaN, +inf or -inf (a corrupt file's activations).
+QActsBuf quantized_acts(Rng& r, int64_t T, int64_t K, bool nonfinite = false) {
   const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
   QActsBuf a;
   a.q.resize(static_cast<size_t>(T * Kp));
@@ -435,6 +442,7 @@ QActsBuf quantized_acts(Rng& r, int64_t T, int64_t K) {
     for (float& e : x) e = mag * r.uniform(-1.0f, 1.0f);
     if (t % 3 == 1) std::fill(x.begin(), x.begin() + std::min<int64_t>(K, 32), 0.0f);
     if (t % 3 == 2) x[size_t(r.below(K))] = -2 * mag;
+    if (nonfinite && t % 3 == 0) x[size_t(r.below(K))] = t % 9 == 0 ? NAN : t % 9 == 3 ? INFINITY : -INFINITY;
     quantize_row_spec(x.data(), K, a.q.data() + t * Kp, a.d.data() + t * nb, a.s.data() + t * nb);
   }
   return a;
@@ -504,6 +512,19 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
           qmatmul_case(rep, name, v, ref, dt, W, a, T, 64, std::min<int64_t>(N, 320), what + " rows 64..320");
         }
       }
+    // NaN and infinite activations (a corrupt file): defined, the touched outputs NaN, the
+    // other tokens' outputs exact (the quantized tile's offset term once overflowed int32).
+    for (int64_t N : {16, 40})
+      for (int64_t K : {32, 95, 1000}) {
+        std::vector<int64_t> panels;
+        for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
+        const QMatrix W(q4, N, K, panels, r);
+        for (int64_t T : {1, 2, 4, 7, 8, 9}) {
+          const QActsBuf a = quantized_acts(r, T, K, true);
+          qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, N,
+                       fmt("non-finite activations N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T));
+        }
+      }
     for (const Shape& s : kOpenElmShapes) {
       const int64_t last = q_padded_n(s.N) / kQRows - 1;
       const QMatrix W(q4, s.N, s.K, {0, last}, r);
@@ -525,7 +546,7 @@ void check_quantize_row(Report& rep, const std::string& name, const KernelTable&
   for (int64_t K = 1; K <= 70; ++K) sizes.push_back(K);
   for (int64_t K : {95, 96, 1000, 1280, 3072, 8192}) sizes.push_back(K);
   for (int64_t K : sizes)
-    for (int kind = 0; kind < 4; ++kind) {
+    for (int kind = 0; kind < 7; ++kind) {
       std::vector<float> x(static_cast<size_t>(K));
       const float mag = std::ldexp(1.0f, int(r.below(40)) - 20);
       for (float& e : x) e = mag * r.uniform(-1.0f, 1.0f);
@@ -536,6 +557,12 @@ void check_quantize_row(Report& rep, const std::string& name, const KernelTable&
       }
       if (kind == 3)
         for (float& e : x) e = std::ldexp(r.uniform(-1.0f, 1.0f), int(r.below(60)) - 30);  // wide range in a block
+      if (kind == 4)  // NaN, +inf, -inf: defined (kernels.h), d = NaN and q = s = 0 for the block
+        for (int64_t k = 0; k < K; k += 13) x[size_t(k)] = k % 3 == 0 ? NAN : k % 3 == 1 ? INFINITY : -INFINITY;
+      if (kind == 5)  // amax below 127 / FLT_MAX: 127 / amax overflows, the block is zero
+        for (float& e : x) e = r.uniform(-1.0f, 1.0f) * 1e-38f;
+      if (kind == 6)  // subnormals and the largest finite values
+        for (int64_t k = 0; k < K; ++k) x[size_t(k)] = (k / 32) % 2 ? r.uniform(-1.0f, 1.0f) * 1e-42f : (k % 2 ? FLT_MAX : -FLT_MAX);
       const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
       std::vector<int8_t> qw(static_cast<size_t>(Kp)), qg(static_cast<size_t>(Kp), 99);
       std::vector<float> dw(static_cast<size_t>(nb)), dg(static_cast<size_t>(nb));

@@ -19,6 +19,8 @@ Writes into DIR:
   noqk.oelm       tiny model with normalize_qk_projections=false, rms_norm_eps 1e-5 and no
                   tokenizer (token ids only)
   noqk.bin        u32 n, i32 prompt[n], u32 m, i32 tokens[m]   (greedy, Session.generate)
+  poisoned.oelm   tiny untied model in q8 with an f32 embedding whose row 7 is NaN (corrupt
+                  tensor data: loads without verify, non-finite logits for prompts with 7)
 All little-endian. Needs the openelm_rt package (with its compiled core) importable.
 """
 from __future__ import annotations
@@ -31,9 +33,10 @@ from pathlib import Path
 TESTS_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS_DIR))
 
-from conftest import TEXT_PROMPTS, build_model, prompt_ids  # noqa: E402
+from conftest import TEXT_PROMPTS, build_model, poison_token_embedding, prompt_ids  # noqa: E402
 
 import openelm_rt  # noqa: E402
+from openelm_rt import export  # noqa: E402
 import sentencepiece  # noqa: E402
 from openelm_rt.tokenizer_train import train_sentencepiece  # noqa: E402
 
@@ -118,6 +121,10 @@ def main(argv=None) -> int:
     with openelm_rt.Session(noqk.oelm) as s:
         prompt = prompt_ids(9, s.vocab_size, seed=3)
         (out / "noqk.bin").write_bytes(_ids(prompt) + _ids(s.generate(prompt, max_new_tokens=16).token_ids))
+    untied = build_model(out, tok, "untied", seed=3, config_overrides={"share_input_output_layers": False})
+    q8 = export.export_checkpoint(untied.ckpt_dir, out / "untied_q8.oelm", dtype="q8", embedding_dtype="f32",
+                                  tokenizer=tok)
+    poison_token_embedding(q8, out / "poisoned.oelm", 7)
     print(f"fixtures in {out}")
     return 0
 

@@ -1021,4 +1021,34 @@ TEST(token_id_only_model) {
   CHECK_EQ(oelm_model_has_tokenizer(load(1).get()), 1);
 }
 
+// A corrupt file (tensor data with NaN; CRCs are checked only with verify): evaluating or
+// generating from a prompt with the poisoned token is OELM_FORMAT_ERROR naming the check, the
+// session unchanged; other prompts run. Under UBSan this also covers quantizing NaN
+// activations for the q8 matmul (once a signed overflow in the tile's offset term).
+TEST(non_finite_logits_are_a_format_error) {
+  const std::string path = data_dir() + "/poisoned.oelm";
+  oelm_model* m = nullptr;
+  oelm_model_options vo = oelm_model_options_default();
+  vo.verify = 1;
+  CHECK_EQ(oelm_model_load(path.c_str(), &vo, &m), OELM_FORMAT_ERROR);
+  CHECK(std::string(oelm_last_error()).find("token_embd") != std::string::npos);
+  CHECK_OK(oelm_model_load(path.c_str(), nullptr, &m));
+  ModelPtr model(m);
+  SessionPtr s = new_session(m);
+  const std::string hint = "openelm-rt info --verify " + path;
+  const int32_t poisoned[] = {1, 5, 7, 300}, clean[] = {1, 5, 9, 300, 42};
+  CHECK_EQ(oelm_session_eval(s.get(), poisoned, 4, nullptr), OELM_FORMAT_ERROR);
+  std::string msg = oelm_last_error();
+  CHECK(msg.find("non-finite logits") != std::string::npos);
+  CHECK(msg.find(hint) != std::string::npos);
+  CHECK_EQ(oelm_session_n_past(s.get()), 0);
+  CHECK_EQ(oelm_session_generate(s.get(), poisoned, 4, 4, nullptr, nullptr, nullptr), OELM_FORMAT_ERROR);
+  msg = oelm_last_error();
+  CHECK(msg.find("non-finite logits") != std::string::npos);
+  CHECK(msg.find(hint) != std::string::npos);
+  oelm_generate_result r = oelm_generate_result_init();
+  CHECK_OK(oelm_session_generate(s.get(), clean, 5, 4, nullptr, nullptr, &r));
+  CHECK_EQ(r.n_generated, 4);
+}
+
 int main(int argc, char** argv) { return check::main(argc, argv); }

@@ -99,7 +99,9 @@ typedef enum oelm_status {
   OELM_OK = 0,
   OELM_INVALID_ARGUMENT = 1, /* an argument is NULL, out of range or inconsistent */
   OELM_FILE_NOT_FOUND = 2,   /* the model file does not exist or cannot be opened */
-  OELM_FORMAT_ERROR = 3,     /* the file is not a valid .oelm file, or is too new */
+  OELM_FORMAT_ERROR = 3,     /* the file is not a valid .oelm file, or is too new; also from eval
+                                and generate when the model computes NaN or infinite logits (its
+                                tensor data is corrupt: the message says how to check the file) */
   OELM_OUT_OF_MEMORY = 4,    /* an allocation failed */
   OELM_BUFFER_TOO_SMALL = 5, /* an output buffer is too small; the size needed is returned */
   OELM_INTERRUPTED = 6,      /* the session's abort callback asked to stop */
@@ -351,7 +353,8 @@ typedef enum oelm_finish_reason {
   OELM_FINISH_CALLBACK = 4, /* the token callback returned nonzero */
   OELM_FINISH_STOP = 5,     /* engine: a stop string ended the text (it is cut before it) */
   OELM_FINISH_CANCELLED = 6,/* engine: oelm_session_cancel */
-  OELM_FINISH_ERROR = 7     /* engine: the request failed; the event's error says why */
+  OELM_FINISH_ERROR = 7     /* engine: the request failed; the event's error says why (the KV
+                               budget, or non-finite logits from a corrupt file) */
 } oelm_finish_reason;
 
 typedef struct oelm_generate_result {

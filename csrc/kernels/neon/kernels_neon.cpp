@@ -6,8 +6,10 @@
 #include <arm_neon.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -323,11 +325,11 @@ void quantize_row_neon(const float* x, int64_t K, int8_t* q, float* d, int32_t* 
     for (int i = 0; i < 8; ++i) v[i] = vld1q_f32(src + 4 * i);
     float32x4_t m = vabsq_f32(v[0]);
     for (int i = 1; i < 8; ++i) m = vmaxq_f32(m, vabsq_f32(v[i]));
-    const float amax = vmaxvq_f32(m);
+    const float amax = vmaxvq_f32(m);  // FMAX propagates a NaN: amax is NaN or inf if any value is
     int8_t* qb = q + k0;
-    if (amax == 0.0f) {
+    if (!(amax <= FLT_MAX) || !(127.0f / amax <= FLT_MAX)) {  // kernels.h: NaN d, or an all-zero / tiny block
       std::memset(qb, 0, kQBlock);
-      d[b] = 0.0f;
+      d[b] = amax <= FLT_MAX ? 0.0f : std::numeric_limits<float>::quiet_NaN();
       s[b] = 0;
       continue;
     }

@@ -3,8 +3,10 @@
 // matmul, and row decoding. Plain loops that read one weight at a time through the
 // layout formulas, no intrinsics: the truth the SIMD variants are tested against.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "common/half.h"
 #include "kernels/kernels.h"
@@ -76,10 +78,15 @@ void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* d, int32_t* s
   for (int64_t b = 0; b < Kp / kQBlock; ++b) {
     const int64_t k0 = b * kQBlock, k1 = std::min(K, k0 + kQBlock);
     float amax = 0.0f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float a = std::fabs(x[k]);
+      if (!(a <= FLT_MAX)) finite = false;  // NaN or infinity
+      else amax = std::max(amax, a);
+    }
     int32_t sum = 0;
-    if (amax == 0.0f) {
-      d[b] = 0.0f;
+    if (!finite || !(127.0f / amax <= FLT_MAX)) {  // non-finite (d = NaN), or all zero / tiny (d = 0)
+      d[b] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
       for (int64_t k = k0; k < k0 + kQBlock; ++k) q[k] = 0;
     } else {
       d[b] = amax / 127.0f;

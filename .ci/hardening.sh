@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Hardening checks, called from .ci/run after the package is installed (issue 19):
+#   1. one clang build with AddressSanitizer + UndefinedBehaviorSanitizer (every report fatal)
+#      and libFuzzer coverage: the C API tests (ctest, the fixtures of tests/cpp; stress_engine
+#      included), kernel_check (the fastest variant and the reference) and the four fuzz
+#      targets of tests/fuzz;
+#   2. the engine stress test (tests/cpp/stress_engine) under ThreadSanitizer;
+#   3. each fuzz target for $OELM_FUZZ_SECONDS (default 30) from the seed corpus that
+#      tests/fuzz/make_seeds.py generates, two at a time. A crash, leak, sanitizer report or
+#      timeout fails CI and prints the reproducer (base64) and how to replay it.
+# Installs Debian's clang 14 and its runtimes when missing. Needs python3 that can import
+# openelm_rt (fixtures and seeds), cmake and ninja. Long campaigns: tests/fuzz/README.md.
+# Measured on the 2-core dev machine (the steps run one by one): ASan build 240 s, ctest 7 s,
+# fuzzing 62 s, TSan build 78 s, stress_engine 2 s; plus the clang install, fixtures, seeds
+# and kernel_check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+secs="${OELM_FUZZ_SECONDS:-30}"
+jobs="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+CLANG_VERSION="${OELM_CLANG_VERSION:-14}"
+cc="clang-$CLANG_VERSION" cxx="clang++-$CLANG_VERSION"
+
+if ! command -v "$cxx" >/dev/null || ! "$cxx" -print-file-name=libclang_rt.fuzzer-x86_64.a | grep -q /; then
+  echo "-- installing clang-$CLANG_VERSION libclang-rt-$CLANG_VERSION-dev"
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "clang-$CLANG_VERSION" \
+    "libclang-rt-$CLANG_VERSION-dev" >/dev/null
+fi
+installed=$SECONDS
+
+gen=()
+command -v ninja >/dev/null && gen=(-G Ninja)
+work=$(mktemp -d "${TMPDIR:-/tmp}/openelm_rt_hardening.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+echo "-- fixtures and seed corpora"
+python3 tests/cpp/make_fixtures.py "$work/data" >/dev/null
+python3 tests/fuzz/make_seeds.py "$work/seeds"
+
+echo "-- ASan + UBSan build (clang $CLANG_VERSION): C API tests, kernel_check, fuzz targets"
+asan=build/ci-asan
+CC=$cc CXX=$cxx cmake -S . -B "$asan" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
+  -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_FUZZ=ON \
+  -DOPENELM_RT_SANITIZE=address,undefined >/dev/null
+cmake --build "$asan" --target all kernel_check -j "$jobs" >/dev/null
+built_asan=$SECONDS
+
+export ASAN_OPTIONS="abort_on_error=1:detect_leaks=1:strict_string_checks=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+echo "-- ctest under ASan + UBSan"
+if ! out=$(cd "$asan" && OELM_TEST_DATA="$work/data" ctest -j "$jobs" --output-on-failure 2>&1); then
+  echo "$out"
+  exit 1
+fi
+grep "tests passed" <<<"$out"
+# The fastest variant this CPU runs and the reference (every variant would take ~4 min under
+# ASan; .ci/neon.sh checks them all natively).
+echo "-- kernel_check under ASan + UBSan (OPENELM_RT_KERNELS=auto)"
+OPENELM_RT_KERNELS=auto "$asan/kernel_check" | tail -n 1
+ran_asan=$SECONDS
+
+echo "-- ThreadSanitizer build: stress_engine (engine thread, submitters, cancellers, pollers)"
+tsan=build/ci-tsan
+CC=$cc CXX=$cxx cmake -S . -B "$tsan" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
+  -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_SANITIZE=thread >/dev/null
+cmake --build "$tsan" --target stress_engine -j "$jobs" >/dev/null
+built_tsan=$SECONDS
+TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" "$tsan/tests/cpp/stress_engine" "$work/data/model.oelm"
+ran_tsan=$SECONDS
+
+echo "-- fuzzing: each target ${secs} s from its seeds, two at a time"
+export OELM_FUZZ_TOKENIZER="$work/seeds/tokenizer.model"
+fuzz_one() {  # TARGET: runs it, and on a finding prints the reproducer
+  local t=$1 corpus="$work/corpus/$1" art="$work/artifacts/$1/"
+  mkdir -p "$corpus" "$art"
+  local dict=()
+  case $t in fuzz_model | fuzz_json) dict=(-dict=tests/fuzz/oelm.dict) ;; esac
+  local seeds="$work/seeds/${t#fuzz_}"
+  if ! "$asan/tests/fuzz/$t" "$corpus" "$seeds" "${dict[@]}" -max_total_time="$secs" -timeout=20 \
+       -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$art" >"$work/$t.log" 2>&1; then
+    echo "FAIL: $t found a crash, leak, timeout or sanitizer report:"
+    tail -n 60 "$work/$t.log"
+    for f in "$art"*; do
+      [ -f "$f" ] || continue
+      echo "reproducer $(basename "$f") ($(wc -c <"$f") bytes), base64:"
+      base64 -w 100 "$f" | head -c 20000
+      echo
+      echo "replay: base64 -d > repro <<'EOF' ... EOF; build/ci-asan/tests/fuzz/$t repro (tests/fuzz/README.md)"
+    done
+    return 1
+  fi
+  local runs cov
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$work/$t.log" | grep -o '[0-9]*$' || echo "?")
+  cov=$(grep -o 'cov: [0-9]*' "$work/$t.log" | tail -n 1 || true)
+  echo "$t: $runs executions in ${secs} s, $cov, corpus $(ls "$corpus" | wc -l) files"
+}
+fail=0
+fuzz_one fuzz_model & p1=$!
+fuzz_one fuzz_json & p2=$!
+wait $p1 || fail=1
+wait $p2 || fail=1
+fuzz_one fuzz_spm & p1=$!
+fuzz_one fuzz_tokenizer & p2=$!
+wait $p1 || fail=1
+wait $p2 || fail=1
+[ "$fail" -eq 0 ] || exit 1
+
+echo "-- hardening took $((SECONDS - start)) s (install $((installed - start)) s, ASan build" \
+     "$((built_asan - installed)) s, ASan tests $((ran_asan - built_asan)) s, TSan build" \
+     "$((built_tsan - ran_asan)) s, TSan run $((ran_tsan - built_tsan)) s, fuzzing $((SECONDS - ran_tsan)) s)"
