@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "model/cuda.h"
 
 namespace oelm {
 
@@ -63,6 +64,8 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   const int64_t block_bytes = kv_block_bytes(c, bs, o.kv_type);
   budget_bytes_ =
       o.kv_budget_bytes > 0 ? o.kv_budget_bytes : kv_budget_default(c, max_ctx, o.kv_type, o.budget_sequences);
+  if (o.kv_budget_bytes == 0 && backend_->is_cuda())  // device memory, not RAM: at most half of what is free
+    budget_bytes_ = std::max(block_bytes, std::min(budget_bytes_, cuda_free_memory() / 2));
   const int64_t n_blocks = budget_bytes_ / block_bytes;
   if (n_blocks < 1)
     throw InvalidArgument("kv_budget of " + std::to_string(budget_bytes_) + " bytes is less than one KV block of " +
@@ -73,7 +76,9 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   geo.n_blocks = int32_t(n_blocks);
   geo.block_size = bs;
   geo.type = o.kv_type;
-  exec_ = make_cpu_executor(model_, backend_, geo, max_ctx, o.max_step_tokens > 0 ? o.max_step_tokens : kDefaultStepTokens);
+  const int64_t step_tokens = o.max_step_tokens > 0 ? o.max_step_tokens : kDefaultStepTokens;
+  exec_ = backend_->is_cuda() ? make_cuda_executor(model_, backend_, geo, max_ctx, step_tokens)
+                              : make_cpu_executor(model_, backend_, geo, max_ctx, step_tokens);
   Executor* ex = exec_.get();
   const std::string text = mib(n_blocks * block_bytes) + " (" + std::to_string(n_blocks) + " blocks of " +
                            std::to_string(bs) + " positions, " + std::to_string(block_bytes / 1024) + " KiB each, " +

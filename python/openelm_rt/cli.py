@@ -309,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache memory, e.g. 512MiB or 2GiB (default: room for 4 sequences of the context)")
     g.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
                    help="KV cache element type: f32 (exact, default) or f16 (half the memory)")
-    g.add_argument("--backend", choices=("cpu", "ref"), default="cpu", help=argparse.SUPPRESS)
+    g.add_argument("--backend", choices=("cpu", "cuda", "auto", "ref"), default="cpu",
+                   help="cpu (default); cuda: the GPU (a CUDA build, see `python -c 'import openelm_rt; "
+                        "print(openelm_rt.cuda_info())'`); auto: cuda when available, else cpu")
     g.add_argument("--stream", dest="no_stream", action="store_false",
                    help="print text as it is generated (the default)")
     g.add_argument("--no-stream", dest="no_stream", action="store_true",

@@ -124,6 +124,13 @@ typedef enum oelm_kv_type {
   OELM_KV_F16 = 1  /* keys and values rounded to binary16: half the KV memory and bandwidth */
 } oelm_kv_type;
 
+typedef enum oelm_backend {
+  OELM_BACKEND_CPU = 0,  /* the CPU (default) */
+  OELM_BACKEND_CUDA = 1, /* the GPU: a library built with the CUDA backend and a usable device;
+                            otherwise oelm_session_new fails with OELM_INVALID_ARGUMENT saying why */
+  OELM_BACKEND_AUTO = 2  /* CUDA when available, else the CPU */
+} oelm_backend;
+
 typedef struct oelm_model_options {
   size_t struct_size;  /* sizeof(oelm_model_options); set by oelm_model_options_default */
   int32_t n_threads;   /* worker threads per session; 0 = one per hardware thread */
@@ -141,6 +148,8 @@ typedef struct oelm_model_options {
   int32_t exact;         /* bf16 weights: 0 = activations rounded to bf16 for the CPU's bf16 dot
                             products where it has them (AVX-512 BF16; faster), nonzero = exact
                             f32 activations (as openelm_rt.Session's `exact`) */
+  /* Since 0.2 with the CUDA backend: */
+  int32_t backend;       /* oelm_backend; n_threads is then the host threads around the GPU */
 } oelm_model_options;
 
 /* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0). */
