@@ -178,7 +178,7 @@ def time_torch(torch, model, dtype, pp, tg, rng) -> dict:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(1, tg + 1):
-        forward(ids[i:i + 1], cache, i).argmax()  # the host sees each token, as a decoder would
+        forward(ids[i:i + 1], cache, i).argmax().item()  # the host sees each token, as a decoder would
     torch.cuda.synchronize()
     res[f"tg{tg}"] = tg / (time.perf_counter() - t0)
     return res
