@@ -113,3 +113,10 @@ def test_score_batch_matches_cpu(ort, gpu, tiny_f32):
         got, want = g.score_batch(pairs), c.score_batch(pairs)
     for a, b in zip(got, want):
         assert np.allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-3)
+
+
+def test_serve_has_backend_option():
+    r = subprocess.run([sys.executable, "-m", "openelm_rt", "serve", "--help"], capture_output=True, text=True,
+                       env=env_with_pythonpath(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--backend" in r.stdout and "auto" in r.stdout
