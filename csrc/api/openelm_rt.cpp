@@ -21,6 +21,7 @@
 #include "format/oelm_file.h"
 #include "generate/sampler.h"
 #include "model/backend.h"
+#include "model/cuda.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 
@@ -199,7 +200,8 @@ oelm_status oelm_model_load(const char* path, const oelm_model_options* options,
     const oelm_model_options d = oelm_model_options_default();
     oelm_model_options o = options ? accept_struct(*options, d,
                                                    {offsetof(oelm_model_options, kv_type),
-                                                    offsetof(oelm_model_options, memory_budget_mib)},
+                                                    offsetof(oelm_model_options, memory_budget_mib),
+                                                    offsetof(oelm_model_options, backend)},
                                                    "oelm_model_options", "oelm_model_options_default()")
                                    : d;
     if (o.n_threads < 0)
@@ -223,6 +225,9 @@ oelm_status oelm_model_load(const char* path, const oelm_model_options* options,
     if (o.max_batch < 0 || o.max_batch > 4096)
       throw oelm::InvalidArgument("max_batch must be in [1, 4096] (or 0 for the default), got " +
                                   std::to_string(o.max_batch));
+    if (o.backend != OELM_BACKEND_CPU && o.backend != OELM_BACKEND_CUDA && o.backend != OELM_BACKEND_AUTO)
+      throw oelm::InvalidArgument("backend must be OELM_BACKEND_CPU (0), OELM_BACKEND_CUDA (1) or OELM_BACKEND_AUTO "
+                                  "(2), got " + std::to_string(o.backend));
     if (o.prefix_cache < -1 || o.prefix_cache > 4096)
       throw oelm::InvalidArgument("prefix_cache must be -1 (none), 0 (default) or up to 4096 entries, got " +
                                   std::to_string(o.prefix_cache));
@@ -302,8 +307,9 @@ oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session
     ro.memory_budget_bytes = o.memory_budget_mib * (int64_t(1) << 20);
     ro.prefix_cache_entries = o.prefix_cache == 0 ? 16 : o.prefix_cache < 0 ? 0 : o.prefix_cache;
     ro.budget_sequences = o.max_batch > 0 ? o.max_batch : 16;
-    std::shared_ptr<oelm::Backend> backend = oelm::Backend::create("cpu", o.n_threads);
-    backend->set_exact(o.exact != 0);
+    const bool cuda = o.backend == OELM_BACKEND_CUDA || (o.backend == OELM_BACKEND_AUTO && oelm::cuda_available());
+    std::shared_ptr<oelm::Backend> backend = oelm::Backend::create(cuda ? "cuda" : "cpu", o.n_threads);
+    backend->set_exact(o.exact != 0 || cuda);
     s->rt = std::make_shared<oelm::Runtime>(s->model, std::move(backend), ro);
     oelm::EngineOptions eo;
     eo.max_batch = o.max_batch > 0 ? std::min<int32_t>(o.max_batch, int32_t(s->rt->max_step_tokens())) : 16;

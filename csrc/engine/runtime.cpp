@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "model/cuda.h"
 
 namespace oelm {
 
@@ -75,6 +76,8 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   const int64_t block_bytes = kv_block_bytes(c, bs, o.kv_type);
   budget_bytes_ = o.kv_budget_bytes > 0 ? o.kv_budget_bytes
                                         : kv_budget_default(c, max_ctx, o.kv_type, capped ? 1 : o.budget_sequences);
+  if (o.kv_budget_bytes == 0 && backend_->is_cuda())  // device memory, not RAM: at most half of what is free
+    budget_bytes_ = std::max(block_bytes, std::min(budget_bytes_, cuda_free_memory() / 2));
   const int64_t n_blocks = budget_bytes_ / block_bytes;
   if (n_blocks < 1)
     throw InvalidArgument("kv_budget of " + std::to_string(budget_bytes_) + " bytes is less than one KV block of " +
@@ -87,13 +90,17 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
   geo.type = o.kv_type;
   const int64_t step_tokens = o.max_step_tokens > 0 ? o.max_step_tokens : kDefaultStepTokens;
   if (capped) {
+    if (backend_->is_cuda())
+      throw InvalidArgument("memory_budget streams weights from the file into host memory: it is for the CPU "
+                            "backend; leave it unset with the CUDA backend");
     // Scratch: the executor's, plus logits of a full step (scoring) and of a batch (engine).
     const int64_t scratch = cpu_scratch_bytes(*model_, max_ctx, step_tokens) +
                             (step_tokens + std::max<int64_t>(o.budget_sequences, 1)) * c.vocab_size * 4;
     plan_ = plan_memory(*model_, o.memory_budget_bytes, n_blocks * block_bytes, scratch);
     if (plan_->streams()) stream_ = std::make_shared<WeightStreamer>(model_, *plan_, o.stream);
   }
-  exec_ = make_cpu_executor(model_, backend_, geo, max_ctx, step_tokens, stream_);
+  exec_ = backend_->is_cuda() ? make_cuda_executor(model_, backend_, geo, max_ctx, step_tokens)
+                              : make_cpu_executor(model_, backend_, geo, max_ctx, step_tokens, stream_);
   Executor* ex = exec_.get();
   const std::string text = mib_text(n_blocks * block_bytes) + " (" + std::to_string(n_blocks) + " blocks of " +
                            std::to_string(bs) + " positions, " + std::to_string(block_bytes / 1024) + " KiB each, " +

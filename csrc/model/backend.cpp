@@ -6,10 +6,15 @@
 #include "common/error.h"
 #include "common/half.h"
 #include "kernels/dispatch.h"
+#include "model/cuda.h"
 
 namespace oelm {
 
-std::vector<std::string> Backend::names() { return {"cpu", "ref"}; }
+std::vector<std::string> Backend::names() {
+  std::vector<std::string> n{"cpu", "ref"};
+  if (cuda_compiled()) n.push_back("cuda");
+  return n;
+}
 
 std::shared_ptr<Backend> Backend::create(const std::string& name, int threads, const std::string& kernels) {
   if (threads < 0) throw InvalidArgument("threads must be >= 1 (or 0 for one per core), got " + std::to_string(threads));
@@ -29,7 +34,20 @@ std::shared_ptr<Backend> Backend::create(const std::string& name, int threads, c
     const KernelTable& k = kernels.empty() ? select_kernels() : kernels_by_name(kernels);
     return std::shared_ptr<Backend>(new Backend("cpu", &k, n));
   }
-  throw InvalidArgument("unknown backend '" + name + "'; available: cpu, ref");
+  if (name == "cuda") {
+    // The forward pass runs on the GPU (model/cuda.h); the Backend keeps the CPU kernels and
+    // threads for the host-side work around it (score_batch's log-softmax, the engine).
+    std::string why;
+    if (!cuda_available(&why)) throw InvalidArgument("backend 'cuda': " + why);
+    if (!kernels.empty())
+      throw InvalidArgument("backend 'cuda' runs its own kernels; kernels '" + kernels + "' is for backend 'cpu'");
+    int n = threads > 0 ? threads : int(std::thread::hardware_concurrency());
+    if (n <= 0) n = 1;
+    if (n > 1024) throw InvalidArgument("threads must be at most 1024, got " + std::to_string(n));
+    return std::shared_ptr<Backend>(new Backend("cuda", &select_kernels(), n));
+  }
+  throw InvalidArgument("unknown backend '" + name + "'; available: cpu, ref" +
+                        (cuda_compiled() ? ", cuda" : " (cuda: not in this build)"));
 }
 
 bool Backend::supports(DType t) const {

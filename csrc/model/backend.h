@@ -1,6 +1,8 @@
 // A compute backend for the CPU: a kernel table plus the threads that run it.
 // "ref" = the scalar reference kernels on one thread (the truth for tests);
-// "cpu" = the fastest kernels this CPU supports, on a persistent thread pool.
+// "cpu" = the fastest kernels this CPU supports, on a persistent thread pool;
+// "cuda" = the forward pass on the GPU (model/cuda.h); the kernel table and threads here then
+// serve only the host-side work around it (the runtime's log-softmax, sampling).
 #pragma once
 #include <functional>
 #include <memory>
@@ -22,6 +24,7 @@ class Backend {
   static std::vector<std::string> names();
 
   const std::string& name() const { return name_; }
+  bool is_cuda() const { return name_ == "cuda"; }
   int threads() const { return pool_.size(); }
   const KernelTable& kernels() const { return *k_; }
   ThreadPool& pool() { return pool_; }

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/kernels.h"
 #include "model/model.h"
@@ -65,6 +66,13 @@ class Executor {
   virtual int64_t max_context() const = 0;
   virtual const KvGeometry& kv_geometry() const = 0;
 };
+
+// Throws InvalidArgument unless max_context, max_step_tokens and the KV geometry are in range
+// (every executor's constructor).
+void check_executor_limits(const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens);
+
+// The RoPE tables every backend rotates by: [max_context][head_dim / 2] cos and sin.
+void rope_tables(const ModelConfig& c, int64_t max_context, std::vector<float>* cos, std::vector<float>* sin);
 
 // Bytes of KV memory one block of `block_size` positions takes, every layer.
 int64_t kv_block_bytes(const ModelConfig& c, int64_t block_size, KvType type);

@@ -89,13 +89,7 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Bac
     : model_(std::move(model)), backend_(std::move(backend)), stream_(std::move(stream)), geo_(kv), max_ctx_(max_context),
       max_tokens_(max_step_tokens) {
   const ModelConfig& c = model_->config();
-  if (max_context < 1 || max_context > (int64_t(1) << 20))
-    throw InvalidArgument("max_context must be in [1, 1048576], got " + std::to_string(max_context));
-  if (max_step_tokens < 1 || max_step_tokens > 65536)
-    throw InvalidArgument("max_step_tokens must be in [1, 65536], got " + std::to_string(max_step_tokens));
-  if (kv.block_size < kKvAlign || kv.block_size % kKvAlign || kv.n_blocks < 1)
-    throw InvalidArgument("KV geometry: block size must be a positive multiple of " + std::to_string(kKvAlign) +
-                          " and there must be at least one block");
+  check_executor_limits(kv, max_context, max_step_tokens);
   for (DType t : {c.weights_dtype, c.embedding_dtype})
     if (!backend_->supports(t))
       throw InvalidArgument(std::string("backend '") + backend_->name() + "' has no kernels for " + dtype_name(t) +
@@ -115,19 +109,7 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Bac
     throw InvalidArgument("cannot map " + std::to_string(kv_block_bytes(c, kv.block_size, kv.type) * kv.n_blocks) +
                           " bytes for the KV cache; use a smaller kv_budget");
   }
-  // RoPE tables as HF computes them (float32): inv_freq_j = 1 / theta^(2j/hd),
-  // angle = float(p) * inv_freq_j, then cos/sin of that float32 angle.
-  const int64_t half = hd_ / 2;
-  rope_cos_.resize(size_t(max_ctx_ * half));
-  rope_sin_.resize(size_t(max_ctx_ * half));
-  for (int64_t j = 0; j < half; ++j) {
-    const float inv_freq = float(1.0 / std::pow(double(c.rope_theta), double(2 * j) / double(hd_)));
-    for (int64_t p = 0; p < max_ctx_; ++p) {
-      const float angle = float(p) * inv_freq;
-      rope_cos_[size_t(p * half + j)] = float(std::cos(double(angle)));
-      rope_sin_[size_t(p * half + j)] = float(std::sin(double(angle)));
-    }
-  }
+  rope_tables(c, max_ctx_, &rope_cos_, &rope_sin_);
   const int64_t T = max_tokens_;
   x_.resize(size_t(T * c.d_model));
   h_.resize(size_t(T * c.d_model));
@@ -281,6 +263,32 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
 }
 
 }  // namespace
+
+void check_executor_limits(const KvGeometry& kv, int64_t max_context, int64_t max_step_tokens) {
+  if (max_context < 1 || max_context > (int64_t(1) << 20))
+    throw InvalidArgument("max_context must be in [1, 1048576], got " + std::to_string(max_context));
+  if (max_step_tokens < 1 || max_step_tokens > 65536)
+    throw InvalidArgument("max_step_tokens must be in [1, 65536], got " + std::to_string(max_step_tokens));
+  if (kv.block_size < kKvAlign || kv.block_size % kKvAlign || kv.n_blocks < 1)
+    throw InvalidArgument("KV geometry: block size must be a positive multiple of " + std::to_string(kKvAlign) +
+                          " and there must be at least one block");
+}
+
+void rope_tables(const ModelConfig& c, int64_t max_context, std::vector<float>* cos, std::vector<float>* sin) {
+  // As HF computes them (float32): inv_freq_j = 1 / theta^(2j/hd), angle = float(p) *
+  // inv_freq_j, then cos/sin of that float32 angle.
+  const int64_t hd = c.head_dim, half = hd / 2;
+  cos->assign(size_t(max_context * half), 0.0f);
+  sin->assign(size_t(max_context * half), 0.0f);
+  for (int64_t j = 0; j < half; ++j) {
+    const float inv_freq = float(1.0 / std::pow(double(c.rope_theta), double(2 * j) / double(hd)));
+    for (int64_t p = 0; p < max_context; ++p) {
+      const float angle = float(p) * inv_freq;
+      (*cos)[size_t(p * half + j)] = float(std::cos(double(angle)));
+      (*sin)[size_t(p * half + j)] = float(std::sin(double(angle)));
+    }
+  }
+}
 
 int64_t kv_block_bytes(const ModelConfig& c, int64_t block_size, KvType type) {
   int64_t heads = 0;

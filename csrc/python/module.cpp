@@ -21,6 +21,7 @@
 #include "kernels/dispatch.h"
 #include "model/model.h"
 #include "model/streaming.h"
+#include "model/cuda.h"
 #include "tokenizer/tokenizer.h"
 
 namespace py = pybind11;
@@ -270,6 +271,17 @@ PYBIND11_MODULE(_core, m) {
       .def("push", [](StreamDecoder& d, int64_t id) { return d.push(to_ids({id}, d.tokenizer().vocab_size())[0]); },
            py::arg("id"), "The text completed by this id (never a partial UTF-8 character).")
       .def("flush", &StreamDecoder::flush, "The held bytes at the end of the stream.");
+
+  m.def("cuda_info", [] {
+    std::string why;
+    const bool ok = cuda_available(&why);
+    py::dict d;
+    d["compiled"] = cuda_compiled();
+    d["available"] = ok;
+    d["reason"] = ok ? std::string() : why;
+    d["device"] = ok ? cuda_device_description() : std::string();
+    return d;
+  }, "The CUDA backend: compiled (in this build), available (a usable device), reason (why not), device.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def(py::init([](const std::string& name, int threads, const std::string& kernels, bool exact) {

@@ -1,7 +1,8 @@
 """openelm_rt: a native inference runtime for Apple's OpenELM language models.
 
 Public surface: `Session`, `GenerationResult`, `GenerationStream`, `BatchStream`,
-`ScoreResult`, `FormatError`, `KVBudgetError`, and `perplexity` (perplexity / KL against a
+`ScoreResult`, `FormatError`, `KVBudgetError`, `cuda_info` (whether this build has the CUDA
+backend and a device is usable), and `perplexity` (perplexity / KL against a
 base model, `PerplexityResult`).
 The exporter (`openelm_rt.export`) and checkpoint tools import without the compiled
 core, so they are importable before the extension is built.
@@ -12,7 +13,7 @@ __version__ = "0.2.0"
 from .perplexity import PerplexityResult, perplexity  # noqa: E402
 
 __all__ = ["Session", "GenerationResult", "GenerationStream", "BatchStream", "ScoreResult", "FormatError",
-           "KVBudgetError", "perplexity", "PerplexityResult", "__version__"]
+           "KVBudgetError", "cuda_info", "perplexity", "PerplexityResult", "__version__"]
 
 
 def __getattr__(name):
@@ -21,7 +22,7 @@ def __getattr__(name):
         from . import session
 
         return getattr(session, name)
-    if name in ("FormatError", "KVBudgetError"):
+    if name in ("FormatError", "KVBudgetError", "cuda_info"):
         from . import _core
 
         return getattr(_core, name)

@@ -293,7 +293,7 @@ def cmd_serve(args) -> int:
     opts = serve.ServeOptions(model=args.model, model_name=args.model_name, api_key=api_key,
                               max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
                               max_context=args.max_context, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
-                              prefix_cache=args.prefix_cache)
+                              prefix_cache=args.prefix_cache, session_kwargs={"backend": args.backend})
     serve.run(opts, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -349,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights that do not fit are read from the file every token, same output; prints the plan")
     g.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
                    help="KV cache element type: f32 (exact, default) or f16 (half the memory)")
-    g.add_argument("--backend", choices=("cpu", "ref"), default="cpu", help=argparse.SUPPRESS)
+    g.add_argument("--backend", choices=("cpu", "cuda", "auto", "ref"), default="cpu",
+                   help="cpu (default); cuda: the GPU (a CUDA build, see `python -c 'import openelm_rt; "
+                        "print(openelm_rt.cuda_info())'`); auto: cuda when available, else cpu")
     g.add_argument("--stream", dest="no_stream", action="store_false",
                    help="print text as it is generated (the default)")
     g.add_argument("--no-stream", dest="no_stream", action="store_true",
@@ -424,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV cache memory, e.g. 1GiB (default: room for --max-batch sequences of the context, "
                          "at most a quarter of RAM)")
     sv.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32", help="KV cache element type")
+    sv.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="cpu (default); cuda: the GPU (a CUDA build); auto: cuda when available, else cpu")
     sv.add_argument("--prefix-cache", type=int, default=16,
                     help="finished sequences kept for prefix reuse (system prompts, chat turns); 0 = off")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -157,7 +157,10 @@ class Session:
         max_context: longest sequence (prompt + generated tokens) one sequence holds;
             default: the model's training context (2048 for the released models).
         verify: check every tensor's CRC-32 at load (reads the whole file once).
-        backend: "cpu" (default) or "ref", the single-threaded scalar reference.
+        backend: "cpu" (default); "cuda", the forward pass on the GPU (a build with the CUDA
+            backend and a device: `openelm_rt.cuda_info()` says whether this one has them);
+            "auto", CUDA when available and the CPU otherwise; or "ref", the single-threaded
+            scalar reference. `threads` is then the host threads around the GPU.
         kv_budget: memory for the KV cache of all sequences at once, in bytes or as a size
             ("512MiB", "2GiB"); default: room for max_batch sequences of max_context, at most
             a quarter of the machine's memory. Pages are only used as sequences fill them.
@@ -193,8 +196,10 @@ class Session:
             raise FileNotFoundError(
                 f"{path}: no such file; export a model with "
                 f"`openelm-rt-export CHECKPOINT_DIR -o model.oelm` first")
-        if backend not in ("cpu", "ref"):
-            raise ValueError(f"backend must be 'cpu' or 'ref', got {backend!r}")
+        if backend not in ("cpu", "ref", "cuda", "auto"):
+            raise ValueError(f"backend must be 'cpu', 'cuda', 'auto' or 'ref', got {backend!r}")
+        if backend == "auto":
+            backend = "cuda" if _core.cuda_info()["available"] else "cpu"
         if kv_dtype not in ("f32", "f16"):
             raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
         if threads is None:
@@ -209,7 +214,8 @@ class Session:
         if stream_io not in ("direct", "buffered", "mmap"):
             raise ValueError(f"stream_io must be 'direct', 'buffered' or 'mmap', got {stream_io!r}")
         self._model = _core.Model(path, bool(verify))
-        self._backend = _core.Backend(backend, threads, "", bool(exact))
+        # exact: the CUDA backend's matmuls always take exact f32 activations.
+        self._backend = _core.Backend(backend, threads, "", bool(exact) or backend == "cuda")
         cfg = self._model.config
         self.config = dict(cfg)
         if max_context is None:

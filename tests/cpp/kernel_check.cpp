@@ -27,6 +27,7 @@
 #include "common/half.h"
 #include "kernels/dispatch.h"
 #include "kernels/kernels.h"
+#include "rng.h"
 
 using namespace oelm;
 
@@ -36,18 +37,6 @@ constexpr double kU = 0x1p-24;  // unit roundoff of f32 (half an ulp of 1)
 
 // ----------------------------------------------------------------------------- data
 
-struct Rng {  // splitmix64: the same numbers on every platform and standard library
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  float uniform(float lo, float hi) { return lo + (hi - lo) * float(next() >> 40) * 0x1p-24f; }
-  int64_t below(int64_t n) { return int64_t(next() % uint64_t(n)); }
-};
 
 // Random binary16: mostly normal numbers of magnitude 2^-7..2^0 (weights), 1 in 32 a
 // subnormal or zero, so widening is exercised on every kind of finite number.

@@ -975,6 +975,38 @@ TEST(options_from_an_older_header) {
   CHECK(contains(oelm_last_error(), "oelm_model_options_default"));
 }
 
+// OELM_BACKEND_CUDA: a session on the GPU where this library has the backend and a device,
+// otherwise a clear error; OELM_BACKEND_AUTO always gives a session (the CPU without CUDA).
+TEST(cuda_backend_option) {
+  oelm_model_options o = oelm_model_options_default();
+  o.max_context = 64;
+  o.backend = OELM_BACKEND_CUDA;
+  oelm_model* mp = nullptr;
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr m(mp);
+  oelm_session* sp = nullptr;
+  const oelm_status st = oelm_session_new(m.get(), &sp);
+  if (st == OELM_OK) {
+    oelm_session_free(sp);
+  } else {
+    CHECK_EQ(int(st), int(OELM_INVALID_ARGUMENT));
+    CHECK(contains(oelm_last_error(), "cuda"));
+    CHECK(contains(oelm_last_error(), "cpu") || contains(oelm_last_error(), "CUDA"));
+  }
+  o.backend = OELM_BACKEND_AUTO;
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr m2(mp);
+  SessionPtr s = new_session(m2.get());
+  CHECK_EQ(oelm_session_max_context(s.get()), 64);
+  o.backend = 3;
+  CHECK_STATUS(oelm_model_load(model_path().c_str(), &o, &mp), OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "backend"));
+  o = oelm_model_options_default();
+  o.struct_size = offsetof(oelm_model_options, backend);  // a program built against 0.2.0's header
+  CHECK_OK(oelm_model_load(model_path().c_str(), &o, &mp));
+  ModelPtr m3(mp);
+}
+
 // The header compiles as C and a C program gets the same greedy tokens (c_usage.c).
 TEST(usable_from_c) {
   const GenCase c = generate_cases()[0];

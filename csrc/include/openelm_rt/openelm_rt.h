@@ -126,6 +126,13 @@ typedef enum oelm_kv_type {
   OELM_KV_F16 = 1  /* keys and values rounded to binary16: half the KV memory and bandwidth */
 } oelm_kv_type;
 
+typedef enum oelm_backend {
+  OELM_BACKEND_CPU = 0,  /* the CPU (default) */
+  OELM_BACKEND_CUDA = 1, /* the GPU: a library built with the CUDA backend and a usable device;
+                            otherwise oelm_session_new fails with OELM_INVALID_ARGUMENT saying why */
+  OELM_BACKEND_AUTO = 2  /* CUDA when available, else the CPU */
+} oelm_backend;
+
 typedef struct oelm_model_options {
   size_t struct_size;  /* sizeof(oelm_model_options); set by oelm_model_options_default */
   int32_t n_threads;   /* worker threads per session; 0 = one per hardware thread */
@@ -149,6 +156,8 @@ typedef struct oelm_model_options {
                             of max_context and the FFN matrices that do not fit are read from the
                             file at every step (exact: same logits). oelm_session_new fails with
                             OELM_INVALID_ARGUMENT stating the minimum when the cap is too small */
+  /* Since 0.2 with the CUDA backend: */
+  int32_t backend;       /* oelm_backend; n_threads is then the host threads around the GPU */
 } oelm_model_options;
 
 /* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0). */
