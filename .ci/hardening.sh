@@ -43,7 +43,7 @@ python3 tests/fuzz/make_seeds.py "$work/seeds"
 
 echo "-- ASan + UBSan build (clang $CLANG_VERSION): C API tests, kernel_check, fuzz targets"
 asan=build/ci-asan
-CC=$cc CXX=$cxx cmake -S . -B "$asan" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
+CC=$cc CXX=$cxx cmake -S . -B "$asan" "${gen[@]}" -DOPENELM_RT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
   -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_FUZZ=ON \
   -DOPENELM_RT_SANITIZE=address,undefined >/dev/null
 cmake --build "$asan" --target all kernel_check -j "$jobs" >/dev/null
@@ -65,7 +65,7 @@ ran_asan=$SECONDS
 
 echo "-- ThreadSanitizer build: stress_engine (engine thread, submitters, cancellers, pollers)"
 tsan=build/ci-tsan
-CC=$cc CXX=$cxx cmake -S . -B "$tsan" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
+CC=$cc CXX=$cxx cmake -S . -B "$tsan" "${gen[@]}" -DOPENELM_RT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
   -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_SANITIZE=thread >/dev/null
 cmake --build "$tsan" --target stress_engine -j "$jobs" >/dev/null
 built_tsan=$SECONDS
