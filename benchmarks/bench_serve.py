@@ -62,7 +62,10 @@ async def http_load(base, prompts, out_tokens, concurrency):
 
     sem = asyncio.Semaphore(concurrency)
     ttft, gaps, ntok, errors = [], [], [], []
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4,
+                                                                                      max_keepalive_connections=0)) as c:
+        # a new connection per request: llama-server (cpp-httplib) closes idle kept-alive
+        # connections, which raced with a reused one ("Server disconnected"); same for both sides
         async def one(p):
             async with sem:
                 body = {"prompt": p, "max_tokens": out_tokens, "temperature": 0, "stream": True,
