@@ -15,8 +15,18 @@ where a byte-fallback character spans tokens). "engine" rows: the same load on t
 engine in this process, stepped by the benchmark itself (no HTTP, no threads): what the server
 adds is the difference.
 
-llama.cpp's llama-server is not compared here: it is not built on this machine (the issue's
-comparison needs it built from the llama-cpp-python sdist's vendored source).
+With --llama-server PATH (or `auto`: built once from the llama.cpp vendored in the
+llama-cpp-python sdist, see llama_side.ensure_llama_server), llama.cpp's llama-server runs next to
+ours on the same weights (the GGUF of the same random checkpoint, quantized by llama.cpp to the
+same bits: q8 -> Q8_0, q4 -> Q4_0), on 127.0.0.1, with `--parallel` = our --max-batch and
+`--cont-batching`, the same threads, and the same requests: /v1/completions with the same
+token-id prompts (llama-server has no OpenELM chat template, so chat is not compared). For each
+of --reps repetitions and each concurrency the two servers take the same load one after the other
+(the order alternating), and the table gives the medians over the repetitions and the ratios
+ours / llama-server.
+
+    python benchmarks/bench_serve.py --preset 270M --dtype q8 --concurrency 1 8 16 --llama-server auto \
+        --requests 16 --output-tokens 32 --reps 3 --no-engine
 """
 from __future__ import annotations
 
@@ -52,7 +62,10 @@ async def http_load(base, prompts, out_tokens, concurrency):
 
     sem = asyncio.Semaphore(concurrency)
     ttft, gaps, ntok, errors = [], [], [], []
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4,
+                                                                                      max_keepalive_connections=0)) as c:
+        # a new connection per request: llama-server (cpp-httplib) closes idle kept-alive
+        # connections, which raced with a reused one ("Server disconnected"); same for both sides
         async def one(p):
             async with sem:
                 body = {"prompt": p, "max_tokens": out_tokens, "temperature": 0, "stream": True,
@@ -117,6 +130,54 @@ def row(name, c, r, n_req):
             "out_tokens": toks}
 
 
+METRICS = ("req_per_s", "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+           "out_tokens", "errors")
+
+
+def median_row(rows):
+    """One row with the median of each metric over repetitions."""
+    out = dict(rows[0])
+    for k in METRICS:
+        out[k] = float(np.median([r[k] for r in rows]))
+    out["reps"] = len(rows)
+    return out
+
+
+def llama_gguf(args) -> str:
+    """The GGUF llama-server loads: --gguf, or the one of the same random weights as our model
+    (made by llama_side.ensure_ggufs in the llama-cpp-python venv when missing)."""
+    if args.gguf:
+        return args.gguf
+    if args.model:
+        raise SystemExit("--llama-server with --model needs --gguf (the same weights as a GGUF)")
+    import llama_side
+    from openelm_rt.demo import ensure_random_model
+
+    ftype = llama_side.LLAMA_TYPE.get(args.dtype)
+    if ftype is None:
+        raise SystemExit(f"no llama.cpp file type matches --dtype {args.dtype}; use one of "
+                         f"{sorted(llama_side.LLAMA_TYPE)}")
+    m32 = ensure_random_model(args.preset, "f32", args.cache_dir)
+    path = llama_side.gguf_path(m32.path, ftype)
+    if not os.path.exists(path):
+        python = llama_side.ensure_venv(args.llama_venv)
+        with llama_side.LlamaWorker(python) as w:
+            path = llama_side.ensure_ggufs(w, m32.checkpoint_dir, m32.tokenizer_path, m32.path, [ftype],
+                                           args.threads)[ftype]
+    return path
+
+
+def start_llama_server(binary, gguf, args):
+    port = free_port()
+    ctx = args.max_batch * (args.prompt_tokens + args.output_tokens + 64)  # per slot: ctx / parallel
+    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
+           "-tb", str(args.threads), "--parallel", str(args.max_batch), "--cont-batching", "-c", str(ctx),
+           "--no-webui"]
+    print("[bench] " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(args.llama_log, "w"))
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="an .oelm file (default: random weights of --preset)")
@@ -131,6 +192,15 @@ def main(argv=None) -> int:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--no-engine", action="store_true", help="skip the engine-alone rows")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
+    p.add_argument("--llama-server", default=None, metavar="PATH|auto",
+                   help="compare with llama.cpp's llama-server: its binary, or 'auto' to build it once "
+                        "(llama_side.ensure_llama_server; minutes)")
+    p.add_argument("--gguf", default=None, help="the GGUF llama-server loads (default: the same random weights)")
+    p.add_argument("--llama-venv", default=os.path.expanduser("~/.cache/openelm_rt/llama-venv"),
+                   help="llama-cpp-python venv used to make the GGUF when it is missing")
+    p.add_argument("--llama-log", default=os.devnull, help="where llama-server's log goes")
+    p.add_argument("--reps", type=int, default=1,
+                   help="repetitions of every level (servers interleaved); the table shows medians")
     args = p.parse_args(argv)
 
     from openelm_rt import Session
@@ -147,20 +217,37 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "openelm_rt", "serve", path, "--port", str(port), "--threads", str(args.threads),
            "--max-batch", str(args.max_batch), "--max-queue", str(max(args.concurrency) * 2),
            "--log-level", "warning"]
+    llama = None
+    if args.llama_server:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import llama_side
+
+        binary = llama_side.ensure_llama_server(args.llama_server, args.cache_dir)
+        llama = start_llama_server(binary, llama_gguf(args), args)
     srv = subprocess.Popen(cmd)
-    rows = []
+    bases = {"server": base}
+    runs = {}  # (side, concurrency) -> rows of the repetitions
     try:
         wait_ready(base, timeout=300, process=srv)
-        # warm-up (page in the weights)
-        asyncio.run(http_load(base, make_prompts(2, args.prompt_tokens, vocab, seed=999), 8, 2))
-        for c in args.concurrency:
-            prompts = make_prompts(args.requests, args.prompt_tokens, vocab, seed=c)
-            r = asyncio.run(http_load(base, prompts, args.output_tokens, c))
-            rows.append(row("server", c, r, args.requests))
-            print(json.dumps(rows[-1]), flush=True)
+        if llama:
+            wait_ready(llama[1], timeout=300, process=llama[0])
+            bases["llama-server"] = llama[1]
+        for b in bases.values():  # warm-up (page in the weights)
+            asyncio.run(http_load(b, make_prompts(2, args.prompt_tokens, vocab, seed=999), 8, 2))
+        for rep in range(args.reps):
+            for c in args.concurrency:
+                # fresh prompts every repetition (no prefix-cache hits), the same for both sides
+                prompts = make_prompts(args.requests, args.prompt_tokens, vocab, seed=1000 * rep + c)
+                order = list(bases) if rep % 2 == 0 else list(bases)[::-1]
+                for side in order:
+                    r = asyncio.run(http_load(bases[side], prompts, args.output_tokens, c))
+                    runs.setdefault((side, c), []).append(row(side, c, r, args.requests))
+                    print(json.dumps({"rep": rep, **runs[(side, c)][-1]}), flush=True)
     finally:
-        srv.terminate()
-        srv.wait(timeout=30)
+        for proc in [srv] + ([llama[0]] if llama else []):
+            proc.terminate()
+            proc.wait(timeout=30)
+    rows = [median_row(v) for v in runs.values()]
     if not args.no_engine:
         with Session(path, threads=args.threads, max_batch=args.max_batch) as s:
             engine_load(s, make_prompts(2, args.prompt_tokens, vocab, seed=999), 8, 2)
@@ -171,13 +258,28 @@ def main(argv=None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nmodel {os.path.basename(path)}, {args.threads} threads, max_batch {args.max_batch}, "
-          f"{args.requests} requests per level, prompt {args.prompt_tokens} tokens, output {args.output_tokens}")
-    print("| side | concurrency | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.requests} requests per level, prompt {args.prompt_tokens} tokens, output {args.output_tokens}"
+          + (f", medians of {args.reps} interleaved repetitions" if args.reps > 1 else ""))
+    print("| side | concurrency | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+          "out tokens | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["side"])):
         print(f"| {r['side']} | {r['concurrency']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
-              f"{r['errors']} |")
+              f"{r['out_tokens']:.0f} | {r['errors']:.0f} |")
+    if llama:
+        by = {(r["side"], r["concurrency"]): r for r in rows}
+        print("\nours / llama-server (output tok/s: higher is better for us; latencies: lower is)")
+        print("| concurrency | output tok/s | TTFT p50 | ITL p50 | ITL p99 |")
+        print("|---:|---:|---:|---:|---:|")
+        for c in args.concurrency:
+            a, b = by[("server", c)], by[("llama-server", c)]
+            ratio = {k: a[k] / b[k] if b[k] else float("nan")
+                     for k in ("out_tok_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")}
+            for k, v in ratio.items():
+                rows.append({"side": "ratio", "concurrency": c, "metric": k, "ours_over_llama": v})
+            print(f"| {c} | {ratio['out_tok_per_s']:.2f}x | {ratio['ttft_p50_ms']:.2f}x | "
+                  f"{ratio['itl_p50_ms']:.2f}x | {ratio['itl_p99_ms']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

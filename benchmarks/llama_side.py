@@ -1,5 +1,7 @@
-"""The llama.cpp side of bench_llama.py, seen from our Python: the llama-cpp-python venv,
-the worker process (llama_worker.py) and the GGUF files made from the same weights.
+"""The llama.cpp side of bench_llama.py and bench_serve.py, seen from our Python: the
+llama-cpp-python venv, the worker process (llama_worker.py), the GGUF files made from the same
+weights, and llama.cpp's `llama-server` binary built from the sources vendored in the same
+llama-cpp-python sdist (ensure_llama_server; `python benchmarks/llama_side.py build-server`).
 
 llama-cpp-python runs in its own venv (default ~/.cache/openelm_rt/llama-venv), created
 here when missing: pip compiles llama.cpp from the sdist for the host CPU, which takes
@@ -130,3 +132,75 @@ def ensure_ggufs(worker: LlamaWorker, ckpt_dir: str, tokenizer: str, f32_oelm: s
             _log(f"llama.cpp quantizing to {ft}: {paths[ft]} ...")
             worker.call("quantize", src=paths["F32"], dst=paths[ft], ftype=ft, threads=threads)
     return paths
+
+
+# llama-server, built once from llama.cpp as vendored in the llama-cpp-python sdist (the same
+# llama.cpp version as the venv's), for the CPU vector extensions of this VM without AMX
+# (see ensure_venv), with the HTTP server and nothing else. Built by `ensure_llama_server`;
+# never in CI.
+LLAMA_SERVER_CMAKE_ARGS = NO_AMX_CMAKE_ARGS.split() + [
+    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"]
+
+
+def _sdist_dir(cache: str) -> str:
+    """The unpacked llama-cpp-python sdist under cache/sdist, downloaded by pip if missing."""
+    import glob
+    import tarfile
+
+    version = LLAMA_CPP_PYTHON.split("==")[1]
+    sdist = os.path.join(cache, "sdist")
+    unpacked = os.path.join(sdist, f"llama_cpp_python-{version}")
+    if os.path.isdir(os.path.join(unpacked, "vendor", "llama.cpp", "tools", "server")):
+        return unpacked
+    tars = glob.glob(os.path.join(sdist, f"llama_cpp_python-{version}.tar.gz"))
+    if not tars:
+        _log(f"downloading the {LLAMA_CPP_PYTHON} sdist into {sdist} ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        LLAMA_CPP_PYTHON, "-d", sdist], check=True)
+        tars = glob.glob(os.path.join(sdist, f"llama_cpp_python-{version}.tar.gz"))
+        if not tars:
+            raise RuntimeError(f"pip download left no llama_cpp_python-{version}.tar.gz in {sdist}")
+    with tarfile.open(tars[0]) as t:
+        t.extractall(sdist, filter="data")
+    if not os.path.isdir(os.path.join(unpacked, "vendor", "llama.cpp", "tools", "server")):
+        raise RuntimeError(f"{tars[0]} has no vendor/llama.cpp/tools/server")
+    return unpacked
+
+
+def ensure_llama_server(path: str = "auto", cache_dir: str | None = None, jobs: int = 2) -> str:
+    """Path of a llama-server binary. `path`: an existing binary, or "auto": the one built in
+    <cache>/llama-server-<version>/bin, building it when missing (CMake + the llama-server target
+    only, `jobs` parallel compiles; about 15 minutes at -j2 on the 2-core development VM)."""
+    if path != "auto":
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise FileNotFoundError(f"--llama-server {path!r} is not an executable file; give the path "
+                                    f"of llama.cpp's llama-server binary, or 'auto' to build one")
+        return os.path.abspath(path)
+    from openelm_rt.demo import default_cache_dir
+
+    cache = os.path.abspath(cache_dir or default_cache_dir())
+    version = LLAMA_CPP_PYTHON.split("==")[1]
+    build = os.path.join(cache, f"llama-server-{version}")
+    binary = os.path.join(build, "bin", "llama-server")
+    if os.access(binary, os.X_OK):
+        return binary
+    src = os.path.join(_sdist_dir(cache), "vendor", "llama.cpp")
+    _log(f"building llama-server from {src} into {build} (-j{jobs}; takes minutes) ...")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(["cmake", "-S", src, "-B", build, *gen, *LLAMA_SERVER_CMAKE_ARGS], check=True)
+    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(jobs)], check=True)
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError(f"the llama-server build finished but {binary} is missing")
+    return binary
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build llama.cpp's llama-server for bench_serve.py.")
+    ap.add_argument("what", choices=["build-server"])
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("-j", "--jobs", type=int, default=2)
+    a = ap.parse_args()
+    print(ensure_llama_server("auto", a.cache_dir, a.jobs))
