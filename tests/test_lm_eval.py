@@ -352,30 +352,19 @@ def test_registered_and_python_api(ole, tiny_f32):
     assert lm.max_length == 64 and lm.session.threads == 1
 
 
-def test_checkpoint_directory_exported_once(ole, tiny_f32, tokenizer_path, tmp_path, monkeypatch):
+def test_checkpoint_directory(ole, tiny_f32, tokenizer_path, tmp_path, monkeypatch):
+    """pretrained=DIR: exported once into the cache (tests/test_autoexport.py has the rest)."""
     import shutil
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_f32.ckpt_dir, ckpt)
-    monkeypatch.setenv("OPENELM_RT_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
-        ole.OpenELMLM(pretrained=str(ckpt))
     shutil.copy(tokenizer_path, ckpt / "tokenizer.model")
-    lm = ole.OpenELMLM(pretrained=str(ckpt), threads=1)
-    made = sorted((tmp_path / "cache").glob("*.oelm"))
-    assert len(made) == 1 and lm.session.path == str(made[0])
-    mtime = made[0].stat().st_mtime_ns
-    import openelm_rt
-    with openelm_rt.Session(str(ckpt)) as s:  # the cached file, not a second export
-        assert s.path == str(made[0])
-    assert made[0].stat().st_mtime_ns == mtime
-    with openelm_rt.Session(str(tiny_f32.oelm)) as ref:
-        ids = [BOS] + list(range(5, 40))
-        assert np.array_equal(lm.session.logits(ids), ref.logits(ids))
-    lm.session.close()
-    # Other weight types get their own file.
-    lm16 = ole.OpenELMLM(pretrained=str(ckpt), threads=1, dtype="bf16")
-    assert len(list((tmp_path / "cache").glob("*.oelm"))) == 2 and "-bf16-" in lm16.session.path
+    monkeypatch.setenv("OPENELM_RT_CACHE", str(tmp_path / "cache"))
+    lm = ole.OpenELMLM(pretrained=str(ckpt), threads=1, dtype="bf16")
+    made = list((tmp_path / "cache").glob("*.oelm"))
+    assert [lm.session.path] == [str(p) for p in made] and "-bf16-" in lm.session.path
+    with pytest.raises(ValueError, match="carries its own tokenizer"):
+        ole.OpenELMLM(pretrained=str(tiny_f32.oelm), tokenizer=str(tokenizer_path))
 
 
 def test_cli_launcher(ole, tiny_f32, tasks_dir, tmp_path):
@@ -389,3 +378,18 @@ def test_cli_launcher(ole, tiny_f32, tasks_dir, tmp_path):
     assert "openelm_rt" in p.stdout
     results = list(out.rglob("results_*.json"))
     assert results and json.loads(results[0].read_text())["results"]["oelm_mc"]["acc,none"] >= 0
+
+
+def test_card_runs_and_table(ole, tiny_f32, task_manager):
+    """run_card (openelm-rt eval --card) with the card's runs replaced by local tasks."""
+    import io
+    lm = ole.OpenELMLM(pretrained=str(tiny_f32.oelm), threads=2, max_length=64)
+    buf = io.StringIO()
+    table = ole.run_card(lm, runs=((0, ("oelm_mc",)), (2, ("oelm_mc",))), task_manager=task_manager, out=buf,
+                         bootstrap_iters=0)
+    assert sorted(table) == [("oelm_mc", 0), ("oelm_mc", 2)]
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "| task | shots | acc | acc_norm |"
+    for (task, shots), r in table.items():
+        assert f"| {task} | {shots} | {100 * r['acc,none']:.2f} | {100 * r['acc_norm,none']:.2f} |" in lines
+    assert [s for s, _ in ole.CARD_RUNS] == [0, 5, 10, 25]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .session import Session
 
-__all__ = ["OpenELMLM", "main"]
+__all__ = ["OpenELMLM", "run_card", "CARD_RUNS", "main"]
 
 # The Llama-2 tokenizer's special tokens: Hugging Face's tokenizer (what the `hf` model
 # uses) splits a text at them and gives each its id, so a literal "</s>" in a prompt is
@@ -350,12 +350,70 @@ class OpenELMLM(TemplateLM):
             pass
 
 
+# The OpenELM model card's lm-eval invocations: (num_fewshot, tasks).
+CARD_RUNS = (
+    (0, ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "race", "winogrande", "sciq", "truthfulqa_mc2")),
+    (5, ("mmlu", "winogrande")),
+    (10, ("hellaswag",)),
+    (25, ("arc_challenge",)),
+)
+
+
+def run_card(lm, runs=CARD_RUNS, task_manager=None, limit=None, out=sys.stdout, **evaluate_kwargs):
+    """The model card's evaluations with one model: each run of `runs` through
+    lm_eval.simple_evaluate, then a table (task, shots, acc, acc_norm) on `out`. Returns
+    {(task, shots): lm-eval's result dict of that task}. The datasets must be in the
+    Hugging Face cache (or reachable)."""
+    import lm_eval as _lm_eval
+
+    table = {}
+    for k, (shots, tasks) in enumerate(runs):
+        print(f"[openelm-rt] card run {k + 1}/{len(runs)}: {shots}-shot {', '.join(tasks)}", file=sys.stderr,
+              flush=True)
+        res = _lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=shots, task_manager=task_manager,
+                                       limit=limit, **evaluate_kwargs)
+        for task, r in res["results"].items():
+            table[(task, shots)] = r
+    print("| task | shots | acc | acc_norm |", file=out)
+    print("|---|---|---|---|", file=out)
+    for (task, shots), r in table.items():
+        cells = [f"{100 * r[m]:.2f}" if isinstance(r.get(m), float) else "-" for m in ("acc,none", "acc_norm,none")]
+        print(f"| {task} | {shots} | {cells[0]} | {cells[1]} |", file=out)
+    return table
+
+
+def _card_main(argv) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="openelm-rt eval --card",
+                                description="The OpenELM model card's evaluation: " + "; ".join(
+                                    f"{s}-shot {','.join(t)}" for s, t in CARD_RUNS) + ". Prints a table.")
+    p.add_argument("--card", action="store_true", required=True)
+    p.add_argument("--model_args", required=True, help="as for --model openelm_rt, e.g. pretrained=M.oelm")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's --limit)")
+    p.add_argument("--output_path", default=None, help="also write the table and all results here as JSON")
+    p.add_argument("--use_cache", default=None, help="lm-eval's request cache (a path prefix)")
+    args = p.parse_args(argv)
+    lm = OpenELMLM.create_from_arg_string(args.model_args)
+    table = run_card(lm, limit=args.limit, use_cache=args.use_cache)
+    if args.output_path:
+        import json
+
+        os.makedirs(args.output_path, exist_ok=True)
+        with open(os.path.join(args.output_path, "card_results.json"), "w") as f:
+            json.dump([{"task": t, "shots": s, "results": r} for (t, s), r in table.items()], f, indent=1,
+                      default=str)
+    return 0
+
+
 def main(argv=None) -> int:
     """`openelm-rt-eval`: lm-eval's whole CLI with the openelm_rt model registered; `--model
-    openelm_rt` is the default."""
+    openelm_rt` is the default. `--card` runs the model card's evaluations (run_card)."""
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--card" in argv:
+        return _card_main(argv)
     if argv and argv[0] in ("run", "ls", "validate"):
         sub, rest = argv[:1], argv[1:]
     else:
