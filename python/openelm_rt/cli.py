@@ -8,6 +8,10 @@
     openelm-rt info M.oelm [--verify]
     openelm-rt perplexity M.oelm --text FILE | --ids FILE [--ctx 512] [--kl-base BASE.oelm]
     openelm-rt serve M.oelm [--host 127.0.0.1] [--port 8080] [--api-key KEY]   (extra [serve])
+    openelm-rt eval --model_args pretrained=M.oelm --tasks arc_easy ...   (lm-eval's flags)
+
+--model takes an .oelm file or a Hugging Face OpenELM checkpoint directory (exported once
+into ~/.cache/openelm_rt).
 
 Flags mirror the OpenELM model card's generate_openelm.py where they overlap
 (--model, --prompt, --max_length, --generate_kwargs).
@@ -219,7 +223,9 @@ def cmd_demo(args) -> int:
 def cmd_info(args) -> int:
     from . import _core
 
-    m = _core.Model(args.model, bool(args.verify))
+    from .autoexport import resolve_model
+
+    m = _core.Model(resolve_model(args.model), bool(args.verify))
     c = m.config
     print(f"file:          {args.model} ({m.file_size:,} bytes, format {m.format_version}, names {m.names_version})")
     print(f"weights:       {m.weights_dtype}   embedding / head {m.embedding_dtype}")
@@ -317,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  echo 'What is the capital of France?' | openelm-rt generate --model "
                               "openelm-270m-instruct.oelm --chat --system 'Answer briefly.'",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--model", required=True, help="path of an .oelm file made by openelm-rt-export")
+    g.add_argument("--model", required=True, help="an .oelm file made by openelm-rt-export, or a Hugging Face OpenELM checkpoint directory (exported once into ~/.cache/openelm_rt)")
     g.add_argument("--prompt", default=None,
                    help="prompt text (BOS is prepended); with --chat, the first user message")
     g.add_argument("--chat", action="store_true",
@@ -378,10 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="print the configuration stored in an .oelm file")
-    i.add_argument("model", help="path of an .oelm file")
+    i.add_argument("model", help="an .oelm file or an OpenELM checkpoint directory")
     i.add_argument("--verify", action="store_true", help="also check every tensor's CRC-32")
     i.set_defaults(func=cmd_info)
 
+    sub.add_parser("eval", help="lm-evaluation-harness with --model openelm_rt (all of lm_eval's flags)",
+                   description="Runs lm-eval's command line with this runtime as the model, e.g. "
+                               "openelm-rt eval --model_args pretrained=openelm-270m.oelm --tasks arc_easy "
+                               "--num_fewshot 0. Every flag is lm_eval's (see openelm-rt eval --help). Needs "
+                               "pip install 'openelm_rt[eval]'.", add_help=False)
     pp = sub.add_parser("perplexity", help="perplexity on a text, and KL / top-1 / ΔPPL against a base model",
                         description="Perplexity of MODEL over non-overlapping windows of --ctx tokens (each "
                                     "from an empty cache; every token but a window's first is predicted; with "
@@ -389,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "With --kl-base, also KL(base ‖ model) per position (mean, p99, max), "
                                     "top-1 agreement and ΔPPL, as llama-perplexity --kl-divergence reports.",
                         epilog="example: openelm-rt perplexity m-q4.oelm --text wiki.txt --kl-base m-f32.oelm")
-    pp.add_argument("model", help="path of an .oelm file")
+    pp.add_argument("model", help="an .oelm file or an OpenELM checkpoint directory")
     pp.add_argument("--text", metavar="FILE", help="UTF-8 text, tokenized with the model's tokenizer")
     pp.add_argument("--ids", metavar="FILE",
                     help="token ids (integers separated by spaces/commas/newlines, or a .npy array): "
@@ -435,7 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_eval(argv) -> int:
+    """`openelm-rt eval ...`: lm-eval's CLI with --model openelm_rt (openelm_rt.lm_eval.main)."""
+    try:
+        from .lm_eval import main as eval_main
+    except ImportError as e:
+        print(f"openelm-rt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return eval_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":  # every flag is lm-eval's: passed through untouched
+        return cmd_eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

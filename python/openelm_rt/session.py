@@ -152,7 +152,9 @@ class Session:
     """An OpenELM model loaded from an .oelm file, ready to generate and score.
 
     Args:
-        path: the .oelm file written by `openelm-rt-export`.
+        path: the .oelm file written by `openelm-rt-export`, or a Hugging Face OpenELM
+            checkpoint directory (config.json, safetensors, tokenizer.model beside them),
+            exported on first use into ~/.cache/openelm_rt (`openelm_rt.autoexport`).
         threads: worker threads (default: one per hardware thread).
         max_context: longest sequence (prompt + generated tokens) one sequence holds;
             default: the model's training context (2048 for the released models).
@@ -194,8 +196,12 @@ class Session:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"{path}: no such file; export a model with "
-                f"`openelm-rt-export CHECKPOINT_DIR -o model.oelm` first")
+                f"{path}: no such file; pass an .oelm file (`openelm-rt-export CHECKPOINT_DIR -o model.oelm`) "
+                f"or a Hugging Face OpenELM checkpoint directory")
+        if os.path.isdir(path):  # a checkpoint as published: exported once into the cache
+            from .autoexport import resolve_model
+
+            path = resolve_model(path)
         if backend not in ("cpu", "ref", "cuda", "auto"):
             raise ValueError(f"backend must be 'cpu', 'cuda', 'auto' or 'ref', got {backend!r}")
         if backend == "auto":
