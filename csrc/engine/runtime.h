@@ -18,10 +18,13 @@
 
 namespace oelm {
 
+// The default KV budget's room when no max_batch says otherwise, in sequences of max_context.
+constexpr int64_t kDefaultBudgetSequences = 4;
+
 struct RuntimeOptions {
   int64_t max_context = 0;      // positions a sequence may hold; 0: the model's training context
   int64_t kv_budget_bytes = 0;  // KV memory, all sequences; 0: kv_budget_default()
-  int64_t budget_sequences = 4;  // the default budget's room, in sequences of max_context
+  int64_t budget_sequences = kDefaultBudgetSequences;  // the default budget's room, in sequences of max_context
   int64_t block_size = 0;       // positions per KV block (multiple of 16); 0: kDefaultKvBlock
   KvType kv_type = KvType::f32;
   int64_t max_step_tokens = 0;  // rows per forward step; 0: kDefaultStepTokens
@@ -37,8 +40,6 @@ struct RuntimeOptions {
 // Positions per KV block; docs/ARCHITECTURE.md gives the measurement behind the choice.
 constexpr int64_t kDefaultKvBlock = 16;
 constexpr int64_t kDefaultStepTokens = 256;
-// The default budget: room for this many sequences of max_context positions.
-constexpr int64_t kDefaultBudgetSequences = 4;
 
 struct ScoreResult {
   std::vector<double> logprobs;  // log p(continuation[i] | context, continuation[:i])

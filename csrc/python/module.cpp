@@ -449,7 +449,7 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("model"), py::arg("backend"), py::arg("max_context") = 0, py::arg("kv_budget") = 0,
            py::arg("block_size") = 0, py::arg("kv_dtype") = "f32", py::arg("max_step_tokens") = 0,
-           py::arg("prefix_cache") = 0, py::arg("budget_sequences") = 4, py::arg("memory_budget") = 0,
+           py::arg("prefix_cache") = 0, py::arg("budget_sequences") = kDefaultBudgetSequences, py::arg("memory_budget") = 0,
            py::arg("stream_io") = "direct", py::arg("io_threads") = 4, py::arg("prefetch") = true)
       .def_property_readonly("memory_plan", [](Runtime& r) -> py::object {
         const MemoryPlan* p = r.memory_plan();
