@@ -389,7 +389,57 @@ def test_card_runs_and_table(ole, tiny_f32, task_manager):
                          bootstrap_iters=0)
     assert sorted(table) == [("oelm_mc", 0), ("oelm_mc", 2)]
     lines = buf.getvalue().splitlines()
-    assert lines[0] == "| task | shots | acc | acc_norm |"
+    assert lines[0] == "| task | shots | acc | acc_norm | pct_stereotype |"
     for (task, shots), r in table.items():
-        assert f"| {task} | {shots} | {100 * r['acc,none']:.2f} | {100 * r['acc_norm,none']:.2f} |" in lines
-    assert [s for s, _ in ole.CARD_RUNS] == [0, 5, 10, 25]
+        assert f"| {task} | {shots} | {100 * r['acc,none']:.2f} | {100 * r['acc_norm,none']:.2f} | - |" in lines
+
+
+# The model card's "Evaluate OpenELM" script (apple/OpenELM-* README), in its order.
+CARD = [(0, ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "race", "winogrande", "sciq",
+             "truthfulqa_mc2"]),
+        (5, ["mmlu", "winogrande"]),
+        (25, ["arc_challenge", "crows_pairs_english"]),
+        (10, ["hellaswag"])]
+
+
+def test_card_preset_is_the_cards_four_invocations(ole):
+    """--card runs exactly the card's task/shot lists, and lm-eval knows every task name."""
+    from lm_eval.tasks import TaskManager
+    assert [(s, list(t)) for s, t in ole.CARD_RUNS] == CARD
+    known = set(TaskManager().all_tasks)
+    missing = sorted({t for _, ts in CARD for t in ts} - known)
+    assert not missing, f"lm-eval {__import__('lm_eval').__version__} lacks the card's tasks {missing}"
+
+
+def test_card_default_runs_and_table_rows(ole, monkeypatch):
+    """run_card's default runs call lm-eval once per card invocation, in order; the table has a
+    row per named task (a group's aggregate, not its subtasks) and crows_pairs' pct_stereotype."""
+    import io
+
+    import lm_eval
+    calls = []
+
+    def fake_evaluate(model, tasks, num_fewshot, **kw):
+        calls.append((num_fewshot, list(tasks)))
+        results, groups = {}, {}
+        for k, t in enumerate(tasks):
+            if t == "mmlu":  # a group: its subtasks in results, the aggregate in groups
+                results["mmlu_anatomy"] = {"acc,none": 0.125}
+                groups["mmlu"] = {"acc,none": 0.25 + num_fewshot / 1000}
+            elif t.startswith("crows_pairs"):
+                results[t] = {"likelihood_diff,none": 3.5, "pct_stereotype,none": 0.5 + k / 100}
+            else:
+                results[t] = {"acc,none": 0.5 + k / 100 + num_fewshot / 1000,
+                              "acc_norm,none": 0.25 + k / 100 + num_fewshot / 1000}
+        return {"results": results, "groups": groups}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    buf = io.StringIO()
+    table = ole.run_card(object(), out=buf)
+    assert calls == CARD
+    rows = buf.getvalue().splitlines()[2:]
+    assert [tuple(r.split(" | ")[:2]) for r in rows] == [("| " + t, str(s)) for s, ts in CARD for t in ts]
+    assert "| crows_pairs_english | 25 | - | - | 51.00 |" in rows
+    assert "| mmlu | 5 | 25.50 | - | - |" in rows
+    assert "| arc_challenge | 25 | 52.50 | 27.50 | - |" in rows
+    assert ("mmlu_anatomy", 5) in table and table[("mmlu", 5)]["acc,none"] == 0.255

@@ -134,18 +134,23 @@ class OpenELMLM(TemplateLM):
                                    max_context=None if max_length is None else int(max_length),
                                    kv_budget=kv_budget, kv_dtype=kv_dtype, exact=_as_bool("exact", exact))
             self._owns_session = True
-        if not self.session.has_tokenizer:
-            raise ValueError(f"{self.session.path} has no tokenizer; lm-eval passes text. Export the model with "
-                             f"its tokenizer.model")
-        self._tok = self.session._tokenizer("lm-eval")
+        self._init_tokenizer()
         self._max_length = self.session.max_context if max_length is None else int(max_length)
         if not 2 <= self._max_length <= self.session.max_context:
             raise ValueError(f"max_length {self._max_length} must be in [2, {self.session.max_context}] "
                              f"(the Session's context)")
-        self._special_ids = {"<s>": self._tok.bos_id, "</s>": self._tok.eos_id, "<unk>": self._tok.unk_id}
         # Work done since construction, for benchmarks and tests (tokens: as score_batch counts them).
         self.stats = {"loglikelihood_requests": 0, "tokens_requested": 0, "tokens_forwarded": 0,
                       "generate_requests": 0}
+
+    def _init_tokenizer(self):
+        """The text tokenizer: the one stored in the .oelm (a subclass with its own tok_encode and
+        tok_decode may replace this, e.g. for a model exported without a SentencePiece tokenizer)."""
+        if not self.session.has_tokenizer:
+            raise ValueError(f"{self.session.path} has no tokenizer; lm-eval passes text. Export the model with "
+                             f"its tokenizer.model")
+        self._tok = self.session._tokenizer("lm-eval")
+        self._special_ids = {"<s>": self._tok.bos_id, "</s>": self._tok.eos_id, "<unk>": self._tok.unk_id}
 
     # -- TemplateLM's tokenization surface --------------------------------------------
     @property
@@ -350,35 +355,45 @@ class OpenELMLM(TemplateLM):
             pass
 
 
-# The OpenELM model card's lm-eval invocations: (num_fewshot, tasks).
+# The OpenELM model card's lm-eval invocations, in the card's order: (num_fewshot, tasks).
+# (The card's "Evaluate OpenELM" script: shot=0 ..., shot=5 mmlu,winogrande, shot=25
+# arc_challenge,crows_pairs_english, shot=10 hellaswag.)
 CARD_RUNS = (
     (0, ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "race", "winogrande", "sciq", "truthfulqa_mc2")),
     (5, ("mmlu", "winogrande")),
+    (25, ("arc_challenge", "crows_pairs_english")),
     (10, ("hellaswag",)),
-    (25, ("arc_challenge",)),
 )
+
+# The table's columns: lm-eval's metric keys (crows_pairs reports pct_stereotype, not acc).
+_CARD_METRICS = (("acc", "acc,none"), ("acc_norm", "acc_norm,none"), ("pct_stereotype", "pct_stereotype,none"))
 
 
 def run_card(lm, runs=CARD_RUNS, task_manager=None, limit=None, out=sys.stdout, **evaluate_kwargs):
     """The model card's evaluations with one model: each run of `runs` through
-    lm_eval.simple_evaluate, then a table (task, shots, acc, acc_norm) on `out`. Returns
-    {(task, shots): lm-eval's result dict of that task}. The datasets must be in the
-    Hugging Face cache (or reachable)."""
+    lm_eval.simple_evaluate, then a table (task, shots, acc, acc_norm, pct_stereotype; in
+    percent) of the tasks the runs name (a group such as mmlu: its aggregate) on `out`.
+    Returns {(task, shots): lm-eval's result dict of that task}, subtasks included. The
+    datasets must be in the Hugging Face cache (or reachable)."""
     import lm_eval as _lm_eval
 
-    table = {}
+    table, rows = {}, []
     for k, (shots, tasks) in enumerate(runs):
         print(f"[openelm-rt] card run {k + 1}/{len(runs)}: {shots}-shot {', '.join(tasks)}", file=sys.stderr,
               flush=True)
         res = _lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=shots, task_manager=task_manager,
                                        limit=limit, **evaluate_kwargs)
-        for task, r in res["results"].items():
+        found = {**res["results"], **res.get("groups", {})}  # a group's aggregate may be in either
+        for task, r in found.items():
             table[(task, shots)] = r
-    print("| task | shots | acc | acc_norm |", file=out)
-    print("|---|---|---|---|", file=out)
-    for (task, shots), r in table.items():
-        cells = [f"{100 * r[m]:.2f}" if isinstance(r.get(m), float) else "-" for m in ("acc,none", "acc_norm,none")]
-        print(f"| {task} | {shots} | {cells[0]} | {cells[1]} |", file=out)
+        named = [t for t in tasks if t in found]
+        rows += [(t, shots) for t in (named if len(named) == len(tasks) else found)]
+    print("| task | shots | " + " | ".join(name for name, _ in _CARD_METRICS) + " |", file=out)
+    print("|---|---|" + "---|" * len(_CARD_METRICS), file=out)
+    for task, shots in rows:
+        r = table[(task, shots)]
+        cells = [f"{100 * r[m]:.2f}" if isinstance(r.get(m), float) else "-" for _, m in _CARD_METRICS]
+        print(f"| {task} | {shots} | " + " | ".join(cells) + " |", file=out)
     return table
 
 
