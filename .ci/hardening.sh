@@ -2,8 +2,10 @@
 # Hardening checks, called from .ci/run after the package is installed (issue 19):
 #   1. one clang build with AddressSanitizer + UndefinedBehaviorSanitizer (every report fatal)
 #      and libFuzzer coverage: the C API tests (ctest, the fixtures of tests/cpp; stress_engine
-#      included), kernel_check (the fastest variant and the reference) and the four fuzz
-#      targets of tests/fuzz;
+#      included), kernel_check (the fastest variant and the reference), the four fuzz
+#      targets of tests/fuzz, and the Python extension: a subset of the Python tests (loader,
+#      tokenizer, session errors, non-finite logits, server request fuzzing) with the ASan
+#      runtime preloaded into python3;
 #   2. the engine stress test (tests/cpp/stress_engine) under ThreadSanitizer;
 #   3. each fuzz target for $OELM_FUZZ_SECONDS (default 30) from the seed corpus that
 #      tests/fuzz/make_seeds.py generates, two at a time. A crash, leak, sanitizer report or
@@ -11,8 +13,8 @@
 # Installs Debian's clang 14 and its runtimes when missing. Needs python3 that can import
 # openelm_rt (fixtures and seeds), cmake and ninja. Long campaigns: tests/fuzz/README.md.
 # Measured on the 2-core dev machine (the steps run one by one): ASan build 240 s, ctest 7 s,
-# fuzzing 62 s, TSan build 78 s, stress_engine 2 s; plus the clang install, fixtures, seeds
-# and kernel_check.
+# fuzzing 62 s, TSan build 78 s, stress_engine 2 s, the Python extension under ASan ~50 s and
+# its test subset 60 s; plus the clang install, fixtures, seeds and kernel_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -41,9 +43,11 @@ echo "-- fixtures and seed corpora"
 python3 tests/cpp/make_fixtures.py "$work/data" >/dev/null
 python3 tests/fuzz/make_seeds.py "$work/seeds"
 
-echo "-- ASan + UBSan build (clang $CLANG_VERSION): C API tests, kernel_check, fuzz targets"
+echo "-- ASan + UBSan build (clang $CLANG_VERSION): C API tests, kernel_check, fuzz targets, Python extension"
+python3 -m pybind11 --cmakedir >/dev/null 2>&1 || python3 -m pip install --quiet --root-user-action=ignore pybind11
 asan=build/ci-asan
-CC=$cc CXX=$cxx cmake -S . -B "$asan" "${gen[@]}" -DOPENELM_RT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
+CC=$cc CXX=$cxx cmake -S . -B "$asan" "${gen[@]}" -DOPENELM_RT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DOPENELM_RT_PYTHON=ON -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
   -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_FUZZ=ON \
   -DOPENELM_RT_SANITIZE=address,undefined >/dev/null
 cmake --build "$asan" --target all kernel_check -j "$jobs" >/dev/null
@@ -61,6 +65,27 @@ grep "tests passed" <<<"$out"
 # ASan; .ci/neon.sh checks them all natively).
 echo "-- kernel_check under ASan + UBSan (OPENELM_RT_KERNELS=auto)"
 OPENELM_RT_KERNELS=auto "$asan/kernel_check" | tail -n 1
+
+# The Python extension (built above from the same objects: only module.cpp is new), loaded into the stock
+# interpreter with the ASan runtime preloaded (the interpreter itself is not instrumented, so
+# leak checks stay off), and the tests of the layers that take untrusted input from Python:
+# loader, tokenizer, session errors, non-finite logits, the server's request fuzzing (not the
+# Ctrl-C test: its child interpreter, preloaded too, runs minutes under ASan).
+echo "-- Python tests under ASan + UBSan (the extension built with the sanitizers)"
+mkdir -p "$work/pyasan"
+cp -r python/openelm_rt "$work/pyasan/"
+rm -f "$work/pyasan/openelm_rt/"_core*.so
+cp "$asan"/_core*.so "$work/pyasan/openelm_rt/"
+pyasan=(env ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" OELM_SERVE_FUZZ_EXAMPLES="${OELM_SERVE_FUZZ_EXAMPLES:-60}"
+        LD_PRELOAD="$("$cxx" -print-file-name=libclang_rt.asan-x86_64.so)" PYTHONPATH="$work/pyasan")
+"${pyasan[@]}" python3 -c 'import sys, openelm_rt._core as c; assert c.__file__.startswith(sys.argv[1]), c.__file__' \
+  "$work/pyasan"
+if ! "${pyasan[@]}" python3 -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_tokenizer.py \
+       tests/test_session_errors.py tests/test_nonfinite.py tests/test_serve_fuzz.py \
+       -k "not ctrl_c" 2>&1 | tail -n 30; then
+  echo "FAIL: the Python tests under ASan + UBSan (a sanitizer report aborts the interpreter)"
+  exit 1
+fi
 ran_asan=$SECONDS
 
 echo "-- ThreadSanitizer build: stress_engine (engine thread, submitters, cancellers, pollers)"

@@ -75,6 +75,22 @@ def test_bad_generate_argument(session_f32, arg, value):
     assert len(session_f32.generate([1, 5, 6], max_new_tokens=2).token_ids) == 2
 
 
+def test_integers_past_the_cores_types(session_f32):
+    """A top_k or max_new_tokens beyond the core's int32 / int64 (found by fuzzing the server,
+    issue 19: the binding's TypeError escaped as a 500) means what its largest value means: top_k
+    at least the vocabulary keeps every token, as 0 does; generation ends at the context."""
+    s = session_f32
+    kw = dict(temperature=1.0, seed=7)
+    ref = s.generate([1, 5, 6], max_new_tokens=6, top_k=0, **kw).token_ids
+    for top_k in (s.vocab_size, 2**31, 2**40, 2**64):
+        assert s.generate([1, 5, 6], max_new_tokens=6, top_k=top_k, **kw).token_ids == ref, top_k
+        assert [r.token_ids for r in s.generate_batch([[1, 5, 6]], max_new_tokens=6, top_k=top_k, **kw)] == [ref]
+    full = s.generate([1, 5, 6], max_new_tokens=2**62, **kw).token_ids
+    for n in (2**63, 2**64, 10**30):
+        assert s.generate([1, 5, 6], max_new_tokens=n, **kw).token_ids == full, n
+        assert "".join(s.generate([1, 5, 6], max_new_tokens=n, stream=True, **kw)) == s.detokenize(full), n
+
+
 def test_prompt_too_long(ort, session_f32):
     s = session_f32
     n = s.max_context

@@ -458,6 +458,12 @@ class Session:
             raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
         if not repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+        # Past what the core's integers hold (int32 top_k, int64 max_new_tokens) the meaning is
+        # already reached: a top_k of at least the vocabulary keeps every token (as 0 does) and
+        # generation stops at the context; so clamp rather than fail in the binding (fuzzing
+        # found the TypeError that escaped as a server error, issue 19).
+        top_k = min(top_k, 2**31 - 1)
+        max_new_tokens = min(max_new_tokens, 2**63 - 1)
         if seed is None:
             seed = secrets.randbits(64)
         seed = _check_int("seed", seed, lo=0)
