@@ -190,7 +190,11 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="the engine's prompt tokens per step while others decode (default: the server's)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-alone rows")
+    p.add_argument("--engine-concurrency", type=int, nargs="+", default=None,
+                   help="concurrency levels of the engine-alone rows (default: those of --concurrency)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--llama-server", default=None, metavar="PATH|auto",
                    help="compare with llama.cpp's llama-server: its binary, or 'auto' to build it once "
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "openelm_rt", "serve", path, "--port", str(port), "--threads", str(args.threads),
            "--max-batch", str(args.max_batch), "--max-queue", str(max(args.concurrency) * 2),
-           "--log-level", "warning"]
+           "--log-level", "warning"] + ([] if args.prefill_chunk is None else ["--prefill-chunk", str(args.prefill_chunk)])
     llama = None
     if args.llama_server:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -249,9 +253,9 @@ def main(argv=None) -> int:
             proc.wait(timeout=30)
     rows = [median_row(v) for v in runs.values()]
     if not args.no_engine:
-        with Session(path, threads=args.threads, max_batch=args.max_batch) as s:
+        with Session(path, threads=args.threads, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk) as s:
             engine_load(s, make_prompts(2, args.prompt_tokens, vocab, seed=999), 8, 2)
-            for c in args.concurrency:
+            for c in args.engine_concurrency or args.concurrency:
                 prompts = make_prompts(args.requests, args.prompt_tokens, vocab, seed=100 + c)
                 r = engine_load(s, prompts, args.output_tokens, c)
                 rows.append(row("engine", c, r, args.requests))

@@ -472,11 +472,15 @@ def test_cli_serve_subprocess(tiny_f32, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "openelm_rt", "serve", str(tmp_path / "nope.oelm")],
                          capture_output=True, text=True, env=env_with_pythonpath())
     assert bad.returncode == 2 and "no such file" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "openelm_rt", "serve", str(tiny_f32.oelm), "--prefill-chunk", "-1"],
+                         capture_output=True, text=True, env=env_with_pythonpath())
+    assert bad.returncode == 2 and "--prefill-chunk must be >= 0" in bad.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "openelm_rt", "serve", str(tiny_f32.oelm), "--port", str(port),
-                          "--threads", "1", "--max-batch", "2", "--model-name", "tiny", "--log-level", "warning"],
+                          "--threads", "1", "--max-batch", "2", "--model-name", "tiny", "--log-level", "warning",
+                          "--prefill-chunk", "8"],
                          env={**env_with_pythonpath(), "OPENELM_RT_API_KEY": "envkey"}, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -488,3 +492,12 @@ def test_cli_serve_subprocess(tiny_f32, tmp_path):
         p.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
         err = p.communicate(timeout=30)[1]
     assert p.returncode in (0, -15) and "Traceback" not in err, err
+
+
+def test_prefill_chunk_reaches_the_engine(tiny_f32):
+    """ServeOptions.prefill_chunk (--prefill-chunk) is the loaded engine's; None keeps the core's."""
+    for chunk, want in ((8, 8), (None, 64)):
+        app = create_app(ServeOptions(model=str(tiny_f32.oelm), threads=1, prefill_chunk=chunk))
+        with serving(app) as base:
+            wait_ready(base)
+            assert app.state.server.session._engine.prefill_chunk == want

@@ -64,6 +64,9 @@ Engine::Engine(std::shared_ptr<Runtime> runtime, const EngineOptions& options)
     throw InvalidArgument("max_batch " + std::to_string(opt_.max_batch) + " exceeds the tokens of one step (" +
                           std::to_string(rt_->max_step_tokens()) + "); lower max_batch or raise max_step_tokens");
   if (opt_.max_queue < 0) throw InvalidArgument("max_queue must be >= 0 (0 = unbounded)");
+  if (opt_.prefill_chunk < 0)
+    throw InvalidArgument("prefill_chunk must be >= 0 (0 = up to the step's token budget), got " +
+                          std::to_string(opt_.prefill_chunk));
 }
 
 Engine::~Engine() { stop(); }
@@ -360,18 +363,21 @@ bool Engine::step(const InterruptFn& interrupt) {
   if (running_.empty()) return did;
 
   // Tokens of each running sequence this step: one for each decoding sequence, then prompt
-  // chunks in admission order within what is left of the budget.
+  // chunks in admission order within what is left of the budget -- at most prefill_chunk of
+  // them when some sequence decodes, so that its next token is not held up by a long prefill.
   const int64_t budget = rt_->max_step_tokens();
   std::vector<int64_t> take(running_.size(), 0);
-  int64_t used = 0;
-  for (int pass = 0; pass < 2; ++pass)
+  int64_t used = 0, limit = budget;
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1 && used > 0 && opt_.prefill_chunk > 0) limit = std::min(budget, used + opt_.prefill_chunk);
     for (size_t i = 0; i < running_.size(); ++i) {
       const Req& r = *running_[i];
       const int64_t pending = int64_t(r.tokens.size()) - rt_->seq_len(r.seq);
       if ((pass == 0) != (pending == 1)) continue;
-      take[i] = std::min(pending, budget - used);
+      take[i] = std::min(pending, limit - used);
       used += take[i];
     }
+  }
   // Make room in the KV cache; when it is short, the newest sequences wait (preempted).
   for (size_t i = 0; i < running_.size(); ++i) {
     if (take[i] == 0) continue;
@@ -406,7 +412,7 @@ bool Engine::step(const InterruptFn& interrupt) {
   };
   std::vector<RowUse> uses;
   std::vector<size_t> in_step;
-  int64_t decode_rows = 0;
+  int64_t decode_rows = 0, prompt_rows = 0;
   for (size_t i = 0; i < running_.size() && i < take.size(); ++i) {
     if (take[i] == 0) continue;
     Req& r = *running_[i];
@@ -425,6 +431,7 @@ bool Engine::step(const InterruptFn& interrupt) {
       }
     }
     if (take[i] == 1 && r.sampled_once) ++decode_rows;
+    else prompt_rows += take[i];
     in_step.push_back(i);
   }
   if (tokens.empty()) return true;
@@ -453,6 +460,7 @@ bool Engine::step(const InterruptFn& interrupt) {
     ++stats_.steps;
     stats_.step_tokens += int64_t(tokens.size());
     stats_.decode_rows += decode_rows;
+    if (decode_rows > 0 && prompt_rows > 0) ++stats_.mixed_steps;
   }
   for (size_t k = 0; k < in_step.size(); ++k) {
     Req& r = *running_[in_step[k]];

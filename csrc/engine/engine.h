@@ -3,7 +3,7 @@
 // Requests are admitted between steps (up to max_batch running at once); each step runs one
 // forward pass over every running sequence: a decode token for those generating, and a chunk
 // of prompt for those still prefilling, within a token budget per step, so a long prompt does
-// not stall the others. Each request has its own sampling parameters and seed, stop conditions
+// not stall the others (and within a smaller one, prefill_chunk, while any sequence decodes). Each request has its own sampling parameters and seed, stop conditions
 // (EOS, max_new_tokens, the context, stop strings) and cancel flag; its events (tokens with
 // their text, and a final event with the finish reason) are queued for the caller.
 //
@@ -73,9 +73,20 @@ struct Event {
                                                      // likeliest tokens at each of those positions
 };
 
+// Prompt tokens one step takes while some sequence is decoding (EngineOptions::prefill_chunk).
+constexpr int64_t kDefaultPrefillChunk = 64;
+
 struct EngineOptions {
   int32_t max_batch = 16;  // sequences running at once
   int64_t max_queue = 0;   // waiting requests beyond which submit() refuses; 0 = unbounded
+  // Prompt tokens per step while any running sequence is decoding: the prefill of new requests
+  // rides along with the decode rows in chunks of at most this many tokens, so a step that also
+  // prefills costs a bounded multiple of a decode-only step (the generating requests'
+  // inter-token latency), at the price of the new requests' time to first token. Steps with no
+  // sequence decoding take prompt tokens up to the whole step budget (max_step_tokens).
+  // 0: no separate limit (prefill always up to the step budget). Tokens never change: a
+  // sequence's logits do not depend on how its prompt was chunked or batched.
+  int64_t prefill_chunk = kDefaultPrefillChunk;
 };
 
 class Engine {
@@ -121,6 +132,7 @@ class Engine {
     int64_t running = 0, waiting = 0;
     int64_t submitted = 0, finished = 0, cancelled = 0, preempted = 0;
     int64_t steps = 0, step_tokens = 0, decode_rows = 0, prompt_tokens = 0, cached_tokens = 0, generated = 0;
+    int64_t mixed_steps = 0;  // steps that prefilled while some sequence decoded
   };
   Stats stats() const;
 

@@ -561,16 +561,19 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("pairs"));
 
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init([](std::shared_ptr<Runtime> rt, int32_t max_batch, int64_t max_queue) {
+      .def(py::init([](std::shared_ptr<Runtime> rt, int32_t max_batch, int64_t max_queue, int64_t prefill_chunk) {
              EngineOptions o;
              o.max_batch = max_batch;
              o.max_queue = max_queue;
+             o.prefill_chunk = prefill_chunk;
              auto p = std::make_unique<PyEngine>();
              p->eng = std::make_unique<Engine>(rt, o);
              p->rt = std::move(rt);
              return p;
            }),
-           py::arg("runtime"), py::arg("max_batch") = 16, py::arg("max_queue") = 0)
+           py::arg("runtime"), py::arg("max_batch") = 16, py::arg("max_queue") = 0,
+           py::arg("prefill_chunk") = kDefaultPrefillChunk,
+           "prefill_chunk: prompt tokens per step while any sequence decodes (0: up to the step budget).")
       .def("submit", [](PyEngine& e, const py::object& prompt, float temperature, int32_t top_k, float top_p,
                         float min_p, float repetition_penalty, uint64_t seed, int64_t max_new_tokens,
                         std::vector<std::string> stop, int32_t logprobs, bool prompt_logprobs, bool reuse_prefix) {
@@ -612,6 +615,7 @@ PYBIND11_MODULE(_core, m) {
       })
       .def_property_readonly("idle", [](PyEngine& e) { return e.eng->idle(); })
       .def_property_readonly("max_batch", [](PyEngine& e) { return e.eng->options().max_batch; })
+      .def_property_readonly("prefill_chunk", [](PyEngine& e) { return e.eng->options().prefill_chunk; })
       .def("stats", [](PyEngine& e) {
         const Engine::Stats s = e.eng->stats();
         py::dict d;
@@ -624,6 +628,7 @@ PYBIND11_MODULE(_core, m) {
         d["steps"] = s.steps;
         d["step_tokens"] = s.step_tokens;
         d["decode_rows"] = s.decode_rows;
+        d["mixed_steps"] = s.mixed_steps;
         d["prompt_tokens"] = s.prompt_tokens;
         d["cached_tokens"] = s.cached_tokens;
         d["generated"] = s.generated;

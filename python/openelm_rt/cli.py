@@ -286,10 +286,10 @@ def cmd_serve(args) -> int:
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"{args.model}: no such file; export a model with "
                                 f"`openelm-rt-export CHECKPOINT_DIR -o model.oelm` first")
-    for name in ("max_batch", "max_queue", "port"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, "
-                             f"got {getattr(args, name)}")
+    for name in ("max_batch", "max_queue", "port", "prefill_chunk"):
+        lo = 0 if name in ("max_queue", "prefill_chunk") else 1
+        if getattr(args, name) is not None and getattr(args, name) < lo:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     try:
         from . import serve
         serve._require()
@@ -299,7 +299,8 @@ def cmd_serve(args) -> int:
     opts = serve.ServeOptions(model=args.model, model_name=args.model_name, api_key=api_key,
                               max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
                               max_context=args.max_context, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
-                              prefix_cache=args.prefix_cache, session_kwargs={"backend": args.backend})
+                              prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
+                              session_kwargs={"backend": args.backend})
     serve.run(opts, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -441,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu (default); cuda: the GPU (a CUDA build); auto: cuda when available, else cpu")
     sv.add_argument("--prefix-cache", type=int, default=16,
                     help="finished sequences kept for prefix reuse (system prompts, chat turns); 0 = off")
+    sv.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                    help="prompt tokens per engine step while other requests are generating (default 64): "
+                         "lower keeps their inter-token latency steadier, higher gives new requests their "
+                         "first token sooner; 0 = up to the step's whole token budget")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     sv.set_defaults(func=cmd_serve)
     return p

@@ -188,11 +188,16 @@ class Session:
             baseline: pages of the mapped file dropped after each use).
         prefetch: with memory_budget: read the next layer's weights while this one computes
             (default True; False is the naive baseline, each layer read when needed).
+        prefill_chunk: prompt tokens the engine evaluates per step while other sequences are
+            generating (their next token waits for that step); default None: the core's
+            (`_core.Engine(...).prefill_chunk`, 64); 0: no separate limit (up to the step's
+            token budget, 256). Smaller: steadier inter-token latency for running streams,
+            later first tokens for new ones. Tokens never depend on it.
     """
 
     def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu", kv_budget=None,
                  kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=False,
-                 memory_budget=None, stream_io="direct", prefetch=True):
+                 memory_budget=None, stream_io="direct", prefetch=True, prefill_chunk=None):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -215,6 +220,7 @@ class Session:
         budget = parse_size("kv_budget", kv_budget)
         max_batch = _check_int("max_batch", max_batch, lo=1)
         prefix_cache = _check_int("prefix_cache", prefix_cache, lo=0)
+        engine_kw = {} if prefill_chunk is None else {"prefill_chunk": _check_int("prefill_chunk", prefill_chunk, lo=0)}
         block = 0 if kv_block_size is None else _check_int("kv_block_size", kv_block_size, lo=16)
         memory = parse_memory_budget(memory_budget, os.path.getsize(path))
         if stream_io not in ("direct", "buffered", "mmap"):
@@ -231,7 +237,7 @@ class Session:
                                  block_size=block, kv_dtype=kv_dtype, prefix_cache=prefix_cache,
                                  max_step_tokens=max(256, max_batch), budget_sequences=max_batch,
                                  memory_budget=memory, stream_io=stream_io, prefetch=bool(prefetch))
-        self._engine = _core.Engine(self._rt, max_batch=max_batch)
+        self._engine = _core.Engine(self._rt, max_batch=max_batch, **engine_kw)
         # Validated by the core at load; None for a file of token ids only (--no-tokenizer).
         self._tok = self._model.tokenizer if self._model.has_tokenizer else None
         self._streams = {}  # request id -> the live stream that receives its events

@@ -50,6 +50,7 @@ class ServeOptions:
     kv_budget: Optional[str] = None
     kv_dtype: str = "f32"
     prefix_cache: int = 16
+    prefill_chunk: Optional[int] = None  # prompt tokens per step while others decode (None: the engine's, 64)
     keepalive_s: float = 10.0            # SSE comment sent while a stream is silent this long
     session_kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -250,7 +251,7 @@ class Server:
                 o = self.opt
                 s = Session(o.model, threads=o.threads, max_context=o.max_context, kv_budget=o.kv_budget,
                             kv_dtype=o.kv_dtype, max_batch=o.max_batch, prefix_cache=o.prefix_cache,
-                            **o.session_kwargs)
+                            prefill_chunk=o.prefill_chunk, **o.session_kwargs)
             except Exception as e:  # reported by /health and every request
                 self.load_error = f"{type(e).__name__}: {e}"
                 return

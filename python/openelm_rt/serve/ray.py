@@ -38,7 +38,7 @@ class _Replica:
         o = options
         self._session = Session(o.model, threads=o.threads, max_context=o.max_context, kv_budget=o.kv_budget,
                                 kv_dtype=o.kv_dtype, max_batch=o.max_batch, prefix_cache=o.prefix_cache,
-                                **o.session_kwargs)
+                                prefill_chunk=o.prefill_chunk, **o.session_kwargs)
 
     def __serve_build_asgi_app__(self):
         return create_app(self._options, session=self._session)
@@ -76,7 +76,7 @@ def app(args: Dict[str, str]):
     kw: Dict[str, Any] = {}
     for k, v in args.items():
         if k in ("threads", "num_replicas", "min_replicas", "max_replicas", "max_batch", "max_queue",
-                 "prefix_cache", "max_context"):
+                 "prefix_cache", "max_context", "prefill_chunk"):
             kw[k] = int(v)
         elif k == "target_ongoing_requests":
             kw[k] = float(v)
