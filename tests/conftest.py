@@ -215,6 +215,20 @@ def ort():
     return core_or_skip()
 
 
+def favour_token_patch(token: int, factor: float):
+    """A build_model patch scaling the token's embedding row (tied to the LM head) by factor:
+    a model that produces that token (EOS, say) after a few steps of greedy decoding."""
+    def patch(ckpt, cfg):
+        import oracle
+
+        def scale(a):
+            a = a.copy()
+            a[token] *= factor
+            return a
+        oracle.patch_safetensors_tensor(ckpt, "transformer.token_embeddings.weight", scale)
+    return patch
+
+
 def poison_token_embedding(src, dst, token: int, value: float = float("nan")) -> Path:
     """Copy the .oelm file src to dst with row `token` of an f32 token_embd set to `value`
     (NaN / inf): the tensor data of a corrupt file, which loads (tensor CRCs are checked only

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_model, env_with_pythonpath, prompt_ids
+from conftest import build_model, env_with_pythonpath, favour_token_patch, prompt_ids
 
 DTYPES = ["f32", "f16", "bf16", "q8", "q4"]
 EOS = 2
@@ -46,16 +46,7 @@ def draft(ort, work_dir, tokenizer_path):
 def eos_model(ort, work_dir, tokenizer_path):
     """A model whose LM head favours EOS (its embedding row scaled up): greedy runs end in EOS
     after a few tokens, so an EOS lands inside accepted runs."""
-    import oracle
-
-    def patch(ckpt, cfg):
-        def scale(a):
-            a = a.copy()
-            a[EOS] *= 3.5
-            return a
-        oracle.patch_safetensors_tensor(ckpt, "transformer.token_embeddings.weight", scale)
-
-    m = build_model(work_dir, tokenizer_path, "spec_eos", seed=5, patch=patch)
+    m = build_model(work_dir, tokenizer_path, "spec_eos", seed=5, patch=favour_token_patch(EOS, 3.5))
     s = ort.Session(str(m.oelm), threads=2)
     yield s
     s.close()

@@ -20,6 +20,7 @@
 #include "engine/runtime.h"
 #include "format/oelm_file.h"
 #include "generate/sampler.h"
+#include "generate/speculative.h"
 #include "model/backend.h"
 #include "model/cuda.h"
 #include "model/model.h"
@@ -47,6 +48,7 @@ struct oelm_session {
   std::deque<oelm::Event> stash;
   std::vector<oelm::Event> polled;
   std::vector<std::vector<oelm_token_logprob>> polled_top;
+  std::vector<double> spec_curve;  // seconds of an n-token step, measured at the first speculative call
 
   oelm::InterruptFn interrupt() const {
     if (!abort_cb) return {};
@@ -578,8 +580,8 @@ oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt, 
     require(prompt != nullptr || n_prompt == 0, "oelm_session_generate: prompt is NULL");
     const oelm_generate_result rd = oelm_generate_result_init();
     if (result)
-      accept_struct(*result, rd, {offsetof(oelm_generate_result, n_cached)}, "oelm_generate_result",
-                    "oelm_generate_result_init()");
+      accept_struct(*result, rd, {offsetof(oelm_generate_result, n_cached), offsetof(oelm_generate_result, n_proposed)},
+                    "oelm_generate_result", "oelm_generate_result_init()");
     if (session->engine->running_thread())
       throw oelm::InvalidArgument("oelm_session_generate: an engine thread runs this session (oelm_session_start); "
                                   "submit requests with oelm_session_submit instead");
@@ -657,6 +659,120 @@ oelm_status oelm_session_generate(oelm_session* session, const int32_t* prompt, 
       r.decode_seconds = last.decode_seconds;
       r.n_cached = to_i32(last.n_cached);
       std::memcpy(static_cast<void*>(result), &r, result->struct_size == sizeof r ? sizeof r : result->struct_size);
+    }
+  });
+}
+
+oelm_speculation_params oelm_speculation_params_default(void) {
+  oelm_speculation_params p;
+  std::memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  p.prompt_lookup_num_tokens = 10;
+  p.max_matching_ngram_size = 2;
+  p.mode = OELM_SPECULATION_ADAPTIVE;
+  return p;
+}
+
+oelm_status oelm_session_generate_speculative(oelm_session* session, const int32_t* prompt, size_t n_prompt,
+                                              int32_t max_new_tokens, const oelm_speculation_params* params,
+                                              oelm_token_callback callback, void* user_data,
+                                              oelm_generate_result* result) {
+  return guarded([&] {
+    const char* fn = "oelm_session_generate_speculative";
+    require(session != nullptr, "oelm_session_generate_speculative: session is NULL");
+    require(prompt != nullptr || n_prompt == 0, "oelm_session_generate_speculative: prompt is NULL");
+    const oelm_generate_result rd = oelm_generate_result_init();
+    if (result)
+      accept_struct(*result, rd, {offsetof(oelm_generate_result, n_cached), offsetof(oelm_generate_result, n_proposed)},
+                    "oelm_generate_result", "oelm_generate_result_init()");
+    const oelm_speculation_params pd = oelm_speculation_params_default();
+    const oelm_speculation_params p = params ? accept_struct(*params, pd, {}, "oelm_speculation_params",
+                                                             "oelm_speculation_params_default()")
+                                             : pd;
+    if (p.prompt_lookup_num_tokens < 1)
+      throw oelm::InvalidArgument(std::string(fn) + ": prompt_lookup_num_tokens must be >= 1, got " +
+                                  std::to_string(p.prompt_lookup_num_tokens));
+    if (p.max_matching_ngram_size < 1)
+      throw oelm::InvalidArgument(std::string(fn) + ": max_matching_ngram_size must be >= 1, got " +
+                                  std::to_string(p.max_matching_ngram_size));
+    if (p.mode != OELM_SPECULATION_ADAPTIVE && p.mode != OELM_SPECULATION_HF)
+      throw oelm::InvalidArgument(std::string(fn) + ": mode must be OELM_SPECULATION_ADAPTIVE or "
+                                  "OELM_SPECULATION_HF, got " + std::to_string(int(p.mode)));
+    if (max_new_tokens < 0)
+      throw oelm::InvalidArgument(std::string(fn) + ": max_new_tokens must be >= 0, got " +
+                                  std::to_string(max_new_tokens));
+    if (session->engine->running_thread())
+      throw oelm::InvalidArgument(std::string(fn) + ": an engine thread runs this session (oelm_session_start); "
+                                  "submit requests with oelm_session_submit instead");
+    oelm::Runtime& rt = *session->rt;
+    const int64_t V = session->model->config().vocab_size;
+    if (n_prompt == 0) throw oelm::InvalidArgument(std::string(fn) + ": the prompt is empty; pass at least one token");
+    if (n_prompt >= size_t(rt.max_context()))
+      throw oelm::InvalidArgument(std::string(fn) + ": the prompt has " + std::to_string(n_prompt) +
+                                  " tokens but max_context is " + std::to_string(rt.max_context()) +
+                                  ", leaving no room to generate; shorten it or load the model with a larger "
+                                  "max_context");
+    std::vector<int32_t> ids(prompt, prompt + n_prompt);
+    for (size_t i = 0; i < n_prompt; ++i)
+      if (ids[i] < 0 || ids[i] >= V)
+        throw oelm::InvalidArgument(std::string(fn) + ": prompt[" + std::to_string(i) + "] = " +
+                                    std::to_string(ids[i]) + " is outside the vocabulary [0, " + std::to_string(V) +
+                                    ")");
+    std::mutex& mu = session->engine->runtime_mutex();
+    int64_t cached = 0;
+    {
+      // Reuse what the session's sequence shares with the prompt (at least the last prompt
+      // token is evaluated, for its logits), else the longest prefix in the prefix cache.
+      std::lock_guard<std::mutex> lk(mu);
+      session->logits.clear();
+      const std::vector<int32_t>& have = rt.seq_tokens(session->seq);
+      const size_t cap = std::min(have.size(), n_prompt - 1);
+      while (size_t(cached) < cap && have[size_t(cached)] == ids[size_t(cached)]) ++cached;
+      rt.seq_truncate(session->seq, cached);
+      if (cached == 0) cached = rt.seq_load_prefix(session->seq, ids.data(), int64_t(n_prompt), int64_t(n_prompt) - 1);
+    }
+    oelm::SpecOptions so;
+    so.prompt_lookup_num_tokens = p.prompt_lookup_num_tokens;
+    so.max_matching_ngram_size = p.max_matching_ngram_size;
+    so.adaptive = p.mode == OELM_SPECULATION_ADAPTIVE;
+    const bool has_text = session->model->has_tokenizer();
+    oelm::SpecTokenFn on_token;
+    if (callback)
+      on_token = [&](int32_t tok, const std::string& piece) {
+        return callback(user_data, tok, has_text ? piece.data() : nullptr, has_text ? piece.size() : 0) == 0;
+      };
+    oelm::SpecResult r;
+    try {
+      r = oelm::speculative_generate(rt, session->seq, ids, max_new_tokens, session->sampling,
+                                     has_text ? &session->model->tokenizer() : nullptr, so, session->spec_curve,
+                                     on_token, session->interrupt(), &mu);
+    } catch (...) {  // a failed generation leaves an empty sequence, not a partial one
+      std::lock_guard<std::mutex> lk(mu);
+      rt.seq_truncate(session->seq, 0);
+      throw;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      rt.cache_prefix(session->seq, rt.seq_len(session->seq));  // later prompts may extend it
+    }
+    if (result) {
+      oelm_generate_result out = rd;
+      using F = oelm::SpecFinish;
+      out.finish_reason = r.finish == F::eos        ? OELM_FINISH_EOS
+                          : r.finish == F::length   ? OELM_FINISH_LENGTH
+                          : r.finish == F::context  ? OELM_FINISH_CONTEXT
+                          : r.finish == F::callback ? OELM_FINISH_CALLBACK
+                                                    : OELM_FINISH_NONE;
+      out.n_prompt = to_i32(int64_t(n_prompt));
+      out.n_generated = to_i32(r.n_generated);
+      out.prefill_seconds = r.prefill_seconds;
+      out.decode_seconds = r.decode_seconds;
+      out.n_cached = to_i32(cached);
+      out.n_proposed = to_i32(r.stats.proposed);
+      out.n_accepted = to_i32(r.stats.accepted);
+      out.n_verify_steps = to_i32(r.stats.verify_steps);
+      std::memcpy(static_cast<void*>(result), &out,
+                  result->struct_size == sizeof out ? sizeof out : result->struct_size);
     }
   });
 }

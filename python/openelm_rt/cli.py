@@ -3,6 +3,7 @@
     openelm-rt generate --model M.oelm --prompt TEXT [--max-new-tokens N]
                         [--generate_kwargs repetition_penalty=1.2 top_k=40 ...]
                         [--generate_kwargs prompt_lookup_num_tokens=10] [--assistant_model SMALL.oelm]
+                        [--generate_kwargs ngram_cache=true] [--ngram_corpus TEXT_FILE]
     openelm-rt generate --model M.oelm --chat [--system TEXT]   (Instruct models; stdin)
     openelm-rt demo     (random OpenELM-270M weights when you have no checkpoint)
     openelm-rt info M.oelm [--verify]
@@ -29,7 +30,7 @@ EXIT_USAGE = 2
 _SUPPORTED_KWARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                      "repetition_penalty", "do_sample", "seed", "prompt_lookup_num_tokens",
                      "max_matching_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
-                     "assistant_confidence_threshold")
+                     "assistant_confidence_threshold", "ngram_cache", "ngram_num_tokens")
 # Keys of Hugging Face generate() that exist upstream but are not implemented here yet.
 _NOT_YET = ("num_beams", "num_return_sequences")
 
@@ -167,10 +168,19 @@ def cmd_generate(args) -> int:
             raise UsageError(f"assistant model file {args.assistant_model!r} does not exist; export the smaller "
                              f"model with `openelm-rt-export CHECKPOINT_DIR -o {args.assistant_model}`")
         kw["assistant_model"] = args.assistant_model
+    if args.ngram_corpus is not None:
+        try:
+            with open(args.ngram_corpus, encoding="utf-8") as f:
+                kw["ngram_corpus"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--ngram_corpus {args.ngram_corpus!r}: cannot read it as UTF-8 text ({e})") from None
+    if "ngram_cache" in kw and not isinstance(kw["ngram_cache"], bool):
+        raise UsageError(f"ngram_cache must be true or false, got {kw['ngram_cache']!r}")
     if args.speculation is not None:
-        if "prompt_lookup_num_tokens" not in kw and args.assistant_model is None:
-            raise UsageError("--speculation needs prompt_lookup_num_tokens=N in --generate_kwargs or "
-                             "--assistant_model PATH")
+        if "prompt_lookup_num_tokens" not in kw and args.assistant_model is None and not kw.get("ngram_cache") \
+                and args.ngram_corpus is None:
+            raise UsageError("--speculation needs prompt_lookup_num_tokens=N or ngram_cache=true in "
+                             "--generate_kwargs, --ngram_corpus FILE, or --assistant_model PATH")
         kw["speculation"] = args.speculation
     max_new = kw.pop("max_new_tokens", args.max_new_tokens)
     if not os.path.exists(args.model):
@@ -342,10 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--assistant_model", "--assistant-model", default=None, metavar="PATH",
                    help="a smaller .oelm model with the same tokenizer that proposes tokens for this one to "
                         "check (speculative generation; the output does not change)")
+    g.add_argument("--ngram_corpus", "--ngram-corpus", default=None, metavar="FILE",
+                   help="a UTF-8 text file whose n-grams propose tokens (llama.cpp's static lookup cache; "
+                        "speculative generation, the output does not change); ngram_cache=true in "
+                        "--generate_kwargs uses the n-grams of this generation alone, ngram_num_tokens=N caps "
+                        "the tokens proposed per step")
     g.add_argument("--speculation", choices=("adaptive", "hf"), default=None,
-                   help="with prompt_lookup_num_tokens or --assistant_model: 'adaptive' (default) checks as "
-                        "many proposed tokens per step as pays on this machine, none when speculation would "
-                        "be slower; 'hf' uses Hugging Face's fixed numbers")
+                   help="with prompt_lookup_num_tokens, the n-gram cache or --assistant_model: 'adaptive' "
+                        "(default) checks as many proposed tokens per step as pays on this machine, none when "
+                        "speculation would be slower, and also tries the n-gram cache (before the assistant); "
+                        "'hf' uses Hugging Face's fixed numbers")
     g.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     g.add_argument("--max-context", type=int, default=None, help="context size (default: the model's)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")

@@ -238,11 +238,14 @@ class Session:
                                  max_step_tokens=max(256, max_batch), budget_sequences=max_batch,
                                  memory_budget=memory, stream_io=stream_io, prefetch=bool(prefetch))
         self._engine = _core.Engine(self._rt, max_batch=max_batch, **engine_kw)
+        self._max_batch = max_batch
         # Validated by the core at load; None for a file of token ids only (--no-tokenizer).
         self._tok = self._model.tokenizer if self._model.has_tokenizer else None
         self._streams = {}  # request id -> the live stream that receives its events
         self._assistants = {}  # path -> Session opened for assistant_model=PATH
         self._spec_curve = None  # seconds of an n-token step, measured at the first speculation
+        # Every generation's tokens, for the n-gram cache of speculative generation.
+        self._ngram_history = speculative.NgramHistory()
         self.path = path
 
     # -- properties ---------------------------------------------------------------
@@ -499,7 +502,8 @@ class Session:
                  repetition_penalty: float = 1.0, seed=None, stop=None, stream: bool = False, *,
                  prompt_lookup_num_tokens=None, max_matching_ngram_size=2, assistant_model=None,
                  assistant=None, num_assistant_tokens=None, num_assistant_tokens_schedule="constant",
-                 assistant_confidence_threshold=0.4, speculation="adaptive"):
+                 assistant_confidence_threshold=0.4, speculation="adaptive", ngram_cache=None,
+                 ngram_corpus=None, ngram_num_tokens=None):
         """Generate a continuation of `prompt` (a str, tokenized with BOS, or token ids as is).
 
         temperature=0 is greedy decoding; otherwise the logits go through
@@ -529,7 +533,12 @@ class Session:
         as the measured cost of a k-token step and the acceptance so far make worthwhile,
         none when speculation would be slower; "hf" uses Hugging Face's fixed numbers
         (`num_assistant_tokens` default 20, `num_assistant_tokens_schedule` "constant" or
-        "heuristic"). `result.speculation` reports what it did. Not with generate_batch.
+        "heuristic"). `ngram_cache=True` drafts from the counts of the n-grams of this sequence,
+        of the Session's earlier generations and of `ngram_corpus` (text, token ids, a list of
+        them, or `build_ngram_cache(corpus)`), up to `ngram_num_tokens` per step (llama.cpp's
+        lookup decoding); in the adaptive mode it is on whenever speculation is (after prompt
+        lookup, before the assistant) unless ngram_cache=False. `result.speculation` reports
+        what it did. generate_batch speculates too (not with an assistant).
         """
         self._open()
         if stream and self._tok is None:
@@ -537,7 +546,8 @@ class Session:
         params = self._sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
         spec = self._speculation(prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, assistant,
                                  num_assistant_tokens, num_assistant_tokens_schedule,
-                                 assistant_confidence_threshold, speculation)
+                                 assistant_confidence_threshold, speculation, ngram_cache, ngram_corpus,
+                                 ngram_num_tokens)
         ids = self._prompt_ids(prompt, "prompt", params["max_new_tokens"])
         if spec is not None:
             it = speculative.SpeculativeStream(self, ids, params, spec)
@@ -548,7 +558,8 @@ class Session:
         return it._drain()
 
     def _speculation(self, prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model, assistant,
-                     num_assistant_tokens, schedule, threshold, mode):
+                     num_assistant_tokens, schedule, threshold, mode, ngram_cache=None, ngram_corpus=None,
+                     ngram_num_tokens=None):
         """Checked speculation arguments (SpeculationOptions), or None for a plain generation."""
         if assistant is not None and assistant_model is not None:
             raise ValueError("give the assistant as assistant_model= or assistant=, not both")
@@ -566,15 +577,48 @@ class Session:
         threshold = _check_float("assistant_confidence_threshold", threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"assistant_confidence_threshold must be in [0, 1] (0 = off), got {threshold}")
-        if not prompt_lookup_num_tokens and assistant is None:
+        if ngram_cache is not None and not isinstance(ngram_cache, bool):
+            raise ValueError(f"ngram_cache must be True, False or None (on in the adaptive mode whenever "
+                             f"speculation is), got {ngram_cache!r}")
+        if ngram_num_tokens is not None:
+            ngram_num_tokens = _check_int("ngram_num_tokens", ngram_num_tokens, lo=1)
+        static = self.build_ngram_cache(ngram_corpus) if ngram_corpus is not None else None
+        if ngram_cache is False and static is not None:
+            raise ValueError("ngram_corpus is given but ngram_cache=False; drop one of them")
+        if ngram_cache is None:  # on when a corpus is given, or beside the other proposers (adaptive mode)
+            ngram_cache = static is not None or (mode == "adaptive" and bool(prompt_lookup_num_tokens or assistant))
+        if not prompt_lookup_num_tokens and assistant is None and not ngram_cache:
             return None
         if assistant is not None:
             assistant = self._assistant(assistant)
         return speculative.SpeculationOptions(
+            ngram_cache=ngram_cache, ngram_num_tokens=ngram_num_tokens, ngram_static=static,
             mode=mode, prompt_lookup_num_tokens=prompt_lookup_num_tokens or None,
             max_matching_ngram_size=max_matching_ngram_size, assistant=assistant,
             num_assistant_tokens=num_assistant_tokens, num_assistant_tokens_schedule=schedule,
             assistant_confidence_threshold=threshold)
+
+    def build_ngram_cache(self, corpus) -> "speculative.NgramCache":
+        """An n-gram cache of a corpus for `generate(..., ngram_corpus=...)` (llama.cpp's static
+        lookup cache: the tokens that follow each 2-gram): `corpus` is text, token ids, or a
+        list of texts or token-id lists. Build it once and pass it to every generation; an
+        NgramCache is returned as is."""
+        if isinstance(corpus, speculative.NgramCache):
+            return corpus
+        single = isinstance(corpus, str) or (isinstance(corpus, (list, tuple, np.ndarray)) and len(corpus) > 0
+                                             and isinstance(corpus[0], (numbers.Integral, np.integer)))
+        parts = [corpus] if single else corpus
+        if isinstance(parts, (bytes, dict)) or not isinstance(parts, (Sequence, np.ndarray)):
+            raise ValueError(f"ngram_corpus must be text, token ids, a list of texts or token-id lists, or an "
+                             f"openelm_rt.NgramCache, got {type(corpus).__name__}")
+        cache = speculative.NgramCache()
+        for i, p in enumerate(parts):
+            if isinstance(p, str):
+                ids = self._tokenizer("an ngram_corpus text").encode(p, False)
+            else:
+                ids = self._check_ids(p, "ngram_corpus" if single else f"ngram_corpus[{i}]", allow_empty=True)
+            cache.add(ids)
+        return cache
 
     def _assistant(self, a) -> "Session":
         """The assistant as an open Session (a path is opened once and kept), checked to share
@@ -603,7 +647,10 @@ class Session:
         return a
 
     def generate_batch(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                       repetition_penalty=1.0, seed=None, stop=None, stream: bool = False):
+                       repetition_penalty=1.0, seed=None, stop=None, stream: bool = False, *,
+                       prompt_lookup_num_tokens=None, max_matching_ngram_size=2, ngram_cache=None,
+                       ngram_corpus=None, ngram_num_tokens=None, speculation="adaptive", assistant_model=None,
+                       assistant=None):
         """`generate` for many prompts at once, batched: one forward pass per step serves every
         sequence (the weights are read once per step instead of once per prompt).
 
@@ -612,6 +659,13 @@ class Session:
         `generate` with the same arguments. Returns a list of GenerationResult in prompt order;
         with stream=True a BatchStream iterating (index, text piece) pairs as they arrive, whose
         `.results` is set once it is exhausted.
+
+        Speculative generation (README, "Speculative generation"): `prompt_lookup_num_tokens`,
+        `max_matching_ngram_size`, `ngram_cache`, `ngram_corpus`, `ngram_num_tokens` and
+        `speculation` as in `generate` (one value for all prompts): every row proposes its own
+        tokens and one batched step checks them all (in the adaptive mode, as many per row as
+        the measured step cost and each row's acceptance make worthwhile). The output is the
+        plain generation's. An assistant model is not supported here (use `generate`).
         """
         self._open()
         if stream and self._tok is None:
@@ -627,12 +681,24 @@ class Session:
             if is_list and len(v) != n:
                 raise ValueError(f"{name} has {len(v)} values for {n} prompts; give one value, or one per prompt")
             per.append((name, v if is_list else [v] * n))
+        if assistant_model is not None or assistant is not None:
+            raise ValueError("generate_batch does not take an assistant model yet; use generate() (one prompt at "
+                             "a time) with assistant_model=, or prompt_lookup_num_tokens / ngram_cache here")
+        spec = self._speculation(prompt_lookup_num_tokens, max_matching_ngram_size, None, None, None, "constant",
+                                 0.4, speculation, ngram_cache, ngram_corpus, ngram_num_tokens)
         jobs = []
         for i in range(n):
             args = {name: vals[i] for name, vals in per}
             params = self._sampling(args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"],
                                     args["min_p"], args["repetition_penalty"], args["seed"], args["stop"])
             jobs.append((self._prompt_ids(prompts[i], f"prompts[{i}]", params["max_new_tokens"]), params))
+        if spec is not None:
+            it = speculative.SpeculativeBatchStream(self, jobs, spec, self._max_batch)
+            if stream:
+                return it
+            for _ in it:
+                pass
+            return it.results
         streams = []
         try:
             for ids, params in jobs:
@@ -736,6 +802,7 @@ class GenerationStream:
                 finish_reason=e["finish"],
                 prompt_token_ids=list(self._prompt), prefill_seconds=e["prefill_seconds"],
                 decode_seconds=e["decode_seconds"], n_decoded=e["n_decoded"], cached_tokens=e["n_cached"])
+            self._s._ngram_history.record(self.result.prompt_token_ids + self._ids)
         return None
 
     def _ended(self):

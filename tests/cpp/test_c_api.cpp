@@ -955,6 +955,126 @@ TEST(generate_reuses_the_previous_sequence) {
   CHECK_EQ(old.n_cached, 12345);
 }
 
+// ---- speculative generation (0.3) ------------------------------------------------------------
+
+// Prompt lookup: the same tokens, pieces and finish as oelm_session_generate, greedy and
+// sampled, in both modes, on prompts that repeat themselves (so proposals are accepted).
+TEST(speculative_matches_generate) {
+  ModelPtr m = load(2);
+  SessionPtr plain = new_session(m.get()), spec = new_session(m.get());
+  int64_t proposed = 0, accepted = 0;
+  for (GenCase c : generate_cases()) {
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      if (repeat) c.prompt.insert(c.prompt.end(), c.prompt.begin() + 1, c.prompt.end());
+      Collector ref;
+      oelm_generate_result rr = oelm_generate_result_init();
+      CHECK_OK(oelm_session_set_sampling(plain.get(), &c.params));
+      CHECK_OK(oelm_session_generate(plain.get(), c.prompt.data(), c.prompt.size(), c.max_new, &Collector::callback,
+                                     &ref, &rr));
+      CHECK_EQ(rr.n_proposed, 0);
+      for (oelm_speculation_mode mode : {OELM_SPECULATION_HF, OELM_SPECULATION_ADAPTIVE}) {
+        oelm_speculation_params sp = oelm_speculation_params_default();
+        CHECK_EQ(sp.prompt_lookup_num_tokens, 10);
+        sp.mode = mode;
+        Collector col;
+        oelm_generate_result r = oelm_generate_result_init();
+        CHECK_OK(oelm_session_set_sampling(spec.get(), &c.params));
+        CHECK_OK(oelm_session_generate_speculative(spec.get(), c.prompt.data(), c.prompt.size(), c.max_new, &sp,
+                                                   &Collector::callback, &col, &r));
+        CHECK(col.tokens == ref.tokens);
+        CHECK(col.text == ref.text);
+        CHECK_EQ(r.finish_reason, rr.finish_reason);
+        CHECK_EQ(r.n_generated, rr.n_generated);
+        CHECK_EQ(r.n_prompt, int32_t(c.prompt.size()));
+        CHECK(r.n_accepted <= r.n_proposed && r.n_verify_steps <= r.n_generated);
+        CHECK(r.n_proposed <= std::max(0, c.max_new - 1));
+        CHECK_EQ(oelm_session_n_past(spec.get()), int32_t(c.prompt.size() + col.tokens.size() - 1));
+        proposed += r.n_proposed;
+        accepted += r.n_accepted;
+      }
+    }
+  }
+  CHECK(proposed > 0 && accepted > 0);
+}
+
+TEST(speculative_context_callback_and_errors) {
+  ModelPtr m = load(1, 12);
+  SessionPtr plain = new_session(m.get()), s = new_session(m.get());
+  GenCase c = generate_cases()[0];  // a 5-token prompt
+  c.prompt.insert(c.prompt.end(), c.prompt.begin() + 1, c.prompt.begin() + 4);  // 8 tokens, a repeat
+  const std::vector<int32_t> ref = generate(plain.get(), c);
+  oelm_speculation_params sp = oelm_speculation_params_default();
+  sp.mode = OELM_SPECULATION_HF;
+  Collector col;
+  oelm_generate_result r = oelm_generate_result_init();
+  CHECK_OK(oelm_session_generate_speculative(s.get(), c.prompt.data(), c.prompt.size(), 50, &sp, &Collector::callback,
+                                             &col, &r));
+  CHECK_EQ(r.finish_reason, OELM_FINISH_CONTEXT);
+  CHECK(col.tokens == std::vector<int32_t>(ref.begin(), ref.begin() + 4));
+  // the callback stops it after k tokens, even inside an accepted run
+  for (size_t k : {size_t(1), size_t(3)}) {
+    Collector stop;
+    stop.stop_after = k;
+    CHECK_OK(oelm_session_generate_speculative(s.get(), c.prompt.data(), c.prompt.size(), 50, nullptr,
+                                               &Collector::callback, &stop, &r));
+    CHECK_EQ(r.finish_reason, OELM_FINISH_CALLBACK);
+    CHECK(stop.tokens == std::vector<int32_t>(ref.begin(), ref.begin() + long(k)));
+    CHECK_EQ(oelm_session_n_past(s.get()), int32_t(c.prompt.size() + k - 1));
+  }
+  CHECK_OK(oelm_session_generate_speculative(s.get(), c.prompt.data(), c.prompt.size(), 0, nullptr, nullptr, nullptr,
+                                             &r));
+  CHECK_EQ(r.n_generated, 0);
+  CHECK_EQ(r.finish_reason, OELM_FINISH_LENGTH);
+  // a 0.2 result struct (no speculation fields) is accepted and filled as far as it goes
+  oelm_generate_result old = oelm_generate_result_init();
+  old.struct_size = offsetof(oelm_generate_result, n_proposed);
+  old.n_proposed = 777;
+  CHECK_OK(oelm_session_generate_speculative(s.get(), c.prompt.data(), c.prompt.size(), 2, nullptr, nullptr, nullptr,
+                                             &old));
+  CHECK_EQ(old.n_generated, 2);
+  CHECK_EQ(old.n_proposed, 777);
+  const int32_t* p = c.prompt.data();
+  const size_t n = c.prompt.size();
+  struct Bad {
+    oelm_speculation_params params;
+    const char* says;
+  };
+  std::vector<Bad> bad;
+  bad.push_back({oelm_speculation_params_default(), "prompt_lookup_num_tokens"});
+  bad.back().params.prompt_lookup_num_tokens = 0;
+  bad.push_back({oelm_speculation_params_default(), "max_matching_ngram_size"});
+  bad.back().params.max_matching_ngram_size = 0;
+  bad.push_back({oelm_speculation_params_default(), "mode"});
+  bad.back().params.mode = oelm_speculation_mode(7);
+  bad.push_back({oelm_speculation_params_default(), "oelm_speculation_params_default"});
+  bad.back().params.struct_size = 4;
+  for (const Bad& b : bad) {
+    CHECK_STATUS(oelm_session_generate_speculative(s.get(), p, n, 4, &b.params, nullptr, nullptr, nullptr),
+                 OELM_INVALID_ARGUMENT);
+    CHECK(contains(oelm_last_error(), b.says));
+  }
+  CHECK_STATUS(oelm_session_generate_speculative(s.get(), p, n, -1, nullptr, nullptr, nullptr, nullptr),
+               OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "max_new_tokens"));
+  CHECK_STATUS(oelm_session_generate_speculative(s.get(), p, 0, 4, nullptr, nullptr, nullptr, nullptr),
+               OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "empty"));
+  std::vector<int32_t> long_prompt(12, 5);
+  CHECK_STATUS(oelm_session_generate_speculative(s.get(), long_prompt.data(), 12, 4, nullptr, nullptr, nullptr,
+                                                 nullptr),
+               OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "max_context"));
+  std::vector<int32_t> out_of_vocab = {1, oelm_model_vocab_size(m.get())};
+  CHECK_STATUS(oelm_session_generate_speculative(s.get(), out_of_vocab.data(), 2, 4, nullptr, nullptr, nullptr,
+                                                 nullptr),
+               OELM_INVALID_ARGUMENT);
+  CHECK(contains(oelm_last_error(), "outside the vocabulary"));
+  // after the errors the session still generates the plain tokens
+  Collector again;
+  CHECK_OK(oelm_session_generate_speculative(s.get(), p, n, 4, nullptr, &Collector::callback, &again, nullptr));
+  CHECK(again.tokens == std::vector<int32_t>(ref.begin(), ref.begin() + 4));
+}
+
 TEST(options_from_an_older_header) {
   oelm_model_options o = oelm_model_options_default();
   o.struct_size = offsetof(oelm_model_options, kv_type);  // what a 0.1 program passes

@@ -7,7 +7,8 @@
  * Three levels of use, from simplest:
  *  1. oelm_session_generate: one generation at a time on the session's own sequence;
  *     a follow-up prompt that extends the previous one (a chat's next turn) evaluates only
- *     its new tokens (prefix reuse).
+ *     its new tokens (prefix reuse). oelm_session_generate_speculative (since 0.3) gives the
+ *     same tokens faster where the output copies from the prompt (prompt lookup).
  *  2. Sequences (oelm_seq_new / _fork / _truncate / _free) and oelm_session_eval_batch: many
  *     sequences in one forward pass, logits of any rows; oelm_session_score(_batch) for the
  *     log-probability of continuations (evaluation).
@@ -375,6 +376,10 @@ typedef struct oelm_generate_result {
   double decode_seconds;  /* evaluating generated tokens and sampling */
   /* Since 0.2: */
   int32_t n_cached;       /* prompt tokens whose keys and values were reused, not evaluated */
+  /* Since 0.3 (oelm_session_generate_speculative; 0 from oelm_session_generate): */
+  int32_t n_proposed;     /* tokens proposed (prompt lookup) and checked by the model */
+  int32_t n_accepted;     /* of those, kept (generated without a step of their own) */
+  int32_t n_verify_steps; /* steps that checked proposals */
 } oelm_generate_result;
 
 /* An empty result with struct_size set: oelm_generate_result r = oelm_generate_result_init(); */
@@ -398,6 +403,48 @@ OELM_API oelm_status oelm_session_generate(oelm_session* session, const int32_t*
                                            size_t n_prompt, int32_t max_new_tokens,
                                            oelm_token_callback callback, void* user_data,
                                            oelm_generate_result* result);
+
+/* ---- speculative generation (since 0.3) --------------------------------------------- */
+
+typedef enum oelm_speculation_mode {
+  /* Checks as many proposed tokens per step as pay on this machine, from the measured time
+   * of a k-token step (measured at the session's first speculative call: 12 steps of
+   * 1 to 17 tokens, not counted as decode time) and the running acceptance rate;
+   * none when speculation would be slower. */
+  OELM_SPECULATION_ADAPTIVE = 0,
+  /* Hugging Face's schedule: every match proposes prompt_lookup_num_tokens tokens. */
+  OELM_SPECULATION_HF = 1
+} oelm_speculation_mode;
+
+typedef struct oelm_speculation_params {
+  size_t struct_size;               /* sizeof(oelm_speculation_params); set by the default function */
+  int32_t prompt_lookup_num_tokens; /* >= 1: the most tokens one step proposes (default 10, as the
+                                       OpenELM model card's prompt_lookup_num_tokens=10) */
+  int32_t max_matching_ngram_size;  /* >= 1: the longest suffix looked up (default 2, as HF) */
+  oelm_speculation_mode mode;       /* default OELM_SPECULATION_ADAPTIVE */
+} oelm_speculation_params;
+
+/* prompt_lookup_num_tokens 10, max_matching_ngram_size 2, OELM_SPECULATION_ADAPTIVE. */
+OELM_API oelm_speculation_params oelm_speculation_params_default(void);
+
+/* oelm_session_generate with prompt lookup (Hugging Face's prompt_lookup_num_tokens): the
+ * left-most earlier occurrence of the sequence's last n tokens (prompt and generated; n from
+ * max_matching_ngram_size down to 1, the first n that matches wins) proposes the tokens that
+ * followed it (cut before an EOS); one step of the model checks them all, and they are kept
+ * while they equal what the session's sampler draws from each position's logits. The output
+ * is oelm_session_generate's, token for token, greedy or seeded (one draw per generated
+ * token); text that copies from the prompt comes several tokens per step. Same arguments,
+ * callback and result as oelm_session_generate (result->n_proposed, n_accepted and
+ * n_verify_steps say what speculation did; params NULL: the defaults). It runs on the
+ * session's own sequence, reusing what it shares with the prompt (result->n_cached), not
+ * through the engine: OELM_INVALID_ARGUMENT while an engine thread runs (oelm_session_start).
+ * Afterwards the session's sequence holds the prompt and the generated tokens except the
+ * last; on failure it is left empty. */
+OELM_API oelm_status oelm_session_generate_speculative(oelm_session* session, const int32_t* prompt,
+                                                       size_t n_prompt, int32_t max_new_tokens,
+                                                       const oelm_speculation_params* params,
+                                                       oelm_token_callback callback, void* user_data,
+                                                       oelm_generate_result* result);
 
 /* "none", "eos", "length", "context", "callback", "stop", "cancelled" or "error". */
 OELM_API const char* oelm_finish_reason_name(oelm_finish_reason reason);
