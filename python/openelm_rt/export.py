@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from . import imatrix as imatrix_mod
 from . import quant
 from .checkpoint import CLASSIFIER, HFCheckpoint, ProgressBar
 from .hf_config import ExportError, ModelSpec, parse_config, tensor_layout
@@ -118,6 +119,7 @@ class _Entry:
     offset: int = 0            # relative to data_offset
     crc32: int = 0
     hf_name: str | None = None  # source tensor (None: the tokenizer blob)
+    importance: np.ndarray | None = None  # imatrix.py's statistics of a quantized matrix's input
 
     @property
     def size(self) -> int:
@@ -194,6 +196,63 @@ def _choose_embedding_dtype(requested: str | None, weights: str) -> str:
     return FILE_DTYPE[requested]
 
 
+def _importance_stats(src: Path, tok, entries, imatrix, calibration, ctx, imatrix_out, n_tokens, show):
+    """The importance statistics for export_checkpoint (its docstring), attached to the quantized
+    entries; None without calibration or imatrix."""
+    if imatrix is not None and calibration is not None:
+        raise ExportError("give calibration (text or token ids) or imatrix (statistics), not both")
+    if imatrix is None and calibration is None:
+        if imatrix_out is not None:
+            raise ExportError("imatrix_out (--imatrix-out) needs calibration input "
+                              "(--calibration-text or --calibration-ids)")
+        return None
+    quantized = [e for e in entries if e.dtype in quant.QUANT_DTYPES]
+    if not quantized:
+        raise ExportError("importance-weighted quantization applies to q8 / q4 matrices only; "
+                          "choose --dtype q4 or q8 (or --embedding-dtype q8 / q4), or drop the "
+                          "calibration options")
+    if calibration is not None:
+        if isinstance(calibration, str):
+            if tok is None:
+                raise ExportError("calibration text needs the file's SentencePiece tokenizer; this "
+                                  "export has none (--no-tokenizer): give token ids instead "
+                                  "(--calibration-ids)")
+            sp = spm.SentencePieceProcessor(model_proto=tok)
+            ids, bos = sp.encode(calibration), True
+        else:
+            ids, bos = [int(t) for t in calibration], False
+        ids = ids[:n_tokens] if n_tokens is not None else ids
+
+        def note(msg: str) -> None:
+            if show:
+                print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+
+        t0 = time.monotonic()
+        imatrix = imatrix_mod.compute_imatrix(src, ids, ctx, add_bos=bos, progress=note)
+        if show:
+            print(file=sys.stderr)
+        log.info("importance statistics from %d calibration tokens in %.1f s",
+                 int(imatrix[imatrix_mod.TOKENS_KEY]), time.monotonic() - t0)
+        if imatrix_out is not None:
+            imatrix_mod.save_imatrix(imatrix_out, imatrix)
+    elif not isinstance(imatrix, dict):
+        imatrix = imatrix_mod.load_imatrix(imatrix)
+    untied = any(e.name == "output" for e in entries)
+    for e in quantized:
+        if untied and e.name == "token_embd":
+            continue  # only a lookup table when the head is separate: no product to weigh by
+        v = imatrix.get(e.name)
+        if v is None:
+            raise ExportError(f"the importance statistics have no entry for {e.name}; they were "
+                              f"computed for another model: recompute them from calibration input")
+        if np.shape(v) != (e.shape[1],):
+            raise ExportError(f"the importance statistics for {e.name} have shape {list(np.shape(v))}, "
+                              f"the matrix {e.shape[1]} columns; they were computed for another model")
+        e.importance = np.asarray(v, np.float64)
+    imatrix.setdefault(imatrix_mod.TOKENS_KEY, np.array(0))
+    return imatrix
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def _nonfinite_error(hf_name: str, x: np.ndarray, row0: int) -> ExportError:
@@ -242,7 +301,7 @@ def _quantize(x: np.ndarray, src: str, entry: _Entry, row0: int) -> np.ndarray:
     """One chunk of whole panels (rows row0 ..) of a matrix, block-quantized and packed."""
     w = _convert(x, src, "f32", entry.hf_name, row0)  # checks finiteness
     try:
-        return np.frombuffer(quant.quantize_packed(w, entry.dtype), np.uint8)
+        return np.frombuffer(quant.quantize_packed(w, entry.dtype, entry.importance), np.uint8)
     except ValueError as e:
         raise ExportError(f"tensor {entry.hf_name} (rows from {row0}) cannot be stored as "
                           f"{entry.dtype}: {e}") from None
@@ -305,7 +364,9 @@ def _drop_from_page_cache(fd: int) -> None:
 
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                       progress: bool | None = None, embedding_dtype: str | None = None,
-                      with_tokenizer: bool = True) -> Path:
+                      with_tokenizer: bool = True, imatrix=None, calibration=None,
+                      calibration_ctx: int = 512, imatrix_out=None,
+                      calibration_tokens: int | None = None) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
@@ -320,6 +381,12 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     written; NaN/Inf and out-of-range values are found while converting, and then, as on any
     error or Ctrl-C, the temporary file is removed and out_path is left untouched. Notes
     (skipped tensors, dtype choice) go to the "openelm_rt.export" logger at INFO level.
+
+    Importance-weighted quantization (q8 / q4 matrices; quant.py, imatrix.py): calibration =
+    text (tokenized with the file's SentencePiece tokenizer, BOS first in each window) or a
+    sequence of token ids, run through the checkpoint in windows of calibration_ctx to collect
+    each matrix's input statistics (the first calibration_tokens of them, default all); or imatrix = such statistics (a dict, or the path of an .npz
+    that imatrix_out wrote). imatrix_out: also save the statistics computed from calibration.
     """
     src, out = Path(src_dir), Path(out_path)
     if not src.is_dir():
@@ -364,6 +431,9 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
 
         entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))] if tok is not None else []
         entries += [_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name) for t in layout]
+        imp = _importance_stats(src, tok, entries, imatrix, calibration, calibration_ctx, imatrix_out,
+                                calibration_tokens,
+                                show=sys.stderr.isatty() if progress is None else progress)
         offset = 0
         for e in entries:
             e.offset = _align(offset)
@@ -381,6 +451,8 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             "source": {"hf_config": cfg},
             "tensors": [e.to_json() for e in entries],
         }
+        if imp is not None:  # provenance: how the scales were chosen
+            meta["source"]["importance"] = {"tokens": int(imp[imatrix_mod.TOKENS_KEY])}
         # The CRCs are only known after the data is written, so reserve room for the metadata
         # with every crc32 at its widest (10 digits), write the data, then the real metadata
         # (never longer) at offset 64; the rest of the reserved room stays zero padding.
@@ -502,6 +574,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokenizer", action="store_true",
                    help="store no tokenizer: the model then takes and returns token ids only "
                         "(for a model whose vocabulary is not a SentencePiece model)")
+    g = p.add_argument_group(
+        "importance-weighted quantization (q8 / q4)",
+        "Choose each block's scale by the error it causes in the matrix products on calibration\n"
+        "text (llama.cpp's imatrix): the checkpoint runs once on the calibration tokens to\n"
+        "measure the inputs of every matrix. The file layout is the same.")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--calibration-text", metavar="FILE",
+                   help="UTF-8 text, tokenized with the stored tokenizer (e.g. the package's "
+                        "openelm_rt/data/corpus.txt)")
+    c.add_argument("--calibration-ids", metavar="FILE",
+                   help="token ids (integers separated by spaces, commas or newlines, or .npy)")
+    c.add_argument("--imatrix", metavar="FILE.npz", help="statistics saved by --imatrix-out")
+    g.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
+                   help="use the first N calibration tokens (default %(default)s)")
+    g.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
+                   help="calibration window in tokens (default %(default)s)")
+    g.add_argument("--imatrix-out", metavar="FILE.npz", help="also save the computed statistics")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_writer_version()} "
                    f"(writes .oelm format_version {FORMAT_VERSION}, names_version {NAMES_VERSION})")
@@ -521,10 +610,27 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
     try:
         t0 = time.monotonic()
+        calibration = None
+        if args.calibration_tokens < 2 or args.calibration_ctx < 2:
+            raise ExportError("--calibration-tokens and --calibration-ctx must be at least 2")
+        try:
+            if args.calibration_ids is not None:
+                from .perplexity import _read_ids
+                calibration = _read_ids(args.calibration_ids)[:args.calibration_tokens]
+            elif args.calibration_text is not None:
+                with open(args.calibration_text, encoding="utf-8") as f:
+                    text = f.read()
+                # tokens beyond the first N are dropped after tokenizing (export_checkpoint)
+                calibration = text
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ExportError(f"cannot read the calibration input: {e}") from None
         out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                                 progress=False if args.no_progress else None,
                                 embedding_dtype=args.embedding_dtype,
-                                with_tokenizer=not args.no_tokenizer)
+                                with_tokenizer=not args.no_tokenizer, imatrix=args.imatrix,
+                                calibration=calibration, calibration_ctx=args.calibration_ctx,
+                                imatrix_out=args.imatrix_out,
+                                calibration_tokens=args.calibration_tokens)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
             ed = f.metadata["embedding_dtype"]
