@@ -246,6 +246,16 @@ def calibration_ids(s: "Standin") -> list:
     return ids[CALIBRATION_START:CALIBRATION_START + CALIBRATION_TOKENS]
 
 
+def _imatrix(s: "Standin", log) -> str:
+    """The importance statistics of the calibration tokens, computed once into the cache."""
+    from openelm_rt import imatrix
+    path = os.path.join(s.dir, f"imatrix-{CALIBRATION_START}-{CALIBRATION_TOKENS}.npz")
+    if not os.path.exists(path):
+        log(f"calibrating on corpus tokens [{CALIBRATION_START}, +{CALIBRATION_TOKENS}) into {path} ...")
+        imatrix.save_imatrix(path, imatrix.compute_imatrix(s.checkpoint_dir, calibration_ids(s)))
+    return path
+
+
 def ensure_standin(cache_dir: str | None = None, dtypes=("f32",), log=_log) -> Standin:
     """Builds (once) and returns the stand-in's files; see the module docstring. dtypes: our
     export types to make (openelm-rt-export --dtype values, or parse_type's specs)."""
@@ -271,7 +281,7 @@ def ensure_standin(cache_dir: str | None = None, dtypes=("f32",), log=_log) -> S
         if not os.path.exists(path):
             log(f"exporting {spec} to {path} ...")
             export.export_checkpoint(s.checkpoint_dir, path, dtype=dt, embedding_dtype=head, with_tokenizer=False,
-                                     calibration=calibration_ids(s) if im else None)
+                                     imatrix=_imatrix(s, log) if im else None)
         s.oelm[spec] = path
     return s
 

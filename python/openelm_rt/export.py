@@ -48,8 +48,9 @@ _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"
           "u8": np.dtype("u1")}
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 # --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
-WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q4")
-FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q4": quant.Q4}
+WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4")
+FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q6": quant.Q6, "q5": quant.Q5,
+              "q4": quant.Q4}
 TOKENIZER_TENSOR = "tokenizer.model"
 
 _CHUNK_BYTES = 16 << 20  # conversion granularity: bounds temporaries and keeps the bar moving
@@ -208,8 +209,9 @@ def _importance_stats(src: Path, tok, entries, imatrix, calibration, ctx, imatri
         return None
     quantized = [e for e in entries if e.dtype in quant.QUANT_DTYPES]
     if not quantized:
-        raise ExportError("importance-weighted quantization applies to q8 / q4 matrices only; "
-                          "choose --dtype q4 or q8 (or --embedding-dtype q8 / q4), or drop the "
+        raise ExportError("importance-weighted quantization applies to block-quantized (q8, q6, q5, "
+                          "q4) matrices only; choose one of them as --dtype (or --embedding-dtype), "
+                          "or drop the "
                           "calibration options")
     if calibration is not None:
         if isinstance(calibration, str):
@@ -370,7 +372,8 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
-    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q4" (FORMAT.md, quant.py);
+    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q6" / "q5" / "q4" (FORMAT.md,
+    quant.py);
     norm weights are always f32. embedding_dtype: one of those (not auto) for the token
     embedding, which is also the LM head when tied (and for `output` when untied); default
     the weights' dtype, but q8 for q4 weights (_choose_embedding_dtype). tokenizer: path of a
@@ -382,7 +385,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     error or Ctrl-C, the temporary file is removed and out_path is left untouched. Notes
     (skipped tensors, dtype choice) go to the "openelm_rt.export" logger at INFO level.
 
-    Importance-weighted quantization (q8 / q4 matrices; quant.py, imatrix.py): calibration =
+    Importance-weighted quantization (block-quantized matrices; quant.py, imatrix.py): calibration =
     text (tokenized with the file's SentencePiece tokenizer, BOS first in each window) or a
     sequence of token ids, run through the checkpoint in windows of calibration_ctx to collect
     each matrix's input statistics (the first calibration_tokens of them, default all); or imatrix = such statistics (a dict, or the path of an .npz
@@ -562,8 +565,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="output file (written atomically: a temporary file, renamed at the end)")
     p.add_argument("--dtype", choices=("auto",) + WEIGHT_DTYPES, default="auto",
                    help="weight type: auto keeps the checkpoint's (F32 -> f32, BF16 -> bf16); "
-                        "q8 / q4 are 8-bit / 4-bit blocks of 32 weights with a 16-bit scale "
-                        "(8.5 / 4.5 bits per weight, like llama.cpp Q8_0 / Q4_0); norm weights "
+                        "q8 / q6 / q5 / q4 are 8 / 6 / 5 / 4-bit blocks of 32 weights with a 16-bit "
+                        "scale (8.5 / 6.5 / 5.5 / 4.5 bits per weight; q8, q5, q4 like llama.cpp "
+                        "Q8_0 / Q5_0 / Q4_0); norm weights "
                         "are always f32 (default: %(default)s)")
     p.add_argument("--embedding-dtype", choices=WEIGHT_DTYPES, default=None,
                    help="type of the token embedding, which is also the LM head (default: as "
@@ -575,7 +579,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="store no tokenizer: the model then takes and returns token ids only "
                         "(for a model whose vocabulary is not a SentencePiece model)")
     g = p.add_argument_group(
-        "importance-weighted quantization (q8 / q4)",
+        "importance-weighted quantization (q8, q6, q5, q4)",
         "Choose each block's scale by the error it causes in the matrix products on calibration\n"
         "text (llama.cpp's imatrix): the checkpoint runs once on the calibration tokens to\n"
         "measure the inputs of every matrix. The file layout is the same.")
