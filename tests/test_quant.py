@@ -15,7 +15,7 @@ from openelm_rt import quant
 from openelm_rt.hf_config import PRESETS, parse_config, tensor_layout
 
 QTYPES = quant.QUANT_DTYPES
-QRANGE = {quant.Q8: (-127, 127), quant.Q4: (-8, 7)}
+QRANGE = {quant.Q8: (-127, 127), quant.Q4: (-8, 7), quant.Q6: (-32, 31), quant.Q5: (-16, 15)}
 # Shapes that are not multiples of the panel (16 rows) or block (32 columns) size.
 ODD_SHAPES = [(1, 1), (1, 31), (5, 33), (16, 32), (17, 64), (31, 95), (40, 100), (33, 257)]
 
@@ -60,6 +60,8 @@ def test_tensor_nbytes_formula():
     assert quant.tensor_nbytes(quant.Q4, (32000, 2048)) == 2000 * 9 * 2048
     assert quant.tensor_nbytes(quant.Q8, (17, 33)) == 2 * 17 * 64       # Np 32, Kp 64
     assert quant.tensor_nbytes(quant.Q4, (1, 1)) == 1 * 9 * 32
+    assert quant.tensor_nbytes(quant.Q6, (32000, 2048)) == 2000 * 13 * 2048
+    assert quant.tensor_nbytes(quant.Q5, (17, 33)) == 2 * 11 * 64
     assert quant.tensor_nbytes("f16", (3, 5)) == 30
     with pytest.raises(ValueError, match="2-D"):
         quant.tensor_nbytes(quant.Q8, (64,))
@@ -70,30 +72,27 @@ def test_tensor_nbytes_formula():
 def _layout_by_formula(d: np.ndarray, q: np.ndarray, dtype: str, N: int, K: int) -> bytes:
     """FORMAT.md's byte-placement table, applied weight by weight (independent of pack_*)."""
     Np, Kp = quant.padded_n(N), quant.padded_k(K)
-    col = 17 if dtype == quant.Q8 else 9
-    bb = 32 * col  # bytes of one block of a panel: 32 of scales, then 512 (q8) or 256 (q4)
+    col = {quant.Q8: 17, quant.Q6: 13, quant.Q5: 11, quant.Q4: 9}[dtype]
+    bb = 32 * col  # bytes of one block of a panel: 32 of scales, then 512 (q8), 384, 320 or 256 (q4)
+    off = -QRANGE[dtype][0] if dtype != quant.Q8 else 128
+    hb = {quant.Q6: 2, quant.Q5: 1}.get(dtype, 0)
     out = bytearray(Np // 16 * col * Kp)
-    for n in range(N):
+    for n in range(Np):  # padding rows keep q = 0 (stored u = offset) and scale 0
         base, r = n // 16 * col * Kp, n % 16
         for b in range(Kp // 32):
-            out[base + bb * b + 2 * r: base + bb * b + 2 * r + 2] = f16(d[n, b]).tobytes()
+            if n < N:
+                out[base + bb * b + 2 * r: base + bb * b + 2 * r + 2] = f16(d[n, b]).tobytes()
             for c in range(32):
-                v = int(q[n, 32 * b + c])
+                u = (int(q[n, 32 * b + c]) if n < N else 0) + off
                 if dtype == quant.Q8:
-                    out[base + bb * b + 32 + 64 * (c // 4) + 4 * r + c % 4] = v + 128
-                else:
-                    at = base + bb * b + 32 + 64 * ((c % 16) // 4) + 4 * r + c % 4
-                    out[at] |= (v + 8) << (4 if c >= 16 else 0)
-    # Padding rows keep q = 0 (stored u = offset) and scale 0.
-    for n in range(N, Np):
-        base, r = n // 16 * col * Kp, n % 16
-        for b in range(Kp // 32):
-            for c in range(32):
-                if dtype == quant.Q8:
-                    out[base + bb * b + 32 + 64 * (c // 4) + 4 * r + c % 4] = 128
-                else:
-                    at = base + bb * b + 32 + 64 * ((c % 16) // 4) + 4 * r + c % 4
-                    out[at] |= 8 << (4 if c >= 16 else 0)
+                    out[base + bb * b + 32 + 64 * (c // 4) + 4 * r + c % 4] = u
+                    continue
+                at = base + bb * b + 32 + 64 * ((c % 16) // 4) + 4 * r + c % 4
+                out[at] |= (u & 15) << (4 if c >= 16 else 0)
+                if hb:
+                    v = 2 * ((c % 16) // 4) + c // 16
+                    at = base + bb * b + 288 + 64 * (hb * v // 8) + 4 * r + c % 4
+                    out[at] |= (u >> 4) << (hb * v % 8)
     return bytes(out)
 
 
@@ -102,8 +101,7 @@ def _layout_by_formula(d: np.ndarray, q: np.ndarray, dtype: str, N: int, K: int)
 def test_pack_matches_format_md_byte_table(dtype, N, K):
     rng = np.random.default_rng(N * 1000 + K)
     w = rng.standard_normal((N, K)).astype(np.float32)
-    quantize = quant.quantize_q8 if dtype == quant.Q8 else quant.quantize_q4
-    pack = quant.pack_q8 if dtype == quant.Q8 else quant.pack_q4
+    quantize, pack = quant._QUANTIZE[dtype]
     d, q = quantize(w)
     assert d.dtype == np.float16 and q.dtype == np.int8
     assert d.shape == (N, quant.padded_k(K) // 32) and q.shape == (N, quant.padded_k(K))
@@ -166,12 +164,12 @@ def test_q4_never_worse_than_llama_q4_0_per_block(dist):
 @pytest.mark.parametrize("dtype", QTYPES)
 def test_round_trip_error_bounds(dtype):
     """Relative RMS error of quantize -> dequantize on N(0, 0.02) weights: q8 measured 0.0057,
-    q4 0.095 (Q4_0: 0.099); bounds with ~10% margin."""
+    q6 0.0201, q5 0.0402, q4 0.095 (Q4_0: 0.099); bounds with ~10% margin."""
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((300, 1000)) * 0.02).astype(np.float32)
     back = quant.dequantize(quant.quantize_packed(w, dtype), dtype, 300, 1000)
     rel = float(np.sqrt(((back - w) ** 2).mean() / (w ** 2).mean()))
-    assert rel <= {quant.Q8: 0.0063, quant.Q4: 0.105}[dtype], rel
+    assert rel <= {quant.Q8: 0.0063, quant.Q6: 0.022, quant.Q5: 0.044, quant.Q4: 0.105}[dtype], rel
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
@@ -179,12 +177,13 @@ def test_zero_blocks_and_extremes(dtype):
     w = np.zeros((3, 40), np.float32)
     w[1, 33] = -1e-30  # below every binary16 scale: rounds to scale 0, q 0
     w[2, :] = np.linspace(-400, 400, 40)
-    d, q = (quant.quantize_q8 if dtype == quant.Q8 else quant.quantize_q4)(w)
+    d, q = quant._QUANTIZE[dtype][0](w)
     assert not d[0].any() and not q[0].any()
     assert d[1, 1] == 0 and not q[1].any()
     back = quant.dequantize(quant.quantize_packed(w, dtype), dtype, 3, 40)
     assert np.all(back[:2] == 0)
-    assert np.abs(back[2] - w[2]).max() <= {quant.Q8: 400 / 127, quant.Q4: 400 / 7}[dtype]
+    assert np.abs(back[2] - w[2]).max() <= {quant.Q8: 400 / 127, quant.Q6: 400 / 31, quant.Q5: 400 / 15,
+                                            quant.Q4: 400 / 7}[dtype]
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
@@ -211,7 +210,7 @@ def random_packed(rng, dtype: str, N: int, K: int):
     q = rng.integers(lo, hi + 1, size=(N, Kp), dtype=np.int8)
     q[:, K:] = 0
     d = f16(rng.uniform(0.5, 2, (N, Kp // 32)) * 2.0 ** rng.integers(-12, 0, (N, Kp // 32)))
-    pack = quant.pack_q8 if dtype == quant.Q8 else quant.pack_q4
+    pack = quant._QUANTIZE[dtype][1]
     return np.frombuffer(pack(d, q, N, K), np.uint8), d, q
 
 
@@ -381,7 +380,8 @@ import oracle  # noqa: E402  (tests/ is on sys.path via conftest)
 from conftest import prompt_ids  # noqa: E402
 
 # (file name, --dtype, --embedding-dtype) exports of the tiny f32 checkpoint.
-Q_EXPORTS = {"q8": ("q8", None), "q4": ("q4", None), "q4e4": ("q4", "q4"), "q8ef16": ("q8", "f16")}
+Q_EXPORTS = {"q8": ("q8", None), "q4": ("q4", None), "q4e4": ("q4", "q4"), "q8ef16": ("q8", "f16"),
+             "q6": ("q6", None), "q5": ("q5", None), "q4e6": ("q4", "q6"), "q5e6": ("q5", "q6")}
 
 
 @pytest.fixture(scope="module")
@@ -400,8 +400,8 @@ def _spec(tiny):
 def test_export_stores_the_numpy_quantization(tiny_f32, q_exports, name):
     from openelm_rt.export import read_oelm
     dt, edt = Q_EXPORTS[name]
-    wdt = {"q8": quant.Q8, "q4": quant.Q4}[dt]
-    edt = {None: quant.Q8, "q4": quant.Q4, "f16": "f16"}[edt]  # q4's default head: q8
+    wdt = {"q8": quant.Q8, "q6": quant.Q6, "q5": quant.Q5, "q4": quant.Q4}[dt]
+    edt = {None: quant.Q8 if dt == "q4" else wdt, "q4": quant.Q4, "q6": quant.Q6, "f16": "f16"}[edt]  # q4's default head: q8
     with read_oelm(q_exports[name]) as f:
         assert f.metadata["weights_dtype"] == wdt and f.metadata["embedding_dtype"] == edt
         table = {t["name"]: t for t in f.metadata["tensors"]}
@@ -480,8 +480,8 @@ def test_export_cli_q4(tiny_f32, tmp_path, tokenizer_path, q_exports, capsys):
                  "--tokenizer", str(tokenizer_path), "--no-progress"]) == 0
     assert "weights q4_b32r16i, embedding q4_b32r16i" in capsys.readouterr().err
     assert out.read_bytes() == q_exports["q4e4"].read_bytes()
-    assert main([str(tiny_f32.ckpt_dir), "-o", str(out), "--embedding-dtype", "q5"]) == 2
-    assert "invalid choice: 'q5'" in capsys.readouterr().err
+    assert main([str(tiny_f32.ckpt_dir), "-o", str(out), "--embedding-dtype", "q3"]) == 2
+    assert "invalid choice: 'q3'" in capsys.readouterr().err
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "q8" in text and "q4" in text and "--embedding-dtype" in text
@@ -544,7 +544,7 @@ def oracle_runs(tiny_f32, q_exports):
     def run(w):
         return np.concatenate([oracle.forward(w, tiny_f32.cfg, p) for p in PROMPTS])
     out = {"f32": run(tiny_f32.weights)}
-    for name in ("q8", "q4", "q4e4"):
+    for name in ("q8", "q4", "q4e4", "q6", "q5", "q4e6"):
         out[name] = run(_dequantized_weights(tiny_f32, q_exports[name]))
     out["llama_q8_0"] = run(_llama_weights(tiny_f32, llama_q8_0, llama_q8_0))
     out["llama_q4_0_head_q8_0"] = run(_llama_weights(tiny_f32, llama_q4_0, llama_q8_0))
@@ -559,6 +559,32 @@ def oracle_runs(tiny_f32, q_exports):
 # q4e4 0.89-1.02, so the bound is "no worse beyond that noise".
 VS_LLAMA = [("q8", "llama_q8_0", 1.1), ("q4", "llama_q4_0_head_q8_0", 1.1),
             ("q4e4", "llama_q4_0", 1.1)]
+
+
+def test_more_bits_closer_to_f32(oracle_runs):
+    """Mean KL vs f32 through the float64 oracle falls with the bits: q4 > q5 > q6 > q8, and a q6
+    head under q4 lies between q4's q8 head and its q4 head."""
+    ref = oracle_runs["f32"]
+    kl = {n: kl_mean(ref, oracle_runs[n]) for n in ("q4", "q5", "q6", "q8", "q4e4", "q4e6")}
+    assert kl["q4"] > kl["q5"] > kl["q6"] > kl["q8"], kl
+    assert kl["q4"] <= kl["q4e6"] * 1.02 and kl["q4e6"] <= kl["q4e4"] * 1.02, kl
+
+
+@pytest.mark.parametrize("dtype, m0", [(quant.Q6, 32.0), (quant.Q5, 16.0)])
+def test_q6_q5_never_worse_than_the_max_rule_per_block(dtype, m0):
+    """d = f16(max / -m0) (for q5: llama.cpp Q5_0's rule) is the first candidate of the search,
+    so no block's squared error is larger than with it."""
+    lo, hi = QRANGE[dtype]
+    rng = np.random.default_rng(11)
+    w = rng.standard_t(3, size=(64, 256)).astype(np.float32)
+    d, q = quant._QUANTIZE[dtype][0](w)
+    wb = blocks_of(w)
+    mx = wb[np.arange(len(wb)), np.abs(wb).argmax(axis=1)]
+    d0 = f16(mx / np.float32(-m0)).astype(np.float32)
+    q0 = np.clip(np.rint(wb / d0[:, None]), lo, hi)
+    e0 = ((wb - q0 * d0[:, None]).astype(np.float64) ** 2).sum(axis=1)
+    e = ((wb - q.reshape(-1, 32) * d.reshape(-1, 1).astype(np.float32)).astype(np.float64) ** 2).sum(axis=1)
+    assert (e <= e0 * (1 + 1e-6)).all() and e.sum() < 0.97 * e0.sum()
 
 
 @pytest.mark.parametrize("ours, theirs, ratio", VS_LLAMA)
@@ -579,13 +605,13 @@ def _check_runtime_vs_oracle(got, want):
     assert kl_mean(want, got) <= RUNTIME_VS_ORACLE["kl"]
 
 
-@pytest.mark.parametrize("name", ["q8", "q4", "q4e4"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q4e4", "q6", "q5", "q4e6"])
 @pytest.mark.parametrize("backend", ["cpu", "ref"])
 def test_runtime_matches_oracle_on_the_stored_weights(ort, q_exports, oracle_runs, name, backend):
     _check_runtime_vs_oracle(_session_logits(ort, q_exports[name], backend), oracle_runs[name])
 
 
-@pytest.mark.parametrize("dtype", ["q8", "q4"])
+@pytest.mark.parametrize("dtype", ["q8", "q4", "q6", "q5"])
 def test_runtime_pads_k_inside_the_model(ort, work_dir, tokenizer_path, dtype):
     """A tiny variant whose layers have 5 and 7 heads of 16 (attn_output K = 80, 112) and FFN
     widths 208 and 368 (ffn_down K): every row ends in a partly padded block. Same bounds;
@@ -625,7 +651,7 @@ def test_quantized_logits_vs_f32_export(ort, tiny_f32, q_exports, name):
     assert top1(ref, got) >= bound["top1"]
 
 
-@pytest.mark.parametrize("name", ["q8", "q4", "q8ef16"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q8ef16", "q6", "q5"])
 def test_quantized_paths_deterministic(ort, q_exports, name):
     """Batched prefill and one-token decode, and 1 vs 3 threads, give the same bits: each
     token's activations are quantized on their own and each output is one fixed sum."""

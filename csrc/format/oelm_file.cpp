@@ -23,6 +23,8 @@ const char* dtype_name(DType t) {
     case DType::u8: return "u8";
     case DType::q8: return "q8_b32r16i";
     case DType::q4: return "q4_b32r16i";
+    case DType::q6: return "q6_b32r16i";
+    case DType::q5: return "q5_b32r16i";
   }
   return "?";
 }
@@ -34,13 +36,15 @@ size_t dtype_size(DType t) {
     case DType::bf16: return 2;
     case DType::u8: return 1;
     case DType::q8:
-    case DType::q4: return 0;  // block types: see tensor_bytes()
+    case DType::q4:
+    case DType::q6:
+    case DType::q5: return 0;  // block types: see tensor_bytes()
   }
   return 0;
 }
 
 bool dtype_from_name(std::string_view name, DType* out) {
-  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4})
+  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4, DType::q6, DType::q5})
     if (name == dtype_name(t)) {
       *out = t;
       return true;
@@ -48,7 +52,9 @@ bool dtype_from_name(std::string_view name, DType* out) {
   return false;
 }
 
-bool dtype_is_quantized(DType t) { return t == DType::q8 || t == DType::q4; }
+bool dtype_is_quantized(DType t) {
+  return t == DType::q8 || t == DType::q4 || t == DType::q6 || t == DType::q5;
+}
 
 std::string legacy_dtype_hint(std::string_view name) {
   if (name != "q8_b32r16" && name != "q4_b32r16") return "";
@@ -63,10 +69,11 @@ bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out) {
     if (d < 0) return false;
   if (dtype_is_quantized(t)) {
     if (shape.size() != 2 || shape[0] > (int64_t(1) << 40) || shape[1] > (int64_t(1) << 40)) return false;
-    // Np/16 panels of nb blocks of (32 bytes of scales + 16 rows x 32 weights): 17 Kp (q8), 9 Kp (q4).
+    // Np/16 panels of nb blocks of (32 bytes of scales + 16 rows x 32 weights): 17 Kp (q8), 13 Kp (q6),
+    // 11 Kp (q5), 9 Kp (q4).
     const uint64_t panels = (uint64_t(shape[0]) + 15) / 16;
     const uint64_t kp = (uint64_t(shape[1]) + 31) / 32 * 32;
-    const uint64_t per_col = t == DType::q8 ? 17 : 9;
+    const uint64_t per_col = t == DType::q8 ? 17 : t == DType::q6 ? 13 : t == DType::q5 ? 11 : 9;
     if (kp != 0 && panels > kMax / per_col / kp) return false;
     *out = panels * per_col * kp;
     return true;
@@ -292,7 +299,7 @@ void OelmFile::validate_and_index(bool verify) {
     if (const std::string hint = legacy_dtype_hint(d); !hint.empty()) bad(path_, "tensor '" + nm + "': " + hint);
     if (!dtype_from_name(d, &tv.dtype))
       bad(path_, "tensor '" + nm + "': unknown dtype \"" + d +
-                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q4_b32r16i); upgrade "
+                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i); upgrade "
                      "openelm_rt or re-export");
     const json::Value* shape = t.find("shape");
     if (!shape || !shape->is_array() || shape->items().empty() || shape->items().size() > 4)

@@ -13,21 +13,22 @@
 
 namespace oelm {
 
-// q8 and q4 are the block-quantized weight types "q8_b32r16i" and "q4_b32r16i" (FORMAT.md).
-enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5 };
+// q8, q4, q6 and q5 are the block-quantized weight types "q8_b32r16i", "q4_b32r16i", "q6_b32r16i"
+// and "q5_b32r16i" (FORMAT.md).
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7 };
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types
 // The DType whose dtype_name() is `name`; false if there is none.
 bool dtype_from_name(std::string_view name, DType* out);
-bool dtype_is_quantized(DType t);  // q8, q4: 2-D only, sized by tensor_bytes()
+bool dtype_is_quantized(DType t);  // q8, q4, q6, q5: 2-D only, sized by tensor_bytes()
 // For "q8_b32r16" / "q4_b32r16", the quantized layout of older files that this reader no
 // longer accepts: what happened and the fix. Empty for any other name.
 std::string legacy_dtype_hint(std::string_view name);
 
 // Bytes a tensor of this dtype and logical shape occupies (FORMAT.md): product(shape) x
-// dtype_size, or for the block-quantized types (2-D [N, K] only) (Np / 16) * 17 * Kp (q8)
-// or * 9 * Kp (q4). Returns false (out untouched) if the shape is invalid for the dtype
+// dtype_size, or for the block-quantized types (2-D [N, K] only) (Np / 16) * 17 * Kp (q8),
+// * 13 * Kp (q6), * 11 * Kp (q5) or * 9 * Kp (q4). Returns false (out untouched) if the shape is invalid for the dtype
 // (negative, not 2-D for a block type) or the size does not fit in 64 bits.
 bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out);
 

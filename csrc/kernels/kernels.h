@@ -72,7 +72,8 @@ using swiglu_fn = void (*)(const float* gate, const float* up, int64_t n, float*
 // rows come back as scale * q, which is exact in f32).
 using row_to_f32_fn = void (*)(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 
-// --- Block-quantized weights (q8_b32r16i, q4_b32r16i; layout in docs/FORMAT.md) ---
+// --- Block-quantized weights (q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i; layout in
+// docs/FORMAT.md) ---
 // Integer kernels multiply int8 activations by the stored integer weights. Activations are
 // quantized per block of kQBlock values: d = amax / 127, q = nearbyint(x * (127 / amax)),
 // s = sum of the block's q. A row of K values is padded with zeros to Kp = round_up(K, kQBlock).
@@ -87,6 +88,10 @@ constexpr int64_t kQRows = 16;    // rows interleaved in one panel of a quantize
 constexpr int64_t kQScaleBytes = 2 * kQRows;
 constexpr int64_t kQ8BlockBytes = kQScaleBytes + kQRows * kQBlock;      // 544 = 17 * 32
 constexpr int64_t kQ4BlockBytes = kQScaleBytes + kQRows * kQBlock / 2;  // 288 = 9 * 32
+// q6 / q5: q4's 256 bytes of low nibbles, then 2 / 1 lines of 64 bytes of high bits (FORMAT.md).
+constexpr int64_t kQNibbleBytes = kQRows * kQBlock / 2;
+constexpr int64_t kQ6BlockBytes = kQ4BlockBytes + 2 * 64;  // 416 = 13 * 32
+constexpr int64_t kQ5BlockBytes = kQ4BlockBytes + 64;      // 352 = 11 * 32
 inline int64_t q_padded_k(int64_t K) { return (K + kQBlock - 1) / kQBlock * kQBlock; }
 inline int64_t q_padded_n(int64_t N) { return (N + kQRows - 1) / kQRows * kQRows; }
 
@@ -102,19 +107,19 @@ struct QActs {
 };
 
 // y[t*ldy + n] for t < T, n in [n0, n1): per block b of K, the exact integer dot product
-// isum of the weight integers (q8: q in [-127,127]; q4: q in [-8,7]) with the activation
+// isum of the weight integers (q8: q in [-127,127]; q6: [-32,31]; q5: [-16,15]; q4: [-8,7]) with the activation
 // integers, then acc = fma(float(isum) * x.d[t][b], w.d[n][b], acc) with acc starting at 0
 // and b ascending. n0 is a multiple of kQRows; n1 is a multiple of kQRows or N.
 using qmatmul_fn = void (*)(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0,
                             int64_t n1, float* y, int64_t ldy);
 
-constexpr int kNumDTypes = 6;  // DType values index the per-dtype tables below
+constexpr int kNumDTypes = 8;  // DType values index the per-dtype tables below
 
 struct KernelTable {
   const char* name;
   matmul_fn matmul[kNumDTypes];    // f32, f16, bf16 weights (nullptr for the others)
   matmul_xbf16_fn matmul_xbf16[kNumDTypes];  // bf16 activations: bf16 weights (nullptr elsewhere)
-  qmatmul_fn qmatmul[kNumDTypes];  // q8_b32r16i, q4_b32r16i weights (nullptr for the others)
+  qmatmul_fn qmatmul[kNumDTypes];  // block-quantized weights (nullptr for the others)
   row_to_f32_fn row_to_f32[kNumDTypes];
   quantize_row_fn quantize_row;
   rmsnorm_fn rmsnorm;
@@ -143,7 +148,13 @@ void qmatmul_q8_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t
                     int64_t ldy);
 void qmatmul_q4_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                     int64_t ldy);
+void qmatmul_q6_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy);
+void qmatmul_q5_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy);
 void row_to_f32_q8_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 void row_to_f32_q4_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
+void row_to_f32_q6_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
+void row_to_f32_q5_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 
 }  // namespace oelm

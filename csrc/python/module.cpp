@@ -97,7 +97,9 @@ py::array tensor_copy(const TensorView& t) {
     case DType::bf16: dt = py::dtype::of<uint16_t>(); break;
     case DType::u8:
     case DType::q8:
-    case DType::q4: dt = py::dtype::of<uint8_t>(); break;  // block types: the raw bytes
+    case DType::q4:
+    case DType::q6:
+    case DType::q5: dt = py::dtype::of<uint8_t>(); break;  // block types: the raw bytes
   }
   py::array a(dt, shape);
   std::memcpy(a.mutable_data(), t.data, t.size);

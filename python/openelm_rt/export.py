@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from . import imatrix as imatrix_mod
 from . import quant
 from .checkpoint import CLASSIFIER, HFCheckpoint, ProgressBar
 from .hf_config import ExportError, ModelSpec, parse_config, tensor_layout
@@ -47,8 +48,9 @@ _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"
           "u8": np.dtype("u1")}
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 # --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
-WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q4")
-FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q4": quant.Q4}
+WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4")
+FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q6": quant.Q6, "q5": quant.Q5,
+              "q4": quant.Q4}
 TOKENIZER_TENSOR = "tokenizer.model"
 
 _CHUNK_BYTES = 16 << 20  # conversion granularity: bounds temporaries and keeps the bar moving
@@ -118,6 +120,7 @@ class _Entry:
     offset: int = 0            # relative to data_offset
     crc32: int = 0
     hf_name: str | None = None  # source tensor (None: the tokenizer blob)
+    importance: np.ndarray | None = None  # imatrix.py's statistics of a quantized matrix's input
 
     @property
     def size(self) -> int:
@@ -194,6 +197,64 @@ def _choose_embedding_dtype(requested: str | None, weights: str) -> str:
     return FILE_DTYPE[requested]
 
 
+def _importance_stats(src: Path, tok, entries, imatrix, calibration, ctx, imatrix_out, n_tokens, show):
+    """The importance statistics for export_checkpoint (its docstring), attached to the quantized
+    entries; None without calibration or imatrix."""
+    if imatrix is not None and calibration is not None:
+        raise ExportError("give calibration (text or token ids) or imatrix (statistics), not both")
+    if imatrix is None and calibration is None:
+        if imatrix_out is not None:
+            raise ExportError("imatrix_out (--imatrix-out) needs calibration input "
+                              "(--calibration-text or --calibration-ids)")
+        return None
+    quantized = [e for e in entries if e.dtype in quant.QUANT_DTYPES]
+    if not quantized:
+        raise ExportError("importance-weighted quantization applies to block-quantized (q8, q6, q5, "
+                          "q4) matrices only; choose one of them as --dtype (or --embedding-dtype), "
+                          "or drop the "
+                          "calibration options")
+    if calibration is not None:
+        if isinstance(calibration, str):
+            if tok is None:
+                raise ExportError("calibration text needs the file's SentencePiece tokenizer; this "
+                                  "export has none (--no-tokenizer): give token ids instead "
+                                  "(--calibration-ids)")
+            sp = spm.SentencePieceProcessor(model_proto=tok)
+            ids, bos = sp.encode(calibration), True
+        else:
+            ids, bos = [int(t) for t in calibration], False
+        ids = ids[:n_tokens] if n_tokens is not None else ids
+
+        def note(msg: str) -> None:
+            if show:
+                print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+
+        t0 = time.monotonic()
+        imatrix = imatrix_mod.compute_imatrix(src, ids, ctx, add_bos=bos, progress=note)
+        if show:
+            print(file=sys.stderr)
+        log.info("importance statistics from %d calibration tokens in %.1f s",
+                 int(imatrix[imatrix_mod.TOKENS_KEY]), time.monotonic() - t0)
+        if imatrix_out is not None:
+            imatrix_mod.save_imatrix(imatrix_out, imatrix)
+    elif not isinstance(imatrix, dict):
+        imatrix = imatrix_mod.load_imatrix(imatrix)
+    untied = any(e.name == "output" for e in entries)
+    for e in quantized:
+        if untied and e.name == "token_embd":
+            continue  # only a lookup table when the head is separate: no product to weigh by
+        v = imatrix.get(e.name)
+        if v is None:
+            raise ExportError(f"the importance statistics have no entry for {e.name}; they were "
+                              f"computed for another model: recompute them from calibration input")
+        if np.shape(v) != (e.shape[1],):
+            raise ExportError(f"the importance statistics for {e.name} have shape {list(np.shape(v))}, "
+                              f"the matrix {e.shape[1]} columns; they were computed for another model")
+        e.importance = np.asarray(v, np.float64)
+    imatrix.setdefault(imatrix_mod.TOKENS_KEY, np.array(0))
+    return imatrix
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def _nonfinite_error(hf_name: str, x: np.ndarray, row0: int) -> ExportError:
@@ -242,7 +303,7 @@ def _quantize(x: np.ndarray, src: str, entry: _Entry, row0: int) -> np.ndarray:
     """One chunk of whole panels (rows row0 ..) of a matrix, block-quantized and packed."""
     w = _convert(x, src, "f32", entry.hf_name, row0)  # checks finiteness
     try:
-        return np.frombuffer(quant.quantize_packed(w, entry.dtype), np.uint8)
+        return np.frombuffer(quant.quantize_packed(w, entry.dtype, entry.importance), np.uint8)
     except ValueError as e:
         raise ExportError(f"tensor {entry.hf_name} (rows from {row0}) cannot be stored as "
                           f"{entry.dtype}: {e}") from None
@@ -305,11 +366,14 @@ def _drop_from_page_cache(fd: int) -> None:
 
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                       progress: bool | None = None, embedding_dtype: str | None = None,
-                      with_tokenizer: bool = True) -> Path:
+                      with_tokenizer: bool = True, imatrix=None, calibration=None,
+                      calibration_ctx: int = 512, imatrix_out=None,
+                      calibration_tokens: int | None = None) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
-    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q4" (FORMAT.md, quant.py);
+    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q6" / "q5" / "q4" (FORMAT.md,
+    quant.py);
     norm weights are always f32. embedding_dtype: one of those (not auto) for the token
     embedding, which is also the LM head when tied (and for `output` when untied); default
     the weights' dtype, but q8 for q4 weights (_choose_embedding_dtype). tokenizer: path of a
@@ -320,6 +384,12 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     written; NaN/Inf and out-of-range values are found while converting, and then, as on any
     error or Ctrl-C, the temporary file is removed and out_path is left untouched. Notes
     (skipped tensors, dtype choice) go to the "openelm_rt.export" logger at INFO level.
+
+    Importance-weighted quantization (block-quantized matrices; quant.py, imatrix.py): calibration =
+    text (tokenized with the file's SentencePiece tokenizer, BOS first in each window) or a
+    sequence of token ids, run through the checkpoint in windows of calibration_ctx to collect
+    each matrix's input statistics (the first calibration_tokens of them, default all); or imatrix = such statistics (a dict, or the path of an .npz
+    that imatrix_out wrote). imatrix_out: also save the statistics computed from calibration.
     """
     src, out = Path(src_dir), Path(out_path)
     if not src.is_dir():
@@ -364,6 +434,9 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
 
         entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))] if tok is not None else []
         entries += [_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name) for t in layout]
+        imp = _importance_stats(src, tok, entries, imatrix, calibration, calibration_ctx, imatrix_out,
+                                calibration_tokens,
+                                show=sys.stderr.isatty() if progress is None else progress)
         offset = 0
         for e in entries:
             e.offset = _align(offset)
@@ -381,6 +454,8 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             "source": {"hf_config": cfg},
             "tensors": [e.to_json() for e in entries],
         }
+        if imp is not None:  # provenance: how the scales were chosen
+            meta["source"]["importance"] = {"tokens": int(imp[imatrix_mod.TOKENS_KEY])}
         # The CRCs are only known after the data is written, so reserve room for the metadata
         # with every crc32 at its widest (10 digits), write the data, then the real metadata
         # (never longer) at offset 64; the rest of the reserved room stays zero padding.
@@ -490,8 +565,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="output file (written atomically: a temporary file, renamed at the end)")
     p.add_argument("--dtype", choices=("auto",) + WEIGHT_DTYPES, default="auto",
                    help="weight type: auto keeps the checkpoint's (F32 -> f32, BF16 -> bf16); "
-                        "q8 / q4 are 8-bit / 4-bit blocks of 32 weights with a 16-bit scale "
-                        "(8.5 / 4.5 bits per weight, like llama.cpp Q8_0 / Q4_0); norm weights "
+                        "q8 / q6 / q5 / q4 are 8 / 6 / 5 / 4-bit blocks of 32 weights with a 16-bit "
+                        "scale (8.5 / 6.5 / 5.5 / 4.5 bits per weight; q8, q5, q4 like llama.cpp "
+                        "Q8_0 / Q5_0 / Q4_0); norm weights "
                         "are always f32 (default: %(default)s)")
     p.add_argument("--embedding-dtype", choices=WEIGHT_DTYPES, default=None,
                    help="type of the token embedding, which is also the LM head (default: as "
@@ -502,6 +578,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokenizer", action="store_true",
                    help="store no tokenizer: the model then takes and returns token ids only "
                         "(for a model whose vocabulary is not a SentencePiece model)")
+    g = p.add_argument_group(
+        "importance-weighted quantization (q8, q6, q5, q4)",
+        "Choose each block's scale by the error it causes in the matrix products on calibration\n"
+        "text (llama.cpp's imatrix): the checkpoint runs once on the calibration tokens to\n"
+        "measure the inputs of every matrix. The file layout is the same.")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--calibration-text", metavar="FILE",
+                   help="UTF-8 text, tokenized with the stored tokenizer (e.g. the package's "
+                        "openelm_rt/data/corpus.txt)")
+    c.add_argument("--calibration-ids", metavar="FILE",
+                   help="token ids (integers separated by spaces, commas or newlines, or .npy)")
+    c.add_argument("--imatrix", metavar="FILE.npz", help="statistics saved by --imatrix-out")
+    g.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
+                   help="use the first N calibration tokens (default %(default)s)")
+    g.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
+                   help="calibration window in tokens (default %(default)s)")
+    g.add_argument("--imatrix-out", metavar="FILE.npz", help="also save the computed statistics")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_writer_version()} "
                    f"(writes .oelm format_version {FORMAT_VERSION}, names_version {NAMES_VERSION})")
@@ -521,10 +614,27 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
     try:
         t0 = time.monotonic()
+        calibration = None
+        if args.calibration_tokens < 2 or args.calibration_ctx < 2:
+            raise ExportError("--calibration-tokens and --calibration-ctx must be at least 2")
+        try:
+            if args.calibration_ids is not None:
+                from .perplexity import _read_ids
+                calibration = _read_ids(args.calibration_ids)[:args.calibration_tokens]
+            elif args.calibration_text is not None:
+                with open(args.calibration_text, encoding="utf-8") as f:
+                    text = f.read()
+                # tokens beyond the first N are dropped after tokenizing (export_checkpoint)
+                calibration = text
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ExportError(f"cannot read the calibration input: {e}") from None
         out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                                 progress=False if args.no_progress else None,
                                 embedding_dtype=args.embedding_dtype,
-                                with_tokenizer=not args.no_tokenizer)
+                                with_tokenizer=not args.no_tokenizer, imatrix=args.imatrix,
+                                calibration=calibration, calibration_ctx=args.calibration_ctx,
+                                imatrix_out=args.imatrix_out,
+                                calibration_tokens=args.calibration_tokens)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
             ed = f.metadata["embedding_dtype"]

@@ -1,7 +1,8 @@
-"""Block-quantized weight matrices (`q8_b32r16i`, `q4_b32r16i`): the NumPy reference quantizer,
-packer and dequantizer for the layout in docs/FORMAT.md ("Block-quantized matrices").
+"""Block-quantized weight matrices (`q8_b32r16i`, `q6_b32r16i`, `q5_b32r16i`, `q4_b32r16i`): the
+NumPy reference quantizer, packer and dequantizer for the layout in docs/FORMAT.md
+("Block-quantized matrices").
 
-The exporter writes what `quantize_q8/q4` + `pack_q8/q4` produce; the C++ reader decodes the
+The exporter writes what `quantize_q8/q6/q5/q4` + `pack_*` produce; the C++ reader decodes the
 same bytes (`row_to_f32` kernels) and the tests hold it bit-exact against `dequantize` here.
 NumPy only, vectorized, and row-chunked (`quantize_packed`) so a 1.1B model's weights never
 sit in memory twice. Not a kernel: activations are quantized in C++ (kernels.h).
@@ -25,6 +26,23 @@ rint = round half to even, computed with the stored, rounded `d`):
   squared error by 9.5% / 7.5% / 5.7% relative to Q4_0; 41 candidates (m = 6 ... 11 by 1/8)
   would gain only 1.5 more points at 5x the export time, and mapping `max` to +7 instead of -8
   gained nothing measurable.
+
+* q6 / q5: q in [-32, 31] / [-16, 15]. The same search as the importance-weighted one below with
+  every weight counted once (u_k = 1): d = f16(max / -m) for m in `Q6_CANDIDATES` / `Q5_CANDIDATES`
+  (the first, 32 / 16, maps max onto the longer side of the range as Q4_0 does), and each
+  candidate's least-squares refit.
+
+Importance-weighted (`imp`, from imatrix.py: the mean square of each input feature over
+calibration text). The error of a block is then sum_k u_k (w_k - d q_k)^2 with, as llama.cpp's
+imatrix quantization weighs it, u_k = imp_k * sqrt(sigma2 + w_k^2) (sigma2: the mean square of
+the weight's row): the expected error of the matrix product for such activations, with some
+weight on the large weights themselves. For a given `d` the nearest integers still minimise it
+(the terms are independent), so only the choice of `d` changes: among d = f16(max / -m) for m in
+`Q4_WEIGHTED` / `Q8_WEIGHTED` and, for each, the weighted least-squares scale of that
+candidate's integers (sum u w q / sum u q^2, llama.cpp's make_qx_quants refit), the one with the
+least weighted error. The unweighted choice (m = 8 for q4, amax / 127 for q8) is among them, so
+the weighted error is never larger than without `imp`. The layout, and so the kernels, do not
+change.
 """
 
 from __future__ import annotations
@@ -40,13 +58,27 @@ QROWS = 16    # rows interleaved in one panel: kernels.h kQRows
 
 Q8 = "q8_b32r16i"
 Q4 = "q4_b32r16i"
-QUANT_DTYPES = (Q8, Q4)
+Q6 = "q6_b32r16i"
+Q5 = "q5_b32r16i"
+QUANT_DTYPES = (Q8, Q4, Q6, Q5)
+# Bits per weight integer; q6 / q5 store q4's nibbles plus 2 / 1 bits in lines of high bits.
+BITS = {Q8: 8, Q6: 6, Q5: 5, Q4: 4}
+_RANGE = {Q8: (-127, 127), Q6: (-32, 31), Q5: (-16, 15), Q4: (-8, 7)}
+# Bytes per 16 rows x 32 columns block (with the 16 binary16 scales), over 32: kernels.h.
+_PER_PANEL_COL = {Q8: 17, Q6: 13, Q5: 11, Q4: 9}
 # The layout before scales moved next to their blocks (FORMAT.md): no longer read or written.
 LEGACY_QUANT_DTYPES = ("q8_b32r16", "q4_b32r16")
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1}
 
 # m in d = max / -m (module docstring). The first, 8, is llama.cpp Q4_0's rule.
 Q4_CANDIDATES = (8.0, 7.5, 7.75, 8.25, 8.5, 8.75, 9.0, 9.25)
+
+# The candidates of the importance-weighted search (module docstring); the first of each is the
+# unweighted rule's (q8: max / -127 is amax / 127 up to the sign, which a symmetric range ignores).
+Q4_WEIGHTED = (8.0, 7.0, 7.25, 7.5, 7.75, 8.25, 8.5, 8.75, 9.0, 9.25, 9.5, 10.0)
+Q8_WEIGHTED = (127.0, 124.0, 125.0, 126.0, 128.0, 129.0, 130.0)
+Q6_CANDIDATES = (32.0, 31.0, 31.5, 32.5, 33.0, 33.5, 34.0, 35.0)
+Q5_CANDIDATES = (16.0, 15.0, 15.5, 16.5, 17.0, 17.5, 18.0, 19.0)
 
 _F16_MAX = 65504.0
 _SUB_BLOCKS = 8192  # blocks per inner step of the q4 search: temporaries stay in L2
@@ -67,8 +99,7 @@ def tensor_nbytes(dtype: str, shape) -> int:
         if len(shape) != 2:
             raise ValueError(f"{dtype} stores 2-D matrices only, got shape {list(shape)}")
         N, K = shape
-        per_panel_col = 17 if dtype == Q8 else 9  # 16 rows of 8 or 4 bits + one f16 scale per 32
-        return padded_n(N) // QROWS * per_panel_col * padded_k(K)
+        return padded_n(N) // QROWS * _PER_PANEL_COL[dtype] * padded_k(K)
     if dtype not in _ITEMSIZE:
         raise ValueError(f"unknown dtype {dtype!r}")
     return math.prod(shape) * _ITEMSIZE[dtype]
@@ -113,11 +144,88 @@ def _nearest(wb: np.ndarray, d: np.ndarray, lo: int, hi: int, out: np.ndarray) -
     return out
 
 
-def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w f32 [N, K] -> (d float16 [N, nb], q int8 [N, Kp]); d = f16(amax/127), q in [-127, 127]."""
+def _importance(w: np.ndarray, imp) -> np.ndarray:
+    """u [N * nb, 32] of the module docstring for w [N, K] and imp [K] (zero in the padding)."""
+    imp = np.asarray(imp, np.float64).reshape(-1)
+    N, K = np.shape(w)
+    if imp.shape != (K,):
+        raise ValueError(f"importance has {imp.size} entries, the matrix {K} columns")
+    if not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("importance must be finite and non-negative")
+    w = np.asarray(w, np.float32)
+    sigma2 = np.einsum("nk,nk->n", w, w, dtype=np.float64) / max(K, 1)
+    u = (imp[None, :] * np.sqrt(sigma2[:, None] + np.square(w, dtype=np.float64))).astype(np.float32)
+    Kp = padded_k(K)
+    if Kp != K:
+        u = np.pad(u, ((0, 0), (0, Kp - K)))
+    return u.reshape(N * (Kp // QBLOCK), QBLOCK)
+
+
+def _weighted_search(wb: np.ndarray, u: np.ndarray, lo: int, hi: int, ms, what: str) -> np.ndarray:
+    """Best binary16 scale per block of wb [n, 32] under the weights u [n, 32] (module docstring)."""
+    n = len(wb)
+    mx = wb[np.arange(n), np.abs(wb).argmax(axis=1)]
+    w64 = wb.astype(np.float64)
+    u64 = u.astype(np.float64)
+    q = np.empty_like(wb)
+    r = np.empty_like(w64)
+    best_err = np.full(n, np.inf)
+    best_d = np.zeros(n, np.float16)
+
+    def consider(d16: np.ndarray) -> None:
+        d = d16.astype(np.float32)
+        _nearest(wb, d, lo, hi, q)
+        np.multiply(q, d[:, None], out=r)  # exact: a small integer times an 11-bit scale
+        np.subtract(w64, r, out=r)
+        np.multiply(r, r, out=r)
+        err = np.einsum("ij,ij->i", r, u64)
+        better = err < best_err  # strict: earlier candidates win ties
+        best_err[better] = err[better]
+        best_d[better] = d16[better]
+
+    for m in ms:
+        d0 = mx / np.float32(-m)
+        consider(_to_f16(d0, wb, what))
+        _nearest(wb, d0, lo, hi, q)  # this candidate's integers (unrounded scale) ...
+        qu = q * u
+        num = np.einsum("ij,ij->i", qu, wb, dtype=np.float64)
+        den = np.einsum("ij,ij->i", qu, q, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d_ls = np.where(den > 0, num / den, d0).astype(np.float32)  # ... and their best scale
+        consider(_to_f16(d_ls, wb, what))
+    return best_d
+
+
+def _search_all(wb: np.ndarray, search) -> np.ndarray:
+    """search(s, e) -> f16 scales of blocks [s, e), over sub-ranges of _SUB_BLOCKS in threads.
+    NumPy releases the GIL inside its loops, so threads share the work (each sub-range is
+    independent: the result does not depend on the thread count)."""
+    d16 = np.empty(len(wb), np.float16)
+    starts = range(0, len(wb), _SUB_BLOCKS)
+
+    def run(s: int) -> None:
+        d16[s:s + _SUB_BLOCKS] = search(s, min(s + _SUB_BLOCKS, len(wb)))
+
+    threads = min(len(starts), os.cpu_count() or 1)
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
+    else:
+        for s in starts:
+            run(s)
+    return d16
+
+
+def quantize_q8(w: np.ndarray, imp=None) -> tuple[np.ndarray, np.ndarray]:
+    """w f32 [N, K] -> (d float16 [N, nb], q int8 [N, Kp]); q in [-127, 127]; d = f16(amax/127),
+    or with imp [K] the importance-weighted search among Q8_WEIGHTED (module docstring)."""
     wb = _blocks(w)
     N = np.shape(w)[0]
-    d16 = _to_f16(np.abs(wb).max(axis=1) / np.float32(127), wb, Q8)
+    if imp is None:
+        d16 = _to_f16(np.abs(wb).max(axis=1) / np.float32(127), wb, Q8)
+    else:
+        u = _importance(w, imp)
+        d16 = _search_all(wb, lambda s, e: _weighted_search(wb[s:e], u[s:e], -127, 127, Q8_WEIGHTED, Q8))
     q = _nearest(wb, d16.astype(np.float32), -127, 127, np.empty_like(wb))
     return d16.reshape(N, -1), q.astype(np.int8).reshape(N, -1)
 
@@ -144,28 +252,38 @@ def _q4_search(wb: np.ndarray) -> np.ndarray:
     return best_d
 
 
-def quantize_q4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q4(w: np.ndarray, imp=None) -> tuple[np.ndarray, np.ndarray]:
     """w f32 [N, K] -> (d float16 [N, nb], q int8 [N, Kp]); q in [-8, 7], d by least squares
-    among Q4_CANDIDATES (module docstring)."""
+    among Q4_CANDIDATES, or with imp [K] by the importance-weighted search (module docstring)."""
     wb = _blocks(w)
     N = np.shape(w)[0]
-    d16 = np.empty(len(wb), np.float16)
-    starts = range(0, len(wb), _SUB_BLOCKS)
-
-    def search(s: int) -> None:
-        d16[s:s + _SUB_BLOCKS] = _q4_search(wb[s:s + _SUB_BLOCKS])
-
-    # NumPy releases the GIL inside its loops, so threads share the search (each sub-range
-    # is independent: the result does not depend on the thread count).
-    threads = min(len(starts), os.cpu_count() or 1)
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(search, starts))
+    if imp is None:
+        d16 = _search_all(wb, lambda s, e: _q4_search(wb[s:e]))
     else:
-        for s in starts:
-            search(s)
+        u = _importance(w, imp)
+        d16 = _search_all(wb, lambda s, e: _weighted_search(wb[s:e], u[s:e], -8, 7, Q4_WEIGHTED, Q4))
     q = _nearest(wb, d16.astype(np.float32), -8, 7, np.empty_like(wb))
     return d16.reshape(N, -1), q.astype(np.int8).reshape(N, -1)
+
+
+def _quantize_hi(dtype: str, cands):
+    lo, hi = _RANGE[dtype]
+
+    def quantize(w: np.ndarray, imp=None) -> tuple[np.ndarray, np.ndarray]:
+        wb = _blocks(w)
+        N = np.shape(w)[0]
+        u = np.ones_like(wb) if imp is None else _importance(w, imp)
+        d16 = _search_all(wb, lambda s, e: _weighted_search(wb[s:e], u[s:e], lo, hi, cands, dtype))
+        q = _nearest(wb, d16.astype(np.float32), lo, hi, np.empty_like(wb))
+        return d16.reshape(N, -1), q.astype(np.int8).reshape(N, -1)
+
+    quantize.__doc__ = (f"w f32 [N, K] -> (d float16 [N, nb], q int8 [N, Kp]); q in [{lo}, {hi}], d by the "
+                        f"(with imp: importance-) weighted search (module docstring)")
+    return quantize
+
+
+quantize_q6 = _quantize_hi(Q6, Q6_CANDIDATES)
+quantize_q5 = _quantize_hi(Q5, Q5_CANDIDATES)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -218,8 +336,38 @@ def pack_q4(d: np.ndarray, q: np.ndarray, N: int, K: int) -> bytes:
     return np.concatenate([_block_scales(dp), byte], axis=2).tobytes()
 
 
+def _pack_hi(d: np.ndarray, q: np.ndarray, N: int, K: int, dtype: str) -> bytes:
+    """FORMAT.md q6_b32r16i / q5_b32r16i bytes: q4's nibble lines of the low 4 bits of u, then
+    HB lines of high bits (vector v = 2 line + half at bits [HB v % 8, + HB) of line HB v / 8)."""
+    lo, hi = _RANGE[dtype]
+    _check_parts(d, q, N, K, lo, hi)
+    hb = BITS[dtype] - 4
+    dp, qp = _panels(d, q, N)
+    P, nb = dp.shape[0], dp.shape[2]
+    u = (qp.astype(np.int16) - lo).astype(np.uint8).reshape(P, QROWS, nb, 2, 4, 4)  # [P, r, b, half, line, j]
+    nib = (u[:, :, :, 0] & 15) | ((u[:, :, :, 1] & 15) << 4)
+    nib = nib.transpose(0, 2, 3, 1, 4).reshape(P, nb, -1)                        # [P, b, line, r, j]
+    high = np.zeros((P, nb, hb, QROWS, 4), np.uint8)                             # [P, b, L, r, j]
+    top = (u >> 4).transpose(0, 2, 3, 4, 1, 5)                                   # [P, b, half, line, r, j]
+    for half in range(2):
+        for line in range(4):
+            bit = hb * (2 * line + half)
+            high[:, :, bit // 8] |= top[:, :, half, line] << (bit % 8)
+    return np.concatenate([_block_scales(dp), nib, high.reshape(P, nb, -1)], axis=2).tobytes()
+
+
+def pack_q6(d: np.ndarray, q: np.ndarray, N: int, K: int) -> bytes:
+    """FORMAT.md q6_b32r16i bytes of the quantized [N, K] matrix (d [N, nb], q [N, Kp])."""
+    return _pack_hi(d, q, N, K, Q6)
+
+
+def pack_q5(d: np.ndarray, q: np.ndarray, N: int, K: int) -> bytes:
+    """FORMAT.md q5_b32r16i bytes of the quantized [N, K] matrix (d [N, nb], q [N, Kp])."""
+    return _pack_hi(d, q, N, K, Q5)
+
+
 def unpack(raw, dtype: str, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of pack_q8 / pack_q4: (d float16 [N, nb], q int8 [N, Kp]); padding dropped."""
+    """Inverse of pack_q8 / q6 / q5 / q4: (d float16 [N, nb], q int8 [N, Kp]); padding dropped."""
     if dtype not in QUANT_DTYPES:
         raise ValueError(f"{dtype!r} is not a block-quantized dtype ({', '.join(QUANT_DTYPES)})")
     buf = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1)
@@ -235,8 +383,17 @@ def unpack(raw, dtype: str, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
         u = body.reshape(P, nb, 8, QROWS, 4).transpose(0, 3, 1, 2, 4)  # [P, r, b, g, j]
         q = u.astype(np.int16) - 128
     else:
-        byte = body.reshape(P, nb, 4, QROWS, 4).transpose(0, 3, 1, 2, 4)  # [P, r, b, g, j]
-        q = np.stack([byte & 15, byte >> 4], axis=3).astype(np.int16) - 8  # [P, r, b, half, g, j]
+        nib = body[:, :, :256].reshape(P, nb, 4, QROWS, 4).transpose(0, 3, 1, 2, 4)  # [P, r, b, g, j]
+        u = np.stack([nib & 15, nib >> 4], axis=3).astype(np.int16)                # [P, r, b, half, g, j]
+        hb = BITS[dtype] - 4
+        if hb:
+            high = body[:, :, 256:].reshape(P, nb, hb, QROWS, 4).transpose(0, 3, 1, 2, 4)  # [P, r, b, L, j]
+            for half in range(2):
+                for line in range(4):
+                    bit = hb * (2 * line + half)
+                    top = (high[:, :, :, bit // 8] >> (bit % 8)) & ((1 << hb) - 1)
+                    u[:, :, :, half, line] |= top.astype(np.int16) << 4
+        q = u + _RANGE[dtype][0]
     d = d.reshape(Np, nb)[:N].astype(np.float16)
     q = q.reshape(Np, Kp)[:N].astype(np.int8)
     return d, q
@@ -251,14 +408,15 @@ def dequantize(raw, dtype: str, N: int, K: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one call
 
-_QUANTIZE = {Q8: (quantize_q8, pack_q8), Q4: (quantize_q4, pack_q4)}
+_QUANTIZE = {Q8: (quantize_q8, pack_q8), Q4: (quantize_q4, pack_q4), Q6: (quantize_q6, pack_q6),
+             Q5: (quantize_q5, pack_q5)}
 
 
-def quantize_packed(w: np.ndarray, dtype: str) -> bytes:
-    """Quantize and pack a whole [N, K] matrix. Packing is per panel of 16 rows, so the bytes
+def quantize_packed(w: np.ndarray, dtype: str, imp=None) -> bytes:
+    """Quantize (with imp: importance-weighted, module docstring) and pack a whole [N, K] matrix. Packing is per panel of 16 rows, so the bytes
     of rows [16 a, 16 b) are exactly what this returns for those rows alone: the exporter
     calls it on row chunks that are multiples of 16 and concatenates."""
     quantize, pack = _QUANTIZE[dtype]
-    d, q = quantize(w)  # checks that w is 2-D
+    d, q = quantize(w) if imp is None else quantize(w, imp)  # checks that w is 2-D
     N, K = np.shape(w)
     return pack(d, q, N, K)

@@ -192,7 +192,7 @@ const Shape kOpenElmShapes[] = {
 
 // ----------------------------------------------------------------------------- matmul (f32, f16, bf16)
 
-const char* kDtypeNames[kNumDTypes] = {"f32", "f16", "bf16", "u8", "q8", "q4"};
+const char* kDtypeNames[kNumDTypes] = {"f32", "f16", "bf16", "u8", "q8", "q4", "q6", "q5"};
 
 // Tolerance |y - y_ref| <= 16 u * sum_k |x_k w_k|. Both kernels round every partial sum
 // of K products in f32, in different orders (lane counts, tiles, fma or not); for data
@@ -351,16 +351,24 @@ void quantize_row_spec(const float* x, int64_t K, int8_t* q, float* d, int32_t* 
 
 // A block-quantized matrix built from integers and scales, packed as FORMAT.md lays it out.
 // Only the panels in `panels` are generated (the others stay zero bytes and are never read).
+// Bits per weight of a block-quantized DType.
+int q_bits(int dt) {
+  return dt == int(DType::q8) ? 8 : dt == int(DType::q6) ? 6 : dt == int(DType::q5) ? 5 : 4;
+}
+int64_t q_block_bytes(int bits) {
+  return bits == 8 ? kQ8BlockBytes : bits == 6 ? kQ6BlockBytes : bits == 5 ? kQ5BlockBytes : kQ4BlockBytes;
+}
+
 struct QMatrix {
-  bool q4;
+  int bits;  // 8, 6, 5 or 4
   int64_t N, K, Kp, nb, panel_bytes;
   std::map<int64_t, std::vector<int8_t>> q;     // row -> q[Kp] (0 beyond K)
   std::map<int64_t, std::vector<uint16_t>> d;   // row -> binary16 scale per block
   Zeros bytes;
 
-  QMatrix(bool is_q4, int64_t N_, int64_t K_, const std::vector<int64_t>& panels, Rng& r)
-      : q4(is_q4), N(N_), K(K_), Kp(q_padded_k(K_)), nb(Kp / kQBlock),
-        panel_bytes(nb * (is_q4 ? kQ4BlockBytes : kQ8BlockBytes)),
+  QMatrix(int bits_, int64_t N_, int64_t K_, const std::vector<int64_t>& panels, Rng& r)
+      : bits(bits_), N(N_), K(K_), Kp(q_padded_k(K_)), nb(Kp / kQBlock),
+        panel_bytes(nb * q_block_bytes(bits_)),
         bytes(static_cast<size_t>(q_padded_n(N_) / kQRows * panel_bytes)) {
     for (int64_t p : panels)
       for (int64_t rr = 0; rr < kQRows; ++rr) {
@@ -371,7 +379,7 @@ struct QMatrix {
         dr.assign(static_cast<size_t>(nb), 0);
         if (row >= N) continue;  // padding rows: q = 0, scale 0
         for (int64_t k = 0; k < K; ++k)
-          qr[size_t(k)] = q4 ? int8_t(r.below(16) - 8) : int8_t(r.below(255) - 127);
+          qr[size_t(k)] = bits == 8 ? int8_t(r.below(255) - 127) : int8_t(r.below(1 << bits) - (1 << (bits - 1)));
         for (int64_t b = 0; b < nb; ++b) dr[size_t(b)] = random_f16(r);  // either sign; some 0 or subnormal
         pack_row(row);
       }
@@ -381,14 +389,25 @@ struct QMatrix {
     uint8_t* panel = bytes.get() + (row / kQRows) * panel_bytes;
     const int64_t rr = row % kQRows;
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* block = panel + b * (q4 ? kQ4BlockBytes : kQ8BlockBytes);
+      uint8_t* block = panel + b * q_block_bytes(bits);
       std::memcpy(block + 2 * rr, &d[row][size_t(b)], 2);
       for (int64_t c = 0; c < kQBlock; ++c) {
         const int8_t v = q[row][size_t(32 * b + c)];
-        if (q4) {
-          uint8_t& byte = block[kQScaleBytes + 64 * ((c % 16) / 4) + 4 * rr + (c % 4)];
-          const uint8_t u = uint8_t(v + 8);
-          byte = c < 16 ? uint8_t((byte & 0xF0) | u) : uint8_t((byte & 0x0F) | (u << 4));
+        if (bits != 8) {
+          // FORMAT.md: the low 4 bits of u = q + 2^(bits-1) as q4 stores its nibbles; for q6 / q5
+          // the rest at bits [hb v % 8, + hb) of the same byte of high line hb v / 8, v = 2 line + half.
+          const int64_t line = (c % 16) / 4, pos = 4 * rr + (c % 4);
+          uint8_t& byte = block[kQScaleBytes + 64 * line + pos];
+          const int u = v + (1 << (bits - 1));
+          const uint8_t lo = uint8_t(u & 15);
+          byte = c < 16 ? uint8_t((byte & 0xF0) | lo) : uint8_t((byte & 0x0F) | (lo << 4));
+          const int hb = bits - 4;
+          if (hb > 0) {
+            const int64_t bit = hb * (2 * line + c / 16);
+            uint8_t& h = block[kQScaleBytes + kQNibbleBytes + 64 * (bit / 8) + pos];
+            const int mask = ((1 << hb) - 1) << (bit % 8);
+            h = uint8_t((h & ~mask) | ((u >> 4) << (bit % 8)));
+          }
         } else {
           block[kQScaleBytes + 64 * (c / 4) + 4 * rr + (c % 4)] = uint8_t(v + 128);
         }
@@ -465,16 +484,16 @@ void qmatmul_case(Report& rep, const std::string& name, const KernelTable& v, co
 }
 
 void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
-  for (int dt : {int(DType::q8), int(DType::q4)}) {
+  for (int dt : {int(DType::q8), int(DType::q4), int(DType::q6), int(DType::q5)}) {
     if (!v.qmatmul[dt]) continue;
-    const bool q4 = dt == int(DType::q4);
+    const int bits = q_bits(dt);
     // Odd sizes: N not a multiple of 16 (a partial last panel), K not a multiple of 32
     // (padded blocks), T odd and even (token pairs), sub-ranges of panels.
     for (int64_t N : {1, 5, 16, 17, 40, 64})
       for (int64_t K : {1, 31, 32, 33, 64, 95, 160, 1000}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(q4, N, K, panels, r);
+        const QMatrix W(bits, N, K, panels, r);
         for (int64_t T : {1, 2, 3, 4, 5, 6, 7, 8, 9, 16}) {
           const QActsBuf a = quantized_acts(r, T, K);
           const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
@@ -491,7 +510,7 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       for (int64_t K : {32, 95, 160}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(q4, N, K, panels, r);
+        const QMatrix W(bits, N, K, panels, r);
         for (int64_t T : {1, 2}) {
           const QActsBuf a = quantized_acts(r, T, K);
           const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
@@ -507,7 +526,7 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       for (int64_t K : {32, 95, 1000}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(q4, N, K, panels, r);
+        const QMatrix W(bits, N, K, panels, r);
         for (int64_t T : {1, 2, 4, 7, 8, 9}) {
           const QActsBuf a = quantized_acts(r, T, K, true);
           qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, N,
@@ -516,7 +535,7 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       }
     for (const Shape& s : kOpenElmShapes) {
       const int64_t last = q_padded_n(s.N) / kQRows - 1;
-      const QMatrix W(q4, s.N, s.K, {0, last}, r);
+      const QMatrix W(bits, s.N, s.K, {0, last}, r);
       for (int64_t T : {1, 5}) {
         const QActsBuf a = quantized_acts(r, T, s.K);
         const std::string what = fmt("%s %s [%" PRId64 ", %" PRId64 "] T=%" PRId64, s.model, s.matrices, s.N, s.K, T);
@@ -590,14 +609,14 @@ void check_row_to_f32(Report& rep, const std::string& name, const KernelTable& v
     }
   }
   // Block-quantized: d * q exactly, against FORMAT.md.
-  for (int dt : {int(DType::q8), int(DType::q4)}) {
+  for (int dt : {int(DType::q8), int(DType::q4), int(DType::q6), int(DType::q5)}) {
     if (!v.row_to_f32[dt]) continue;
     const std::string key = name + " row_to_f32_" + kDtypeNames[dt] + " vs FORMAT.md";
     for (int64_t N : {1, 17, 37})
       for (int64_t K : {1, 31, 33, 100, 2048}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(dt == int(DType::q4), N, K, panels, r);
+        const QMatrix W(q_bits(dt), N, K, panels, r);
         for (int64_t row = 0; row < N; ++row) {
           std::vector<float> got(static_cast<size_t>(K) + 1, kSentinel), want(static_cast<size_t>(K) + 1, kSentinel);
           v.row_to_f32[dt](W.bytes.get(), N, K, row, got.data());

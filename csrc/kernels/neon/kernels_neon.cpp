@@ -234,16 +234,51 @@ struct QBlock {
   OELM_DOTPROD void q4(const uint8_t* wb, std::integer_sequence<int, G...>) {
     (q4_group<G>(wb), ...);
   }
+
+  // q6 / q5: q4's nibbles, plus HB = 2 / 1 high bits per weight in the lines after them: those of
+  // nibble vector v = 2 g + half at bits [HB v % 8, + HB) of the same byte of high line HB v / 8
+  // (FORMAT.md). u = q + (16 << (HB - 1)) is in [0, 63], valid int8 as it is (isum starts at
+  // -offset * s, as for q4).
+  template <int HB, int G>
+  OELM_DOTPROD void qhi_group(const uint8_t* wb) {
+    constexpr int b0 = HB * 2 * G, b1 = HB * (2 * G + 1);
+    const uint8x16_t m = vdupq_n_u8((1 << HB) - 1);
+    for (int j = 0; j < 4; ++j) {
+      const uint8x16_t u = vld1q_u8(wb + 64 * G + 16 * j);
+      const uint8x16_t h0 = vld1q_u8(wb + kQNibbleBytes + 64 * (b0 / 8) + 16 * j);
+      const uint8x16_t h1 = vld1q_u8(wb + kQNibbleBytes + 64 * (b1 / 8) + 16 * j);
+      const uint8x16_t u0 = vorrq_u8(vandq_u8(u, vdupq_n_u8(0x0F)),
+                                     vshlq_n_u8(vandq_u8(vshlq_u8(h0, vdupq_n_s8(-(b0 % 8))), m), 4));
+      const uint8x16_t u1 = vorrq_u8(vshrq_n_u8(u, 4),
+                                     vshlq_n_u8(vandq_u8(vshlq_u8(h1, vdupq_n_s8(-(b1 % 8))), m), 4));
+      const int8x16_t lo = vreinterpretq_s8_u8(u0), hi = vreinterpretq_s8_u8(u1);
+      for (int t = 0; t < TT; ++t) {
+        isum[t][j] = vdotq_laneq_s32(isum[t][j], lo, xq[t][0], G);
+        isum[t][j] = vdotq_laneq_s32(isum[t][j], hi, xq[t][1], G);
+      }
+    }
+  }
+  template <int HB, int... G>
+  OELM_DOTPROD void qhi(const uint8_t* wb, std::integer_sequence<int, G...>) {
+    (qhi_group<HB, G>(wb), ...);
+  }
 };
+
+// Bits per weight of the block types (8: q8, 6: q6, 5: q5, 4: q4): bytes of a block and the
+// offset u - q.
+constexpr int64_t q_block_bytes(int bits) {
+  return bits == 8 ? kQ8BlockBytes : bits == 6 ? kQ6BlockBytes : bits == 5 ? kQ5BlockBytes : kQ4BlockBytes;
+}
+constexpr int32_t q_offset(int bits) { return bits == 8 ? 0 : 1 << (bits - 1); }  // q8: u ^ 0x80 is q
 
 // One panel (16 rows) for TT tokens starting at token t0: out[t][r] for r < 16. Per block b
 // (ascending), the exact integer sum, then acc = fma(float(isum) * x.d, w.d, acc): the same
 // operations in the same order as the contract, so results equal the reference bit for bit.
 // TT <= 2 keeps isum, acc, activations and weights within the 32 vector registers.
-template <bool Q4, int TT>
+template <int Bits, int TT>
 OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float out[][16]) {
   const int64_t Kp = x.Kp, nb = Kp / kQBlock;
-  const int64_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;  // 16 binary16 scales, then weights
+  const int64_t block_bytes = q_block_bytes(Bits);  // 16 binary16 scales, then weights
   float32x4_t acc[TT][4];
   for (int t = 0; t < TT; ++t)
     for (int j = 0; j < 4; ++j) acc[t][j] = vdupq_n_f32(0.0f);
@@ -253,15 +288,17 @@ OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float
       const int8_t* xb = x.q + (t0 + t) * Kp + b * kQBlock;
       q.xq[t][0] = vld1q_s8(xb);
       q.xq[t][1] = vld1q_s8(xb + 16);
-      const int32x4_t init = vdupq_n_s32(Q4 ? -8 * x.s[(t0 + t) * nb + b] : 0);
+      const int32x4_t init = vdupq_n_s32(-q_offset(Bits) * x.s[(t0 + t) * nb + b]);
       for (int j = 0; j < 4; ++j) q.isum[t][j] = init;
     }
     const uint16_t* wd = reinterpret_cast<const uint16_t*>(panel + b * block_bytes);
     const uint8_t* wb = panel + b * block_bytes + kQScaleBytes;
-    if constexpr (Q4)
+    if constexpr (Bits == 4)
       q.q4(wb, std::make_integer_sequence<int, 4>{});
-    else
+    else if constexpr (Bits == 8)
       q.q8(wb, std::make_integer_sequence<int, 8>{});
+    else
+      q.template qhi<Bits - 4>(wb, std::make_integer_sequence<int, 4>{});
     const float16x8_t d01 = vreinterpretq_f16_u16(vld1q_u16(wd));
     const float16x8_t d23 = vreinterpretq_f16_u16(vld1q_u16(wd + 8));
     const float32x4_t d[4] = {vcvt_f32_f16(vget_low_f16(d01)), vcvt_high_f32_f16(d01),
@@ -278,10 +315,10 @@ OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float
 
 // Panels [n0/16, ceil(n1/16)), tokens in pairs; rows >= n1 of the last panel are computed
 // (padding rows have scale 0) but not stored.
-template <bool Q4>
+template <int Bits>
 void qmatmul_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
-  const int64_t panel_bytes = x.Kp / kQBlock * (Q4 ? kQ4BlockBytes : kQ8BlockBytes);
+  const int64_t panel_bytes = x.Kp / kQBlock * q_block_bytes(Bits);
   const uint8_t* base = static_cast<const uint8_t*>(W);
   float out[2][16];
   for (int64_t p0 = n0; p0 < n1; p0 += kQRows) {
@@ -290,9 +327,9 @@ void qmatmul_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n
     for (int64_t t = 0; t < T; t += 2) {
       const int tt = T - t >= 2 ? 2 : 1;
       if (tt == 2)
-        qpanel<Q4, 2>(x, t, panel, out);
+        qpanel<Bits, 2>(x, t, panel, out);
       else
-        qpanel<Q4, 1>(x, t, panel, out);
+        qpanel<Bits, 1>(x, t, panel, out);
       for (int i = 0; i < tt; ++i) std::memcpy(y + (t + i) * ldy + p0, out[i], size_t(rows) * sizeof(float));
     }
   }
@@ -300,11 +337,19 @@ void qmatmul_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n
 
 void qmatmul_q8_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                      int64_t ldy) {
-  qmatmul_neon<false>(x, T, W, N, n0, n1, y, ldy);
+  qmatmul_neon<8>(x, T, W, N, n0, n1, y, ldy);
 }
 void qmatmul_q4_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                      int64_t ldy) {
-  qmatmul_neon<true>(x, T, W, N, n0, n1, y, ldy);
+  qmatmul_neon<4>(x, T, W, N, n0, n1, y, ldy);
+}
+void qmatmul_q6_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy) {
+  qmatmul_neon<6>(x, T, W, N, n0, n1, y, ldy);
+}
+void qmatmul_q5_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy) {
+  qmatmul_neon<5>(x, T, W, N, n0, n1, y, ldy);
 }
 
 // d = amax / 127, q = nearbyint(x * (127 / amax)): the same two f32 roundings as the
@@ -367,22 +412,30 @@ void row_16bit_neon(const void* W, int64_t, int64_t K, int64_t row, float* out) 
 
 // Row `row` of a block-quantized matrix: d * q per column (exact in f32: an 11-bit scale
 // times an integer of at most 8 bits). Gathers the row's 4-byte groups out of the panel.
-template <bool Q4>
+template <int Bits>
 void row_q_neon(const void* W, int64_t, int64_t K, int64_t row, float* out) {
   const int64_t Kp = q_padded_k(K), nb = Kp / kQBlock;
-  const int64_t block_bytes = Q4 ? kQ4BlockBytes : kQ8BlockBytes;
+  const int64_t block_bytes = q_block_bytes(Bits);
   const uint8_t* panel = static_cast<const uint8_t*>(W) + (row / kQRows) * nb * block_bytes;
   const int64_t r = row % kQRows;
   for (int64_t b = 0; b < nb; ++b) {
     const uint16_t* wd = reinterpret_cast<const uint16_t*>(panel + b * block_bytes);
     const uint8_t* wq = panel + b * block_bytes + kQScaleBytes;
     int8_t qv[kQBlock];
-    if (Q4) {
+    if (Bits != 8) {
+      const int hb = Bits - 4;
       for (int g = 0; g < 4; ++g)
         for (int c = 0; c < 4; ++c) {
-          const uint8_t u = wq[64 * g + 4 * r + c];
-          qv[4 * g + c] = int8_t((u & 0x0F) - 8);
-          qv[16 + 4 * g + c] = int8_t((u >> 4) - 8);
+          const int64_t byte = 4 * r + c;
+          const uint8_t u = wq[64 * g + byte];
+          int lo = u & 0x0F, hi = u >> 4;
+          if (hb > 0) {  // q6 / q5: the high bits of vectors 2 g and 2 g + 1 (FORMAT.md)
+            const int b0 = hb * 2 * g, b1 = hb * (2 * g + 1);
+            lo |= ((wq[kQNibbleBytes + 64 * (b0 / 8) + byte] >> (b0 % 8)) & ((1 << hb) - 1)) << 4;
+            hi |= ((wq[kQNibbleBytes + 64 * (b1 / 8) + byte] >> (b1 % 8)) & ((1 << hb) - 1)) << 4;
+          }
+          qv[4 * g + c] = int8_t(lo - q_offset(Bits));
+          qv[16 + 4 * g + c] = int8_t(hi - q_offset(Bits));
         }
     } else {
       for (int g = 0; g < 8; ++g)
@@ -659,9 +712,9 @@ const KernelTable& neon_kernels() {
       "neon",
       {matmul_f32_neon, matmul_f16_neon, matmul_bf16_neon, nullptr, nullptr, nullptr},
       {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},  // no bf16 dot products (BFDOT) yet
-      {nullptr, nullptr, nullptr, nullptr, qmatmul_q8_neon, qmatmul_q4_neon},
-      {row_f32_neon, row_16bit_neon<W_f16>, row_16bit_neon<W_bf16>, nullptr, row_q_neon<false>,
-       row_q_neon<true>},
+      {nullptr, nullptr, nullptr, nullptr, qmatmul_q8_neon, qmatmul_q4_neon, qmatmul_q6_neon, qmatmul_q5_neon},
+      {row_f32_neon, row_16bit_neon<W_f16>, row_16bit_neon<W_bf16>, nullptr, row_q_neon<8>, row_q_neon<4>,
+       row_q_neon<6>, row_q_neon<5>},
       quantize_row_neon,
       rmsnorm_neon,
       rope_neon,

@@ -1,4 +1,4 @@
-// Reference kernels for the block-quantized weight types q8_b32r16i and q4_b32r16i
+// Reference kernels for the block-quantized weight types q8_b32r16i, q6_b32r16i, q5_b32r16i and q4_b32r16i
 // (layout: docs/FORMAT.md; contract: kernels.h): activation quantization, the integer
 // matmul, and row decoding. Plain loops that read one weight at a time through the
 // layout formulas, no intrinsics: the truth the SIMD variants are tested against.
@@ -39,6 +39,21 @@ int32_t q4_at(const uint8_t* panel, int64_t r, int64_t k) {
   const int64_t b = k / kQBlock, c = k % kQBlock;
   const uint8_t byte = panel[kQ4BlockBytes * b + kQScaleBytes + 64 * ((c % 16) / 4) + 4 * r + c % 4];
   return int32_t(c < 16 ? byte & 0x0F : byte >> 4) - 8;
+}
+
+// q6 / q5 (HB = 2 / 1 high bits): the low 4 bits of u where q4 keeps its nibble; vector
+// v = 2 ((c % 16) / 4) + c / 16 (the 64-byte nibble line, low or high nibbles) has its high bits
+// at bits [HB v % 8, + HB) of byte 4 r + c % 4 of high line HB v / 8; u = q + 16 << (HB - 1).
+template <int HB>
+int32_t qhi_at(const uint8_t* panel, int64_t r, int64_t k) {
+  constexpr int64_t kBytes = HB == 2 ? kQ6BlockBytes : kQ5BlockBytes;
+  const int64_t b = k / kQBlock, c = k % kQBlock, line = (c % 16) / 4, byte = 4 * r + c % 4;
+  const uint8_t* blk = panel + kBytes * b + kQScaleBytes;
+  const uint8_t nib = blk[64 * line + byte];
+  const int32_t lo = c < 16 ? nib & 0x0F : nib >> 4;
+  const int64_t bit = HB * (2 * line + c / 16);
+  const int32_t hi = (blk[kQNibbleBytes + 64 * (bit / 8) + byte] >> (bit % 8)) & ((1 << HB) - 1);
+  return (lo | hi << 4) - (16 << (HB - 1));
 }
 
 template <int64_t BlockBytes, int32_t (*QAt)(const uint8_t*, int64_t, int64_t)>
@@ -109,6 +124,24 @@ void qmatmul_q8_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t
 void qmatmul_q4_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                     int64_t ldy) {
   qmatmul_ref<kQ4BlockBytes, q4_at>(x, T, W, N, n0, n1, y, ldy);
+}
+
+void qmatmul_q6_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy) {
+  qmatmul_ref<kQ6BlockBytes, qhi_at<2>>(x, T, W, N, n0, n1, y, ldy);
+}
+
+void qmatmul_q5_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy) {
+  qmatmul_ref<kQ5BlockBytes, qhi_at<1>>(x, T, W, N, n0, n1, y, ldy);
+}
+
+void row_to_f32_q6_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
+  row_to_f32_quant<kQ6BlockBytes, qhi_at<2>>(W, N, K, row, out);
+}
+
+void row_to_f32_q5_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
+  row_to_f32_quant<kQ5BlockBytes, qhi_at<1>>(W, N, K, row, out);
 }
 
 void row_to_f32_q8_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
