@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from . import quant
+from . import flash, quant
 from .checkpoint import CLASSIFIER, HFCheckpoint, ProgressBar
 from .hf_config import ExportError, ModelSpec, parse_config, tensor_layout
 from .safetensors_io import bf16_to_f32, f32_to_bf16
@@ -36,6 +36,7 @@ log = logging.getLogger("openelm_rt.export")
 # --- docs/FORMAT.md constants -------------------------------------------------------------------
 MAGIC = b"OELM-RT\0"
 FORMAT_VERSION = 1
+FLASH_FORMAT_VERSION = 2  # files in the flash layout (FORMAT.md); every other file stays 1
 NAMES_VERSION = 1
 HEADER_SIZE = 64
 ALIGNMENT = 4096  # the page size: tensors can be mapped and read with large aligned reads
@@ -303,9 +304,35 @@ def _drop_from_page_cache(fd: int) -> None:
             pass
 
 
+def _bundle_chunks(gu_hf: str, dn_hf: str, ckpt: HFCheckpoint, order: np.ndarray, bundle: int,
+                   wdtype: str, name: str):
+    """The bytes of blk.{i}.ffn_bundles (FORMAT.md, "Flash layout"): per bundle of neurons (in
+    `order`), their gate rows then up rows as one [2n, D] matrix, then their down columns as a
+    [D, n] matrix, each converted like any matrix and padded to 4096 bytes."""
+    st_gu, st_dn = ckpt.where[gu_hf], ckpt.where[dn_hf]
+    gu, dn = st_gu.get(gu_hf), st_dn.get(dn_hf)
+    F = dn.shape[1]
+
+    def encode(x, src, hf):
+        if wdtype in quant.QUANT_DTYPES:
+            out = _quantize(x, src, _Entry(name, wdtype, x.shape, hf_name=hf), 0)
+        else:
+            out = np.ascontiguousarray(_convert(x, src, wdtype, hf, 0)).reshape(-1).view(np.uint8)
+        pad = -out.nbytes % flash.BUNDLE_ALIGN
+        return [out, np.zeros(pad, np.uint8)] if pad else [out]
+
+    for first in range(0, F, bundle):
+        idx = np.asarray(order[first:first + bundle])
+        yield from encode(np.concatenate([gu[idx], gu[F + idx]]), st_gu.dtype(gu_hf), gu_hf)
+        yield from encode(np.ascontiguousarray(dn[:, idx]), st_dn.dtype(dn_hf), dn_hf)
+
+
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                       progress: bool | None = None, embedding_dtype: str | None = None,
-                      with_tokenizer: bool = True) -> Path:
+                      with_tokenizer: bool = True, flash_layout: bool = False,
+                      bundle_neurons: int = flash.DEFAULT_BUNDLE_NEURONS, calibration=None,
+                      calibration_tokens=None,
+                      calibration_max_tokens: int = flash.DEFAULT_CALIBRATION_TOKENS) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
@@ -320,6 +347,13 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     written; NaN/Inf and out-of-range values are found while converting, and then, as on any
     error or Ctrl-C, the temporary file is removed and out_path is left untouched. Notes
     (skipped tensors, dtype choice) go to the "openelm_rt.export" logger at INFO level.
+
+    flash_layout=True writes the flash layout (FORMAT.md, flash.py; format_version 2): the FFN
+    neurons of each layer hottest-first in bundles of bundle_neurons, hotness measured by first
+    exporting the ordinary layout to a temporary file beside out_path and running calibration
+    text through it: `calibration` (a UTF-8 text file; default the shipped corpus), its first
+    calibration_max_tokens tokens, or `calibration_tokens` (token ids, for files without a
+    tokenizer).
     """
     src, out = Path(src_dir), Path(out_path)
     if not src.is_dir():
@@ -351,6 +385,31 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     else:
         tok = None
 
+    order = None
+    if flash_layout:
+        flash.check_bundle_neurons(bundle_neurons)
+        if calibration is not None and calibration_tokens is not None:
+            raise ExportError("give calibration (a text file) or calibration_tokens, not both")
+        plain = out.parent / f".{out.name}.calibration-{os.getpid()}.oelm"
+        try:
+            export_checkpoint(src, plain, dtype=dtype, tokenizer=tokenizer, progress=progress,
+                              embedding_dtype=embedding_dtype, with_tokenizer=with_tokenizer)
+            if calibration_tokens is None:
+                from . import _core
+                calibration_tokens = flash.calibration_tokens(
+                    _core.Model(str(plain), False), calibration, calibration_max_tokens)
+                source = str(calibration or "openelm_rt/data/corpus.txt")
+            else:
+                calibration_tokens = [int(t) for t in calibration_tokens]
+                if not calibration_tokens or min(calibration_tokens) < 0 or max(calibration_tokens) >= spec.vocab_size:
+                    raise ExportError(f"calibration_tokens must be a non-empty list of token ids in "
+                                      f"[0, {spec.vocab_size})")
+                source = "token ids"
+            order, seen = flash.neuron_order(plain, calibration_tokens)
+        finally:
+            plain.unlink(missing_ok=True)
+        log.info("flash layout: neurons ranked on %d calibration tokens (%s)", seen, source)
+
     ckpt = HFCheckpoint(src)
     try:
         layout = _check_tensors(ckpt, spec, cfg)
@@ -363,7 +422,19 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             return edtype if t.oelm_name in ("token_embd", "output") else wdtype
 
         entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))] if tok is not None else []
-        entries += [_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name) for t in layout]
+        bundle_src = {}  # flash layout: ffn_bundles entry name -> (gate_up hf name, down hf name, layer)
+        for t in layout:
+            if order is not None and t.oelm_name.endswith(".ffn_down"):
+                continue  # in the bundles, written with ffn_gate_up
+            if order is not None and t.oelm_name.endswith(".ffn_gate_up"):
+                layer = int(t.oelm_name.split(".")[1])
+                name = f"blk.{layer}.ffn_bundles"
+                dn = next(u.hf_name for u in layout if u.oelm_name == f"blk.{layer}.ffn_down")
+                bundle_src[name] = (t.hf_name, dn, layer)
+                nbytes = flash.bundles_nbytes(wdtype, spec.d_model, spec.ffn_dim[layer], bundle_neurons)
+                entries.append(_Entry(name, "u8", (nbytes,)))
+                continue
+            entries.append(_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name))
         offset = 0
         for e in entries:
             e.offset = _align(offset)
@@ -381,6 +452,10 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             "source": {"hf_config": cfg},
             "tensors": [e.to_json() for e in entries],
         }
+        if order is not None:
+            meta["flash_layout"] = {"version": flash.VERSION, "bundle_neurons": bundle_neurons,
+                                    "calibration": {"source": source, "tokens": seen},
+                                    "perm": [[int(j) for j in o] for o in order]}
         # The CRCs are only known after the data is written, so reserve room for the metadata
         # with every crc32 at its widest (10 digits), write the data, then the real metadata
         # (never longer) at offset 64; the rest of the reserved room stays zero padding.
@@ -401,13 +476,19 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 try:
                     for e in entries:
                         f.seek(data_offset + e.offset)  # skipped bytes read back as zeros
-                        e.crc32 = _write_tensor(f, e, _chunks(e, ckpt, tok), bar)
+                        if e.name in bundle_src:
+                            gu, dn, layer = bundle_src[e.name]
+                            chunks = _bundle_chunks(gu, dn, ckpt, order[layer], bundle_neurons, wdtype, e.name)
+                        else:
+                            chunks = _chunks(e, ckpt, tok)
+                        e.crc32 = _write_tensor(f, e, chunks, bar)
                 finally:
                     bar.close()
                 meta["tensors"] = [e.to_json() for e in entries]
                 blob = _metadata_bytes(meta)
                 assert HEADER_SIZE + len(blob) <= data_offset, "metadata outgrew its reserved room"
-                header = _HEADER.pack(MAGIC, FORMAT_VERSION, NAMES_VERSION, HEADER_SIZE, len(blob),
+                header = _HEADER.pack(MAGIC, FLASH_FORMAT_VERSION if order is not None else FORMAT_VERSION,
+                                      NAMES_VERSION, HEADER_SIZE, len(blob),
                                       data_offset, data_size, ALIGNMENT, zlib.crc32(blob),
                                       file_size)
                 f.seek(0)
@@ -502,6 +583,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokenizer", action="store_true",
                    help="store no tokenizer: the model then takes and returns token ids only "
                         "(for a model whose vocabulary is not a SentencePiece model)")
+    p.add_argument("--flash-layout", action="store_true",
+                   help="store each layer's FFN neurons hottest-first in bundles (gate row, up row "
+                        "and down column together) for running under a memory budget: the "
+                        "neurons that do not fit are then one sequential read per layer. Hotness "
+                        "is measured on calibration text (format_version 2; README, \"Running "
+                        "with less memory than the model\")")
+    p.add_argument("--bundle-neurons", type=int, default=flash.DEFAULT_BUNDLE_NEURONS, metavar="N",
+                   help="neurons per bundle with --flash-layout, a multiple of 32 (default: %(default)s)")
+    p.add_argument("--calibration", metavar="TEXT",
+                   help="UTF-8 text to rank neurons on with --flash-layout (default: the corpus "
+                        "shipped in openelm_rt/data/corpus.txt)")
+    p.add_argument("--calibration-tokens", type=int, default=flash.DEFAULT_CALIBRATION_TOKENS,
+                   metavar="N", help="calibration tokens to use (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_writer_version()} "
                    f"(writes .oelm format_version {FORMAT_VERSION}, names_version {NAMES_VERSION})")
@@ -524,7 +618,10 @@ def main(argv=None) -> int:
         out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                                 progress=False if args.no_progress else None,
                                 embedding_dtype=args.embedding_dtype,
-                                with_tokenizer=not args.no_tokenizer)
+                                with_tokenizer=not args.no_tokenizer,
+                                flash_layout=args.flash_layout, bundle_neurons=args.bundle_neurons,
+                                calibration=args.calibration,
+                                calibration_max_tokens=args.calibration_tokens)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
             ed = f.metadata["embedding_dtype"]
