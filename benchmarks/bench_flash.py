@@ -17,6 +17,11 @@ percentage of the model file; it covers weights, KV cache, activations and read 
             in the container), so the cap is emulated this way.
   exact     ours: O_DIRECT pread of 1 MiB chunks from 4 I/O threads into two buffers, the next
             layer read while this one computes
+  flash     exact, on the flash-layout export of the same checkpoint (--flash-layout; neurons in
+            bundles of --bundle-neurons, ranked on --calibration-tokens pseudo-random token ids:
+            the weights are random, so the order carries no information, and the exact mode does
+            not depend on it): partial layers stay resident, each layer's cold tail is one read
+  flash_resident  no budget, on the flash-layout file (the cost of computing bundle by bundle)
 
 Each run is its own process: the model file's pages are dropped from the page cache first
 (posix_fadvise DONTNEED, no privilege needed), a --prompt-token prompt is evaluated (time to
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("resident", "naive", "mmap", "exact")
+MODES = ("resident", "flash_resident", "naive", "mmap", "exact", "flash")
 
 
 def log(msg):
@@ -56,6 +61,22 @@ def ensure_model(preset, dtype, cache):
         checkpoint.write_random_checkpoint(ckpt, hf_config.make_config(preset), dtype="bf16", seed=0)
     log(f"exporting {path}")
     export.export_checkpoint(ckpt, path, dtype=dtype, with_tokenizer=False)
+    return path
+
+
+def ensure_flash_model(preset, dtype, cache, bundle, calib_tokens):
+    import numpy as np
+    from openelm_rt import export
+    plain = ensure_model(preset, dtype, cache)
+    path = plain[:-len(".oelm")] + f"-flash{bundle}.oelm"
+    if os.path.exists(path):
+        return path
+    ckpt = os.path.join(cache, f"ckpt-{preset}")
+    vocab = json.load(open(os.path.join(ckpt, "config.json")))["vocab_size"]
+    ids = np.random.default_rng(1).integers(3, vocab, size=calib_tokens).tolist()
+    log(f"exporting {path} (flash layout, bundles of {bundle})")
+    export.export_checkpoint(ckpt, path, dtype=dtype, with_tokenizer=False, flash_layout=True,
+                             bundle_neurons=bundle, flash_calibration_ids=ids)
     return path
 
 
@@ -111,7 +132,8 @@ def worker(a):
     from openelm_rt import _core
     drop_cache(a.path)
     base_rss = status("VmRSS:")
-    budget = 0 if a.mode == "resident" else int(os.path.getsize(a.path) * a.budget / 100)
+    # The budget is a share of the ordinary file (--size), the same bytes for every mode.
+    budget = 0 if a.mode.endswith("resident") else int(a.size * a.budget / 100)
     io = {"naive": "buffered", "mmap": "mmap", "exact": "direct"}.get(a.mode, "direct")
     model = _core.Model(a.path, False)
     be = _core.Backend("cpu", a.threads, "", False)
@@ -189,12 +211,15 @@ def main():
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "openelm_rt", "flash"))
+    p.add_argument("--bundle-neurons", type=int, default=256, help="flash layout: neurons per bundle")
+    p.add_argument("--calibration-tokens", type=int, default=256, help="flash layout: calibration tokens")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--prepare", action="store_true", help="only build the model files")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -202,6 +227,8 @@ def main():
     for preset in a.models:
         for dtype in a.dtypes:
             path = ensure_model(preset, dtype, a.cache)
+            flash_path = (ensure_flash_model(preset, dtype, a.cache, a.bundle_neurons, a.calibration_tokens)
+                          if {"flash", "flash_resident"} & set(a.modes) else None)
             if a.prepare:
                 continue
             size = os.path.getsize(path)
@@ -211,11 +238,12 @@ def main():
             runs = []
             for budget in a.budgets:
                 for mode in a.modes:
-                    if mode == "resident" and budget != a.budgets[0]:
+                    if mode.endswith("resident") and budget != a.budgets[0]:
                         continue
-                    cmd = [sys.executable, __file__, "--worker", "--path", path, "--mode", mode, "--budget",
-                           str(budget), "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads",
-                           str(a.threads)]
+                    cmd = [sys.executable, __file__, "--worker", "--path",
+                           flash_path if mode.startswith("flash") else path, "--mode", mode, "--budget",
+                           str(budget), "--size", str(size), "--tokens", str(a.tokens), "--prompt", str(a.prompt),
+                           "--threads", str(a.threads)]
                     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
                     if r.returncode != 0:
                         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{r.stderr}")

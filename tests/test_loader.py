@@ -139,8 +139,8 @@ def test_bad_magic(ort, valid, tmp_path):
 
 
 def test_format_version_newer(ort, valid, tmp_path):
-    p = OelmImage(valid).write(tmp_path / "fv.oelm", format_version=2)
-    msg = _expect_format_error(ort, p, "format.?version|version", r"\b2\b", r"\b1\b")
+    p = OelmImage(valid).write(tmp_path / "fv.oelm", format_version=3)
+    msg = _expect_format_error(ort, p, "format.?version|version", r"\b3\b", r"\b2\b")
     assert re.search("upgrade|re-?export|newer", msg, re.I), msg
 
 

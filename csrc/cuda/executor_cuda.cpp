@@ -175,6 +175,9 @@ CudaExecutor::CudaExecutor(std::shared_ptr<const Model> model, std::shared_ptr<B
       max_tokens_(max_step_tokens) {
   const ModelConfig& c = model_->config();
   check_executor_limits(kv, max_context, max_step_tokens);
+  if (model_->flash())
+    throw InvalidArgument("this file is in the flash layout (openelm-rt-export --flash-layout), which runs on the cpu "
+                          "backend only; re-export it without --flash-layout for the cuda backend");
   std::string why;
   if (!cuda_available(&why)) throw InvalidArgument(why);
   for (DType t : {c.weights_dtype, c.embedding_dtype})

@@ -132,6 +132,17 @@ void Runtime::check_seq(int32_t id, const char* what) const {
                           " is not a live sequence (never created, or already freed)");
 }
 
+void Runtime::set_ffn_probe(bool on) {
+  if (!on) {
+    exec_->set_ffn_probe(nullptr);
+    probe_.reset();
+    return;
+  }
+  auto p = std::make_unique<FfnProbe>();
+  exec_->set_ffn_probe(p.get());
+  probe_ = std::move(p);
+}
+
 int32_t Runtime::seq_new() {
   int32_t id;
   if (!free_ids_.empty()) {

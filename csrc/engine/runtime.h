@@ -71,6 +71,9 @@ class Runtime {
   // nothing streams).
   const MemoryPlan* memory_plan() const { return plan_ ? &*plan_ : nullptr; }
   const WeightStreamer* streamer() const { return stream_.get(); }
+  // FFN activation statistics of later steps (executor.h, FfnProbe); false stops and frees them.
+  void set_ffn_probe(bool on);
+  const FfnProbe* ffn_probe() const { return probe_.get(); }
 
   // ---- sequences: small integer handles, reused after seq_free ----
   int32_t seq_new();
@@ -143,6 +146,7 @@ class Runtime {
   std::shared_ptr<Backend> backend_;
   std::optional<MemoryPlan> plan_;
   std::shared_ptr<WeightStreamer> stream_;
+  std::unique_ptr<FfnProbe> probe_;
   std::unique_ptr<Executor> exec_;
   std::unique_ptr<KvCache> kv_;
   PrefixCache prefix_;

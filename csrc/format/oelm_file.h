@@ -48,7 +48,7 @@ struct TensorView {
 };
 
 // The versions this reader understands (see FORMAT.md, "Versioning").
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;  // 2: the flash layout (FORMAT.md); 1 still read
 constexpr uint32_t kNamesVersion = 1;
 
 class OelmFile {

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/error.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
 
@@ -47,6 +48,14 @@ struct KvGeometry {
   KvType type = KvType::f32;
 };
 
+// FFN activation statistics (the flash layout's calibration, python/openelm_rt/flash.py): per
+// layer and neuron, in the file's order, the number of tokens on which |act| (the SwiGLU output)
+// exceeded that token's mean |act| over the layer, and the sum of |act|.
+struct FfnProbe {
+  std::vector<std::vector<double>> active, magnitude;
+  int64_t tokens = 0;  // rows recorded (each layer sees every row)
+};
+
 class Executor {
  public:
   virtual ~Executor() = default;
@@ -65,6 +74,12 @@ class Executor {
   virtual int64_t max_step_tokens() const = 0;
   virtual int64_t max_context() const = 0;
   virtual const KvGeometry& kv_geometry() const = 0;
+
+  // Records FFN activations of every later step into *probe (sized here), until set to nullptr.
+  virtual void set_ffn_probe(FfnProbe* probe) {
+    if (probe)
+      throw InvalidArgument(std::string("the '") + name() + "' executor cannot record FFN activations; use the cpu backend");
+  }
 };
 
 // Throws InvalidArgument unless max_context, max_step_tokens and the KV geometry are in range

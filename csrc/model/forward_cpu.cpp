@@ -50,8 +50,10 @@ class CpuExecutor final : public Executor {
   int64_t max_step_tokens() const override { return max_tokens_; }
   int64_t max_context() const override { return max_ctx_; }
   const KvGeometry& kv_geometry() const override { return geo_; }
+  void set_ffn_probe(FfnProbe* probe) override;
 
  private:
+  void record_ffn(size_t li, int64_t T, int64_t F);
   // Layer li's keys (or values) of block id, kv head h: block_size x hd elements.
   uint8_t* kv_at(size_t li, bool value, int64_t id, int64_t h) const {
     const Layer& L = layers_[li];
@@ -75,6 +77,8 @@ class CpuExecutor final : public Executor {
   std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim/2]
   // Scratch for a step of up to max_tokens_ rows.
   std::vector<float> x_, h_, qkv_, attn_, ffn_, act_, tmp_;
+  std::vector<float> part_;  // flash layout: one bundle's share of the FFN output [T, D]
+  FfnProbe* probe_ = nullptr;
   std::vector<int64_t> pos_;  // position of each row
   std::vector<int32_t> seq_of_;  // step sequence index of each row
   struct AttnItem {
@@ -118,8 +122,42 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Bac
   attn_.resize(size_t(T * model_->max_q_dim()));
   ffn_.resize(size_t(T * 2 * model_->max_ffn_dim()));
   act_.resize(size_t(T * model_->max_ffn_dim()));
+  if (model_->flash()) part_.resize(size_t(T * c.d_model));
   pos_.resize(size_t(T));
   seq_of_.resize(size_t(T));
+}
+
+void CpuExecutor::set_ffn_probe(FfnProbe* probe) {
+  if (probe && model_->flash())
+    throw InvalidArgument("FFN activations are recorded on a file in the ordinary layout, not a flash-layout one");
+  if (probe) {
+    const ModelConfig& c = model_->config();
+    probe->active.assign(size_t(c.n_layer), {});
+    probe->magnitude.assign(size_t(c.n_layer), {});
+    for (int64_t i = 0; i < c.n_layer; ++i) {
+      probe->active[size_t(i)].assign(size_t(c.ffn_dim[size_t(i)]), 0.0);
+      probe->magnitude[size_t(i)].assign(size_t(c.ffn_dim[size_t(i)]), 0.0);
+    }
+    probe->tokens = 0;
+  }
+  probe_ = probe;
+}
+
+void CpuExecutor::record_ffn(size_t li, int64_t T, int64_t F) {
+  double* active = probe_->active[li].data();
+  double* mag = probe_->magnitude[li].data();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* a = act_.data() + t * F;
+    double mean = 0;
+    for (int64_t j = 0; j < F; ++j) mean += std::fabs(a[j]);
+    mean /= double(F);
+    for (int64_t j = 0; j < F; ++j) {
+      const double v = std::fabs(a[j]);
+      mag[j] += v;
+      active[j] += v > mean ? 1.0 : 0.0;
+    }
+  }
+  if (li == 0) probe_->tokens += T;
 }
 
 void CpuExecutor::copy_block(int32_t src, int32_t dst, int64_t rows) {
@@ -243,10 +281,26 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
 
     // --- feed-forward (SwiGLU) ---
     // Under a memory budget the matrices may be a streamed copy (same bytes, same kernels).
-    const WeightStreamer::Ffn ffn = stream_ ? stream_->acquire(li) : WeightStreamer::Ffn{L.gate_up, L.down};
+    const WeightStreamer::Ffn ffn =
+        stream_ ? stream_->acquire(li)
+                : WeightStreamer::Ffn{L.gate_up, L.down, L.bundles.empty() ? nullptr : L.bundles.data()};
     over_tokens([&](int64_t t) { K.rmsnorm(x + t * D, L.ffn_norm, D, eps, h + t * D); });
-    backend_->matmul_swiglu(h, T, *ffn.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
-    backend_->matmul(act_.data(), T, *ffn.down, tmp, D);  // [T, D]
+    if (!ffn.bundles) {
+      backend_->matmul_swiglu(h, T, *ffn.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
+      if (probe_) record_ffn(li, T, L.ffn_dim);
+      backend_->matmul(act_.data(), T, *ffn.down, tmp, D);  // [T, D]
+    } else {
+      // Flash layout: bundle by bundle in stored order, their shares of the output summed in
+      // that order; resident and streamed bundles are the same bytes, so the arithmetic is
+      // the same whatever the memory budget.
+      for (size_t b = 0; b < L.bundles.size(); ++b) {
+        const LayerWeights::Bundle& B = ffn.bundles[b];
+        backend_->matmul_swiglu(h, T, B.gate_up, ffn_.data(), act_.data());  // [T, 2n] -> [T, n]
+        backend_->matmul(act_.data(), T, B.down, b ? part_.data() : tmp, D);  // [T, D]
+        if (b)
+          for (int64_t i = 0; i < T * D; ++i) tmp[i] += part_[size_t(i)];
+      }
+    }
     if (stream_) stream_->release(li);
     for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
   }
@@ -304,7 +358,8 @@ int64_t cpu_scratch_bytes(const Model& m, int64_t max_context, int64_t max_step_
   const int64_t floats = T * (3 * c.d_model + m.max_qkv_dim() + m.max_q_dim() + 3 * m.max_ffn_dim()) +
                          max_context * c.head_dim;
   const int64_t quantized = T * (K + 32) + 2 * T * (K / 32 + 1) * 4 + T * K * 2;
-  return floats * 4 + quantized;
+  const int64_t flash = m.flash() ? T * c.d_model : 0;  // part_
+  return (floats + flash) * 4 + quantized;
 }
 
 std::unique_ptr<Executor> make_cpu_executor(std::shared_ptr<const Model> model, std::shared_ptr<Backend> backend,

@@ -128,6 +128,16 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
     m->tokenizer_ = &Tokenizer::stored_tensor(f);
     m->tokenizer_type_ = "sentencepiece";  // the only type stored_tensor accepts
   }
+  if (const json::Value* fl = f.metadata().find("flash_layout")) {
+    if (f.format_version() < 2)
+      bad(f, "metadata has \"flash_layout\" but the header says format_version " + std::to_string(f.format_version()) +
+                 " (flash-layout files are version 2); the file is damaged, re-export it");
+    try {
+      m->flash_ = parse_flash_layout(*fl, c.ffn_dim);
+    } catch (const FormatError& e) {
+      bad(f, e.what());
+    }
+  }
   m->bind_weights();
   if (!has_tok) return m;
   m->tok_ = Tokenizer::load(f);
@@ -184,8 +194,40 @@ void Model::bind_weights() {
     L.k_norm = c.qk_norm ? vec(p + "attn_k_norm", hd) : nullptr;
     L.attn_out = need(p + "attn_output", {D, L.n_head_q * hd}, wd);
     L.ffn_norm = vec(p + "ffn_norm", D);
-    L.gate_up = need(p + "ffn_gate_up", {2 * L.ffn_dim, D}, wd);
-    L.down = need(p + "ffn_down", {D, L.ffn_dim}, wd);
+    if (!flash_) {
+      L.gate_up = need(p + "ffn_gate_up", {2 * L.ffn_dim, D}, wd);
+      L.down = need(p + "ffn_down", {D, L.ffn_dim}, wd);
+    } else {
+      std::vector<FlashBundleGeometry> geo;
+      if (!flash_bundles(wd, D, L.ffn_dim, flash_->bundle_neurons, &geo))
+        bad(f, "layer " + std::to_string(i) + ": the flash bundles of ffn_dim " + std::to_string(L.ffn_dim) +
+                   " do not fit in 64 bits");
+      const uint64_t bytes = geo.back().offset + geo.back().bytes;
+      const TensorView* t = need(p + "ffn_bundles", {int64_t(bytes)}, DType::u8);
+      if (t->offset % kFlashBundleAlign != 0)
+        bad(f, "tensor '" + t->name + "' starts at file offset " + std::to_string(t->offset) +
+                   ", not a multiple of 4096 (flash bundles are read with direct I/O); re-export it");
+      L.bundles_tensor = t;
+      for (size_t b = 0; b < geo.size(); ++b) {
+        const FlashBundleGeometry& g = geo[b];
+        LayerWeights::Bundle B;
+        B.offset = t->offset + g.offset;
+        B.bytes = g.bytes;
+        B.gate_up.name = t->name + "[" + std::to_string(b) + "].gate_up";
+        B.gate_up.dtype = wd;
+        B.gate_up.shape = {2 * g.neurons, D};
+        B.gate_up.data = t->data + g.offset;
+        B.gate_up.offset = B.offset;
+        B.gate_up.size = g.gate_up_bytes;
+        B.down.name = t->name + "[" + std::to_string(b) + "].down";
+        B.down.dtype = wd;
+        B.down.shape = {D, g.neurons};
+        B.down.data = t->data + g.offset + g.down_offset;
+        B.down.offset = B.offset + g.down_offset;
+        B.down.size = g.down_bytes;
+        L.bundles.push_back(std::move(B));
+      }
+    }
     max_qkv_ = std::max(max_qkv_, (L.n_head_q + 2 * L.n_head_kv) * hd);
     max_q_ = std::max(max_q_, L.n_head_q * hd);
     max_ffn_ = std::max(max_ffn_, L.ffn_dim);

@@ -5,11 +5,13 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "format/oelm_file.h"
+#include "model/flash_layout.h"
 #include "model/backend.h"
 #include "tokenizer/tokenizer.h"
 
@@ -36,8 +38,18 @@ struct LayerWeights {
   const float* k_norm;         // [hd]; nullptr likewise
   const TensorView* attn_out;  // [D, nq hd]
   const float* ffn_norm;       // [D]
-  const TensorView* gate_up;   // [2F, D]
-  const TensorView* down;      // [D, F]
+  const TensorView* gate_up = nullptr;  // [2F, D]; nullptr in a flash-layout file
+  const TensorView* down = nullptr;     // [D, F]; nullptr in a flash-layout file
+  // Flash layout (flash_layout.h): the FFN as bundles of neurons, hottest first, each its own
+  // [2n, D] gate_up and [D, n] down matrix (views into blk.{i}.ffn_bundles); empty otherwise.
+  struct Bundle {
+    TensorView gate_up, down;
+    uint64_t offset = 0, bytes = 0;  // the bundle's bytes in the file
+  };
+  std::vector<Bundle> bundles;
+  const TensorView* bundles_tensor = nullptr;
+  // The FFN's bytes in the file: the two matrices, or the bundles tensor.
+  uint64_t ffn_bytes() const { return bundles_tensor ? bundles_tensor->size : gate_up->size + down->size; }
 };
 
 class Model {
@@ -62,6 +74,8 @@ class Model {
   int64_t max_qkv_dim() const { return max_qkv_; }
   int64_t max_q_dim() const { return max_q_; }
   int64_t max_ffn_dim() const { return max_ffn_; }
+  // The flash layout of the FFN weights, or nullptr for a file in the ordinary layout.
+  const FlashLayout* flash() const { return flash_ ? &*flash_ : nullptr; }
 
  private:
   Model() = default;
@@ -77,6 +91,7 @@ class Model {
   const float* output_norm_ = nullptr;
   std::string tokenizer_type_;
   int64_t max_qkv_ = 0, max_q_ = 0, max_ffn_ = 0;
+  std::optional<FlashLayout> flash_;
 };
 
 // Called between layers; returning true aborts the evaluation with oelm::Interrupted.

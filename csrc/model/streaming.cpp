@@ -78,9 +78,106 @@ std::string MemoryPlan::text() const {
          std::to_string(n_dn) + " down only)\n";
   else
     s += "  streamed: nothing (the whole model fits)\n";
+  int64_t nb = 0, nb_streamed = 0;
+  for (const Layer& l : layers) {
+    nb += l.n_bundles;
+    if (l.gate_up) nb_streamed += l.n_bundles - l.first_bundle;
+  }
+  if (nb > 0)
+    s += "  flash layout: " + std::to_string(nb_streamed) + " of " + std::to_string(nb) +
+         " neuron bundles stream (each layer's coldest, one sequential read per layer)\n";
   s += "  total " + mib_text(total()) + " of " + mib_text(budget) + "; minimum budget " + mib_text(minimum);
   return s;
 }
+
+namespace {
+
+[[noreturn]] void below_minimum(const MemoryPlan& p, int64_t minimum) {
+  throw InvalidArgument("memory_budget of " + mib_text(p.budget) + " is below the minimum of " + mib_text(minimum) +
+                        " for this model (" + mib_text(p.resident_fixed) + " always resident: embeddings, attention, "
+                        "norms; KV cache " + mib_text(p.kv_bytes) + "; activations and logits " + mib_text(p.scratch_bytes) +
+                        "; two read buffers for the largest streamed layer): raise memory_budget to at least " +
+                        mib_text(minimum) + ", or shrink the KV cache (kv_budget, max_context)");
+}
+
+// The flash layout: each layer streams a tail of its coldest bundles. Every streamed byte costs
+// the same read, so the plan streams as few bytes as the budget allows, spread over the layers
+// as evenly as their widths permit: the read buffers hold the largest tail twice, so a cap S on
+// any one layer's tail is also what the buffers cost. For each candidate cap (a tail size of
+// some layer), every layer streams its longest tail within S; the smallest cap that fits the
+// budget wins, and bundles beyond what it must stream go back to being resident.
+MemoryPlan plan_flash(const Model& m, MemoryPlan p, int64_t base, int64_t ffn_all) {
+  const std::vector<LayerWeights>& layers = m.layers();
+  const size_t n = layers.size();
+  std::vector<std::vector<int64_t>> tail(n);  // tail[i][k]: bytes of bundles [k, end) of layer i
+  std::vector<int64_t> caps;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& B = layers[i].bundles;
+    tail[i].assign(B.size() + 1, 0);
+    for (size_t k = B.size(); k-- > 0;) {
+      tail[i][k] = tail[i][k + 1] + int64_t(B[k].bytes);
+      caps.push_back(tail[i][k]);
+    }
+  }
+  std::sort(caps.begin(), caps.end());
+  caps.erase(std::unique(caps.begin(), caps.end()), caps.end());
+  p.layers.assign(n, MemoryPlan::Layer{});
+  for (size_t i = 0; i < n; ++i) p.layers[i].first_bundle = p.layers[i].n_bundles = int64_t(layers[i].bundles.size());
+  int64_t minimum = base + ffn_all;
+  {
+    bool found = base + ffn_all <= p.budget;  // everything fits: nothing streams
+    std::vector<int64_t> first(n);
+    for (const int64_t cap : caps) {
+      int64_t streamed = 0, slot = 0;
+      for (size_t i = 0; i < n; ++i) {
+        size_t k = 0;
+        while (tail[i][k] > cap) ++k;
+        first[i] = int64_t(k);
+        streamed += tail[i][k];
+        slot = std::max(slot, tail[i][k]);
+      }
+      const int64_t need = base + ffn_all - streamed + 2 * slot;
+      minimum = std::min(minimum, need);
+      if (found || need > p.budget) continue;
+      found = true;
+      // Stream no more than the budget requires: bundles go back to residency, the layers with
+      // the longest tails first, while what still streams covers the shortfall.
+      const int64_t must = base + ffn_all + 2 * slot - p.budget;
+      for (bool moved = true; moved;) {
+        moved = false;
+        std::vector<size_t> order(n);
+        for (size_t i = 0; i < n; ++i) order[i] = i;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](size_t a, size_t b) { return tail[a][size_t(first[a])] > tail[b][size_t(first[b])]; });
+        for (size_t i : order) {
+          const size_t k = size_t(first[i]);
+          if (k >= layers[i].bundles.size()) continue;
+          const int64_t b = int64_t(layers[i].bundles[k].bytes);
+          if (streamed - b >= must) {
+            streamed -= b;
+            ++first[i];
+            moved = true;
+          }
+        }
+      }
+      int64_t io = 0;
+      for (size_t i = 0; i < n; ++i) {
+        MemoryPlan::Layer& l = p.layers[i];
+        l.first_bundle = first[i];
+        l.gate_up = l.down = first[i] < l.n_bundles;
+        io = std::max(io, tail[i][size_t(first[i])]);
+      }
+      p.streamed_bytes = streamed;
+      p.io_bytes = streamed ? 2 * io : 0;
+    }
+    if (!found) below_minimum(p, minimum);
+  }
+  p.minimum = minimum;
+  p.resident_ffn = ffn_all - p.streamed_bytes;
+  return p;
+}
+
+}  // namespace
 
 MemoryPlan plan_memory(const Model& m, int64_t budget, int64_t kv_bytes, int64_t scratch_bytes) {
   const std::vector<LayerWeights>& layers = m.layers();
@@ -91,9 +188,10 @@ MemoryPlan plan_memory(const Model& m, int64_t budget, int64_t kv_bytes, int64_t
   p.scratch_bytes = scratch_bytes;
   p.model_bytes = int64_t(m.file().file_size());
   int64_t ffn_all = 0;
-  for (const LayerWeights& L : layers) ffn_all += int64_t(L.gate_up->size + L.down->size);
+  for (const LayerWeights& L : layers) ffn_all += int64_t(L.ffn_bytes());
   p.resident_fixed = p.model_bytes - ffn_all;
   const int64_t base = p.resident_fixed + kv_bytes + scratch_bytes;
+  if (m.flash()) return plan_flash(m, p, base, ffn_all);
   // The cost of a state: memory it needs and bytes it reads per step.
   auto evaluate = [&](const std::vector<MemoryPlan::Layer>& st, int64_t* need, int64_t* streamed, int64_t* io) {
     int64_t res = 0, str = 0;
@@ -147,12 +245,7 @@ MemoryPlan plan_memory(const Model& m, int64_t budget, int64_t kv_bytes, int64_t
     }
   }
   p.minimum = minimum;
-  if (best_streamed < 0)
-    throw InvalidArgument("memory_budget of " + mib_text(budget) + " is below the minimum of " + mib_text(minimum) +
-                          " for this model (" + mib_text(p.resident_fixed) + " always resident: embeddings, attention, "
-                          "norms; KV cache " + mib_text(kv_bytes) + "; activations and logits " + mib_text(scratch_bytes) +
-                          "; two read buffers for the largest streamed layer): raise memory_budget to at least " +
-                          mib_text(minimum) + ", or shrink the KV cache (kv_budget, max_context)");
+  if (best_streamed < 0) below_minimum(p, minimum);
   p.layers = best;
   p.streamed_bytes = best_streamed;
   p.io_bytes = best_io;
@@ -282,6 +375,20 @@ WeightStreamer::WeightStreamer(std::shared_ptr<const Model> model, const MemoryP
     const LayerWeights& L = layers[i];
     Item it;
     it.layer = i;
+    if (!L.bundles.empty()) {  // flash layout: one sequential read of the layer's cold tail
+      const size_t k = size_t(pl.first_bundle);
+      if (k >= L.bundles.size()) throw InvalidArgument("the memory plan is for another model");
+      const uint64_t begin = L.bundles[k].offset, end = L.bundles.back().offset + L.bundles.back().bytes;
+      it.flash = true;
+      it.stream_gate_up = it.stream_down = true;
+      it.groups = coalesce({{begin, end - begin}}, kMaxGap);
+      slot_bytes_ = std::max(slot_bytes_, it.groups[0].length);
+      it.mapped.push_back({L.bundles[k].gate_up.data, end - begin});
+      it.bundles[0] = it.bundles[1] = L.bundles;
+      item_of_layer_[i] = int(items_.size());
+      items_.push_back(std::move(it));
+      continue;
+    }
     it.stream_gate_up = pl.gate_up;
     it.stream_down = pl.down;
     std::vector<std::pair<uint64_t, uint64_t>> r;
@@ -312,9 +419,19 @@ WeightStreamer::WeightStreamer(std::shared_ptr<const Model> model, const MemoryP
     if (p == MAP_FAILED) throw std::bad_alloc();
     buf_[b] = static_cast<uint8_t*>(p);
   }
-  // Views of each streamed matrix inside either buffer.
+  // Views of each streamed matrix (or bundle) inside either buffer.
   for (Item& it : items_) {
     const LayerWeights& L = layers[it.layer];
+    if (it.flash) {
+      const IoGroup& g = it.groups[0];
+      for (int b = 0; b < 2; ++b)
+        for (size_t k = size_t(plan_.layers[it.layer].first_bundle); k < L.bundles.size(); ++k) {
+          LayerWeights::Bundle& B = it.bundles[b][k];
+          B.gate_up.data = buf_[b] + g.buffer_offset + (B.gate_up.offset - g.offset);
+          B.down.data = buf_[b] + g.buffer_offset + (B.down.offset - g.offset);
+        }
+      continue;
+    }
     for (int b = 0; b < 2; ++b) {
       auto place = [&](const TensorView& t, TensorView* out) {
         *out = t;
@@ -332,10 +449,18 @@ WeightStreamer::WeightStreamer(std::shared_ptr<const Model> model, const MemoryP
   // the streamed matrices' pages split off into mappings of their own (DONTDUMP) and dropped
   // (verify may have read them).
   no_huge_pages(*model_);
-  std::vector<std::pair<uint64_t, uint64_t>> streamed;
+  // Per tensor that streams (whole, or a flash tail): how many of its first bytes stay resident.
+  std::vector<std::pair<const uint8_t*, uint64_t>> resident_prefix;
+  for (const Item& it : items_) {
+    const LayerWeights& L = layers[it.layer];
+    if (it.flash)
+      resident_prefix.push_back({L.bundles_tensor->data, uint64_t(it.mapped[0].first - L.bundles_tensor->data)});
+    else
+      for (const TensorView* t : {it.stream_gate_up ? L.gate_up : nullptr, it.stream_down ? L.down : nullptr})
+        if (t) resident_prefix.push_back({t->data, 0});
+  }
   for (const Item& it : items_)
     for (const auto& m : it.mapped) {
-      streamed.push_back({uint64_t(reinterpret_cast<uintptr_t>(m.first)), m.second});
       const uintptr_t b = align_up(reinterpret_cast<uintptr_t>(m.first));
       const uintptr_t e = align_down(reinterpret_cast<uintptr_t>(m.first) + m.second);
       if (e <= b) continue;
@@ -343,12 +468,13 @@ WeightStreamer::WeightStreamer(std::shared_ptr<const Model> model, const MemoryP
       madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
     }
   for (const TensorView& t : model_->file().tensors()) {
-    const uintptr_t b = align_down(reinterpret_cast<uintptr_t>(t.data)), e = align_up(reinterpret_cast<uintptr_t>(t.data) + t.size);
-    if (std::find(streamed.begin(), streamed.end(), std::make_pair(uint64_t(reinterpret_cast<uintptr_t>(t.data)), t.size)) ==
-        streamed.end()) {
-      madvise(reinterpret_cast<void*>(b), e - b, MADV_RANDOM);
-      madvise(reinterpret_cast<void*>(b), e - b, MADV_WILLNEED);
-    }
+    uint64_t keep = t.size;
+    for (const auto& r : resident_prefix)
+      if (r.first == t.data) keep = r.second;
+    if (keep == 0) continue;
+    const uintptr_t b = align_down(reinterpret_cast<uintptr_t>(t.data)), e = align_up(reinterpret_cast<uintptr_t>(t.data) + keep);
+    madvise(reinterpret_cast<void*>(b), e - b, MADV_RANDOM);
+    madvise(reinterpret_cast<void*>(b), e - b, MADV_WILLNEED);
   }
   if (opt_.prefetch) thread_ = std::thread([this] { producer(); });
 }
@@ -424,14 +550,15 @@ void WeightStreamer::begin_step() {
 
 WeightStreamer::Ffn WeightStreamer::acquire(size_t li) {
   const LayerWeights& L = model_->layers()[li];
+  const LayerWeights::Bundle* resident_bundles = L.bundles.empty() ? nullptr : L.bundles.data();
   const int idx = item_of_layer_[li];
-  if (idx < 0) return {L.gate_up, L.down};
+  if (idx < 0) return {L.gate_up, L.down, resident_bundles};
   const Item& it = items_[size_t(idx)];
   const auto t0 = std::chrono::steady_clock::now();
   int slot = 0;
   if (opt_.io == "mmap") {
     ++layers_streamed_;
-    return {L.gate_up, L.down};
+    return {L.gate_up, L.down, resident_bundles};
   }
   if (!opt_.prefetch) {
     fill(it, 0);
@@ -447,7 +574,8 @@ WeightStreamer::Ffn WeightStreamer::acquire(size_t li) {
   }
   wait_ns_ += uint64_t(seconds_since(t0) * 1e9);
   ++layers_streamed_;
-  return {it.stream_gate_up ? &it.gate_up[slot] : L.gate_up, it.stream_down ? &it.down[slot] : L.down};
+  if (it.flash) return {nullptr, nullptr, it.bundles[slot].data()};
+  return {it.stream_gate_up ? &it.gate_up[slot] : L.gate_up, it.stream_down ? &it.down[slot] : L.down, nullptr};
 }
 
 void WeightStreamer::release(size_t li) {

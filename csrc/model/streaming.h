@@ -39,7 +39,9 @@ struct MemoryPlan {
   int64_t minimum = 0;         // the smallest budget that works
   int64_t model_bytes = 0;     // the file's tensors
   struct Layer {
-    bool gate_up = false, down = false;  // streamed?
+    bool gate_up = false, down = false;  // streamed? (flash layout: both true when a tail streams)
+    // Flash layout: bundles [first_bundle, n_bundles) stream, the rest are resident.
+    int64_t first_bundle = 0, n_bundles = 0;
   };
   std::vector<Layer> layers;
 
@@ -52,7 +54,8 @@ struct MemoryPlan {
 // "12.3 MiB": sizes in messages and plans.
 std::string mib_text(int64_t bytes);
 
-// Plans `budget` bytes for model m given the KV cache and scratch sizes; throws
+// Plans `budget` bytes for model m (whole FFN matrices, or in a flash-layout file each layer's
+// coldest bundles) given the KV cache and scratch sizes; throws
 // InvalidArgument stating the minimum when the budget is below it.
 MemoryPlan plan_memory(const Model& m, int64_t budget, int64_t kv_bytes, int64_t scratch_bytes);
 
@@ -144,6 +147,7 @@ class WeightStreamer {
   struct Ffn {
     const TensorView* gate_up;
     const TensorView* down;
+    const LayerWeights::Bundle* bundles;  // flash layout: the layer's bundles (gate_up, down null)
   };
   // Before a forward step: realigns the stream if the previous step stopped part way.
   void begin_step();
@@ -160,6 +164,8 @@ class WeightStreamer {
  private:
   struct Item {  // one streamed layer
     size_t layer;
+    bool flash = false;                            // a tail of bundles, not whole matrices
+    std::vector<LayerWeights::Bundle> bundles[2];  // flash: every bundle, the tail's in buffer 0 / 1
     std::vector<IoGroup> groups;
     TensorView gate_up[2], down[2];  // views into buffer 0 and 1 (unused if resident)
     bool stream_gate_up, stream_down;

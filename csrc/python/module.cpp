@@ -468,13 +468,20 @@ PYBIND11_MODULE(_core, m) {
         d["total"] = p->total();
         d["minimum"] = p->minimum;
         py::list layers;
+        py::list bundles;
         for (const MemoryPlan::Layer& l : p->layers) {
           py::list streamed;
-          if (l.gate_up) streamed.append("gate_up");
-          if (l.down) streamed.append("down");
+          if (l.n_bundles > 0) {  // flash layout: [first streamed bundle, bundles]
+            if (l.gate_up) streamed.append("bundles");
+            bundles.append(py::make_tuple(l.first_bundle, l.n_bundles));
+          } else {
+            if (l.gate_up) streamed.append("gate_up");
+            if (l.down) streamed.append("down");
+          }
           layers.append(streamed);
         }
         d["streamed_layers"] = layers;
+        d["streamed_bundles"] = bundles;
         d["text"] = p->text();
         const WeightStreamer* w = r.streamer();
         d["io"] = w ? py::object(py::str(w->io_fell_back() ? "buffered (O_DIRECT refused)" : w->options().io))
@@ -495,6 +502,25 @@ PYBIND11_MODULE(_core, m) {
         d["layers_streamed"] = st.layers_streamed;
         return d;
       })
+      .def("ffn_probe_start", [](Runtime& r) { r.set_ffn_probe(true); },
+           "Record FFN activations of every later step (the flash layout's calibration).")
+      .def("ffn_probe_take", [](Runtime& r) {
+             const FfnProbe* p = r.ffn_probe();
+             if (!p) throw InvalidArgument("no FFN probe is running; call ffn_probe_start() first");
+             py::list active, magnitude;
+             for (size_t i = 0; i < p->active.size(); ++i) {
+               active.append(py::array_t<double>(py::ssize_t(p->active[i].size()), p->active[i].data()));
+               magnitude.append(py::array_t<double>(py::ssize_t(p->magnitude[i].size()), p->magnitude[i].data()));
+             }
+             py::dict d;
+             d["active"] = active;
+             d["magnitude"] = magnitude;
+             d["tokens"] = p->tokens;
+             r.set_ffn_probe(false);
+             return d;
+           },
+           "Stop recording; per layer and neuron: tokens with |act| above the token's mean |act| over the layer "
+           "(\"active\"), the sum of |act| (\"magnitude\"), and the tokens recorded.")
       .def_property_readonly("max_context", &Runtime::max_context)
       .def_property_readonly("max_step_tokens", &Runtime::max_step_tokens)
       .def_property_readonly("kv_budget", &Runtime::kv_budget_bytes)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from . import flash, quant
 from . import imatrix as imatrix_mod
-from . import quant
 from .checkpoint import CLASSIFIER, HFCheckpoint, ProgressBar
 from .hf_config import ExportError, ModelSpec, parse_config, tensor_layout
 from .safetensors_io import bf16_to_f32, f32_to_bf16
@@ -37,6 +37,7 @@ log = logging.getLogger("openelm_rt.export")
 # --- docs/FORMAT.md constants -------------------------------------------------------------------
 MAGIC = b"OELM-RT\0"
 FORMAT_VERSION = 1
+FLASH_FORMAT_VERSION = 2  # files in the flash layout (FORMAT.md); every other file stays 1
 NAMES_VERSION = 1
 HEADER_SIZE = 64
 ALIGNMENT = 4096  # the page size: tensors can be mapped and read with large aligned reads
@@ -364,11 +365,59 @@ def _drop_from_page_cache(fd: int) -> None:
             pass
 
 
+def _bundle_chunks(gu_hf: str, dn_hf: str, ckpt: HFCheckpoint, order: np.ndarray, bundle: int,
+                   wdtype: str, name: str):
+    """The bytes of blk.{i}.ffn_bundles (FORMAT.md, "Flash layout"): per bundle of neurons (in
+    `order`), their gate rows then up rows as one [2n, D] matrix, then their down columns as a
+    [D, n] matrix, each converted like any matrix and padded to 4096 bytes. importance: the
+    importance statistics (imatrix.py) of ffn_gate_up's input (D values, the same for any rows)
+    and of ffn_down's (F values, one per neuron: taken in the bundle's order), or None."""
+    st_gu, st_dn = ckpt.where[gu_hf], ckpt.where[dn_hf]
+    gu, dn = st_gu.get(gu_hf), st_dn.get(dn_hf)
+    F = dn.shape[1]
+    imp_gu, imp_dn = importance
+
+    def encode(x, src, hf, imp=None):
+        if wdtype in quant.QUANT_DTYPES:
+            e = _Entry(name, wdtype, x.shape, hf_name=hf)
+            e.importance = imp
+            out = _quantize(x, src, e, 0)
+        else:
+            out = np.ascontiguousarray(_convert(x, src, wdtype, hf, 0)).reshape(-1).view(np.uint8)
+        pad = -out.nbytes % flash.BUNDLE_ALIGN
+        return [out, np.zeros(pad, np.uint8)] if pad else [out]
+
+    for first in range(0, F, bundle):
+        idx = np.asarray(order[first:first + bundle])
+        yield from encode(np.concatenate([gu[idx], gu[F + idx]]), st_gu.dtype(gu_hf), gu_hf, imp_gu)
+        yield from encode(np.ascontiguousarray(dn[:, idx]), st_dn.dtype(dn_hf), dn_hf,
+                          None if imp_dn is None else imp_dn[idx])
+
+
+def _bundle_importance(imp, layer: int, spec: ModelSpec):
+    """(ffn_gate_up's, ffn_down's) importance statistics of a layer written as flash bundles, or
+    (None, None) without statistics; checked like _importance_stats checks a matrix's."""
+    if imp is None:
+        return None, None
+    out = []
+    for name, n in ((f"blk.{layer}.ffn_gate_up", spec.d_model), (f"blk.{layer}.ffn_down", spec.ffn_dim[layer])):
+        v = imp.get(name)
+        if v is None or np.shape(v) != (n,):
+            raise ExportError(f"the importance statistics have no entry of {n} values for {name}; "
+                              f"they were computed for another model: recompute them from "
+                              f"calibration input")
+        out.append(np.asarray(v, np.float64))
+    return tuple(out)
+
+
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                       progress: bool | None = None, embedding_dtype: str | None = None,
                       with_tokenizer: bool = True, imatrix=None, calibration=None,
                       calibration_ctx: int = 512, imatrix_out=None,
-                      calibration_tokens: int | None = None) -> Path:
+                      calibration_tokens: int | None = None, flash_layout: bool = False,
+                      bundle_neurons: int = flash.DEFAULT_BUNDLE_NEURONS, flash_calibration=None,
+                      flash_calibration_ids=None,
+                      flash_calibration_tokens: int = flash.DEFAULT_CALIBRATION_TOKENS) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
@@ -390,6 +439,13 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     sequence of token ids, run through the checkpoint in windows of calibration_ctx to collect
     each matrix's input statistics (the first calibration_tokens of them, default all); or imatrix = such statistics (a dict, or the path of an .npz
     that imatrix_out wrote). imatrix_out: also save the statistics computed from calibration.
+
+    flash_layout=True writes the flash layout (FORMAT.md, flash.py; format_version 2): the FFN
+    neurons of each layer hottest-first in bundles of bundle_neurons, hotness measured by first
+    exporting the ordinary layout to a temporary file beside out_path and running calibration
+    text through it: `flash_calibration` (a UTF-8 text file; default the shipped corpus), its
+    first flash_calibration_tokens tokens, or `flash_calibration_ids` (token ids, for files
+    without a tokenizer).
     """
     src, out = Path(src_dir), Path(out_path)
     if not src.is_dir():
@@ -421,6 +477,31 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     else:
         tok = None
 
+    order = None
+    if flash_layout:
+        flash.check_bundle_neurons(bundle_neurons)
+        if flash_calibration is not None and flash_calibration_ids is not None:
+            raise ExportError("give flash_calibration (a text file) or flash_calibration_ids, not both")
+        plain = out.parent / f".{out.name}.calibration-{os.getpid()}.oelm"
+        try:
+            export_checkpoint(src, plain, dtype=dtype, tokenizer=tokenizer, progress=progress,
+                              embedding_dtype=embedding_dtype, with_tokenizer=with_tokenizer)
+            if flash_calibration_ids is None:
+                from . import _core
+                ranking_ids = flash.calibration_tokens(
+                    _core.Model(str(plain), False), flash_calibration, flash_calibration_tokens)
+                source = str(flash_calibration or "openelm_rt/data/corpus.txt")
+            else:
+                ranking_ids = [int(t) for t in flash_calibration_ids]
+                if not ranking_ids or min(ranking_ids) < 0 or max(ranking_ids) >= spec.vocab_size:
+                    raise ExportError(f"flash_calibration_ids must be a non-empty list of token ids in "
+                                      f"[0, {spec.vocab_size})")
+                source = "token ids"
+            order, seen = flash.neuron_order(plain, ranking_ids)
+        finally:
+            plain.unlink(missing_ok=True)
+        log.info("flash layout: neurons ranked on %d calibration tokens (%s)", seen, source)
+
     ckpt = HFCheckpoint(src)
     try:
         layout = _check_tensors(ckpt, spec, cfg)
@@ -433,7 +514,19 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             return edtype if t.oelm_name in ("token_embd", "output") else wdtype
 
         entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))] if tok is not None else []
-        entries += [_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name) for t in layout]
+        bundle_src = {}  # flash layout: ffn_bundles entry name -> (gate_up hf name, down hf name, layer)
+        for t in layout:
+            if order is not None and t.oelm_name.endswith(".ffn_down"):
+                continue  # in the bundles, written with ffn_gate_up
+            if order is not None and t.oelm_name.endswith(".ffn_gate_up"):
+                layer = int(t.oelm_name.split(".")[1])
+                name = f"blk.{layer}.ffn_bundles"
+                dn = next(u.hf_name for u in layout if u.oelm_name == f"blk.{layer}.ffn_down")
+                bundle_src[name] = (t.hf_name, dn, layer)
+                nbytes = flash.bundles_nbytes(wdtype, spec.d_model, spec.ffn_dim[layer], bundle_neurons)
+                entries.append(_Entry(name, "u8", (nbytes,)))
+                continue
+            entries.append(_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name))
         imp = _importance_stats(src, tok, entries, imatrix, calibration, calibration_ctx, imatrix_out,
                                 calibration_tokens,
                                 show=sys.stderr.isatty() if progress is None else progress)
@@ -456,6 +549,10 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
         }
         if imp is not None:  # provenance: how the scales were chosen
             meta["source"]["importance"] = {"tokens": int(imp[imatrix_mod.TOKENS_KEY])}
+        if order is not None:
+            meta["flash_layout"] = {"version": flash.VERSION, "bundle_neurons": bundle_neurons,
+                                    "calibration": {"source": source, "tokens": seen},
+                                    "perm": [[int(j) for j in o] for o in order]}
         # The CRCs are only known after the data is written, so reserve room for the metadata
         # with every crc32 at its widest (10 digits), write the data, then the real metadata
         # (never longer) at offset 64; the rest of the reserved room stays zero padding.
@@ -476,13 +573,20 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 try:
                     for e in entries:
                         f.seek(data_offset + e.offset)  # skipped bytes read back as zeros
-                        e.crc32 = _write_tensor(f, e, _chunks(e, ckpt, tok), bar)
+                        if e.name in bundle_src:
+                            gu, dn, layer = bundle_src[e.name]
+                            chunks = _bundle_chunks(gu, dn, ckpt, order[layer], bundle_neurons, wdtype,
+                                                    e.name, _bundle_importance(imp, layer, spec))
+                        else:
+                            chunks = _chunks(e, ckpt, tok)
+                        e.crc32 = _write_tensor(f, e, chunks, bar)
                 finally:
                     bar.close()
                 meta["tensors"] = [e.to_json() for e in entries]
                 blob = _metadata_bytes(meta)
                 assert HEADER_SIZE + len(blob) <= data_offset, "metadata outgrew its reserved room"
-                header = _HEADER.pack(MAGIC, FORMAT_VERSION, NAMES_VERSION, HEADER_SIZE, len(blob),
+                header = _HEADER.pack(MAGIC, FLASH_FORMAT_VERSION if order is not None else FORMAT_VERSION,
+                                      NAMES_VERSION, HEADER_SIZE, len(blob),
                                       data_offset, data_size, ALIGNMENT, zlib.crc32(blob),
                                       file_size)
                 f.seek(0)
@@ -595,6 +699,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
                    help="calibration window in tokens (default %(default)s)")
     g.add_argument("--imatrix-out", metavar="FILE.npz", help="also save the computed statistics")
+    p.add_argument("--flash-layout", action="store_true",
+                   help="store each layer's FFN neurons hottest-first in bundles (gate row, up row "
+                        "and down column together) for running under a memory budget: the "
+                        "neurons that do not fit are then one sequential read per layer. Hotness "
+                        "is measured on calibration text (format_version 2; README, \"Running "
+                        "with less memory than the model\")")
+    p.add_argument("--bundle-neurons", type=int, default=flash.DEFAULT_BUNDLE_NEURONS, metavar="N",
+                   help="neurons per bundle with --flash-layout, a multiple of 32 (default: %(default)s)")
+    p.add_argument("--flash-calibration", metavar="TEXT",
+                   help="UTF-8 text to rank neurons on with --flash-layout (default: the corpus "
+                        "shipped in openelm_rt/data/corpus.txt)")
+    p.add_argument("--flash-calibration-tokens", type=int, default=flash.DEFAULT_CALIBRATION_TOKENS,
+                   metavar="N", help="tokens of --flash-calibration to rank neurons on (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_writer_version()} "
                    f"(writes .oelm format_version {FORMAT_VERSION}, names_version {NAMES_VERSION})")
@@ -634,7 +751,10 @@ def main(argv=None) -> int:
                                 with_tokenizer=not args.no_tokenizer, imatrix=args.imatrix,
                                 calibration=calibration, calibration_ctx=args.calibration_ctx,
                                 imatrix_out=args.imatrix_out,
-                                calibration_tokens=args.calibration_tokens)
+                                calibration_tokens=args.calibration_tokens,
+                                flash_layout=args.flash_layout, bundle_neurons=args.bundle_neurons,
+                                flash_calibration=args.flash_calibration,
+                                flash_calibration_tokens=args.flash_calibration_tokens)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
             ed = f.metadata["embedding_dtype"]
