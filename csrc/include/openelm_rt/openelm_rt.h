@@ -82,7 +82,7 @@ extern "C" {
 /* ---- versions ------------------------------------------------------------------ */
 
 #define OELM_VERSION_MAJOR 0
-#define OELM_VERSION_MINOR 2
+#define OELM_VERSION_MINOR 3
 #define OELM_VERSION_PATCH 0
 
 /* The library's version, "MAJOR.MINOR.PATCH" (that of the library actually loaded,
