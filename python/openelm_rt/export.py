@@ -366,7 +366,7 @@ def _drop_from_page_cache(fd: int) -> None:
 
 
 def _bundle_chunks(gu_hf: str, dn_hf: str, ckpt: HFCheckpoint, order: np.ndarray, bundle: int,
-                   wdtype: str, name: str):
+                   wdtype: str, name: str, importance=(None, None)):
     """The bytes of blk.{i}.ffn_bundles (FORMAT.md, "Flash layout"): per bundle of neurons (in
     `order`), their gate rows then up rows as one [2n, D] matrix, then their down columns as a
     [D, n] matrix, each converted like any matrix and padded to 4096 bytes. importance: the
