@@ -175,3 +175,43 @@ def test_export_refuses_misused_calibration(tiny_f32, tiny_untied, calibrated, t
         export.export_checkpoint(ck, tmp_path / "a.oelm", dtype="q4", tokenizer=tokenizer_path,
                                  imatrix=tmp_path / "junk.npz")
     assert not (tmp_path / "a.oelm").exists()
+
+
+def test_flash_layout_bundles_take_the_importance_statistics(tiny_f32, calibrated, tokenizer_path, tmp_path):
+    """--flash-layout with importance statistics: each bundle holds the weighted quantization of
+    its neurons' gate/up rows (weighted by the layer input's statistics) and of their down columns
+    (weighted by the down input's statistics *of those neurons*, i.e. permuted with them) — the
+    bytes the exporter writes, recomputed here from the stored permutation."""
+    from openelm_rt import flash
+    d, _, _ = calibrated
+    stats = imatrix.load_imatrix(d / "stats.npz")
+    out = export.export_checkpoint(tiny_f32.ckpt_dir, tmp_path / "flash_im.oelm", dtype="q4",
+                                   tokenizer=tokenizer_path, imatrix=d / "stats.npz", flash_layout=True,
+                                   bundle_neurons=32, flash_calibration_tokens=64)
+    spec = parse_config(tiny_f32.cfg)
+
+    def padded(b: bytes) -> bytes:
+        return b + bytes(-len(b) % flash.BUNDLE_ALIGN)
+
+    permuted_differs = 0
+    with export.read_oelm(out) as f:
+        assert f.metadata["source"]["importance"] == {"tokens": 200}
+        perm = f.metadata["flash_layout"]["perm"]
+        for i in range(spec.n_layer):
+            gu = tiny_f32.weights[f"transformer.layers.{i}.ffn.proj_1.weight"]
+            dn = tiny_f32.weights[f"transformer.layers.{i}.ffn.proj_2.weight"]
+            F, order = dn.shape[1], np.asarray(perm[i])
+            imp_gu, imp_dn = stats[f"blk.{i}.ffn_gate_up"], stats[f"blk.{i}.ffn_down"]
+            want = b""
+            for first in range(0, F, 32):
+                idx = order[first:first + 32]
+                want += padded(quant.quantize_packed(np.concatenate([gu[idx], gu[F + idx]]), quant.Q4, imp_gu))
+                cols = np.ascontiguousarray(dn[:, idx])
+                want += padded(quant.quantize_packed(cols, quant.Q4, imp_dn[idx]))
+                permuted_differs += (quant.quantize_packed(cols, quant.Q4, imp_dn[idx])
+                                     != quant.quantize_packed(cols, quant.Q4, imp_dn[:len(idx)]))
+            assert f.tensor(f"blk.{i}.ffn_bundles").tobytes() == want, i
+    assert permuted_differs > 0  # the test can tell permuted statistics from unpermuted ones
+    ort = core_or_skip()
+    with ort.Session(str(out), threads=1) as s:
+        assert np.isfinite(np.asarray(s.logits(prompt_ids(12, seed=3)))).all()
