@@ -697,7 +697,7 @@ oelm_status oelm_session_generate_speculative(oelm_session* session, const int32
                                   std::to_string(p.max_matching_ngram_size));
     if (p.mode != OELM_SPECULATION_ADAPTIVE && p.mode != OELM_SPECULATION_HF)
       throw oelm::InvalidArgument(std::string(fn) + ": mode must be OELM_SPECULATION_ADAPTIVE or "
-                                  "OELM_SPECULATION_HF, got " + std::to_string(int(p.mode)));
+                                  "OELM_SPECULATION_HF, got " + std::to_string(p.mode));
     if (max_new_tokens < 0)
       throw oelm::InvalidArgument(std::string(fn) + ": max_new_tokens must be >= 0, got " +
                                   std::to_string(max_new_tokens));

@@ -1047,7 +1047,7 @@ TEST(speculative_context_callback_and_errors) {
   bad.push_back({oelm_speculation_params_default(), "max_matching_ngram_size"});
   bad.back().params.max_matching_ngram_size = 0;
   bad.push_back({oelm_speculation_params_default(), "mode"});
-  bad.back().params.mode = oelm_speculation_mode(7);
+  bad.back().params.mode = 7;
   bad.push_back({oelm_speculation_params_default(), "oelm_speculation_params_default"});
   bad.back().params.struct_size = 4;
   for (const Bad& b : bad) {

@@ -421,7 +421,7 @@ typedef struct oelm_speculation_params {
   int32_t prompt_lookup_num_tokens; /* >= 1: the most tokens one step proposes (default 10, as the
                                        OpenELM model card's prompt_lookup_num_tokens=10) */
   int32_t max_matching_ngram_size;  /* >= 1: the longest suffix looked up (default 2, as HF) */
-  oelm_speculation_mode mode;       /* default OELM_SPECULATION_ADAPTIVE */
+  int32_t mode;                     /* oelm_speculation_mode; default OELM_SPECULATION_ADAPTIVE */
 } oelm_speculation_params;
 
 /* prompt_lookup_num_tokens 10, max_matching_ngram_size 2, OELM_SPECULATION_ADAPTIVE. */
