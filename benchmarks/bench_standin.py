@@ -20,8 +20,10 @@ back: Q4_K_M stores most of them as Q5_0, Q6_K as Q8_0 (the bits/weight column s
 
 Speed: every type and thread count in one run, interleaved (ours and llama.cpp alternating),
 --settle seconds of idle before each timed run, medians of --repeats; llama.cpp as in
-bench_llama.py (its default context, n_batch 512, threads = threads_batch). Run it under the
-exclusive CPU lock on a shared machine.
+bench_llama.py (its default context, n_batch 512, threads = threads_batch). The machine's read
+bandwidth is measured at every thread count in every repeat, and a second table sets each decode
+median against the bound it allows (bandwidth / bytes of weights per token) with the spread of
+the repeats. Run it under the exclusive CPU lock on a shared machine.
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
             models = {dt: _core.Model(s.oelm[dt], False) for dt in args.ours}
             rng = np.random.default_rng(0)
             res = {(e, t): {"pp": [], "tg": []} for e in entries for t in args.threads}
+            bw_backends = {t: _core.Backend("cpu", t) for t in args.threads}
+            bw = {t: [] for t in args.threads}  # the machine's read bandwidth, measured in every repeat
             for e in entries:  # warm-up: page every file in, build llama.cpp's graphs
                 if e[0] == "ours":
                     time_decode(models[e[1]], backends[(e[1], max(args.threads))], 4, rng)
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
                     worker.call("tg", n=4, threads=max(args.threads))
             for rep in range(args.repeats):
                 for t in args.threads:
+                    bw[t].append(bw_backends[t].read_bandwidth(1 << 30, 3))
                     for e in entries:
                         seed = int(rng.integers(1 << 30))
                         if e[0] == "llama":
@@ -202,12 +207,15 @@ def main(argv=None) -> int:
                             res[(e, t)]["tg"].append(worker.call("tg", n=args.tg, threads=t, seed=seed)["tok_s"])
                 log(f"speed: repeat {rep + 1}/{args.repeats} done")
             speed = {(e, t): {k: statistics.median(v) for k, v in r.items()} for (e, t), r in res.items()}
+            data["runs"] = {f"{e[0]} {e[1]} {t}T": r for (e, t), r in res.items()}
+            data["read_bandwidth"] = {str(t): v for t, v in bw.items()}
 
     out(f"# Weight types on the trained stand-in (SmolLM2-135M-Instruct as OpenELM), ours and llama.cpp "
         f"({llama_side.LLAMA_CPP_PYTHON})\n")
     out(f"{os.cpu_count()} CPUs; quality on {args.tokens} tokens of corpus.txt in windows of {args.ctx}; "
-        f"KL and top-1 against our f32 model; speed: medians of {args.repeats} interleaved runs "
-        f"(pp{args.pp} / tg{args.tg} tokens/s).\n")
+        f"KL and top-1 against our f32 model; " +
+        ("speed: not measured (--no-speed).\n" if args.no_speed else
+         f"speed: medians of {args.repeats} interleaved runs (pp{args.pp} / tg{args.tg} tokens/s).\n"))
     head = "| runtime | type | bits/weight | MB | PPL | ΔPPL | KL mean | KL p99 | top-1 |"
     sep = "|---|---|---|---|---|---|---|---|---|"
     for t in args.threads:
@@ -226,6 +234,26 @@ def main(argv=None) -> int:
         out(line)
         data["ours" if side == "ours" else "llama"][typ] = {
             **r, "speed": {str(t): speed.get(((side, typ), t)) for t in args.threads}}
+    if speed:
+        bwm = {t: statistics.median(v) for t, v in bw.items()}
+        out(f"\nDecode against the bandwidth bound: memory read bandwidth measured in every repeat (median, "
+            f"min–max): " + "; ".join(f"{t}T {bwm[t] / 1e9:.1f} GB/s ({min(v) / 1e9:.1f}–{max(v) / 1e9:.1f})"
+                                     for t, v in bw.items()) +
+            f". bound = bandwidth / bytes per token (every weight once); spread = (max − min) / median of the "
+            f"{args.repeats} tg runs.\n")
+        h, sp = "| runtime | type | MB/token |", "|---|---|---|"
+        for t in args.threads:
+            h += f" tg{args.tg} {t}T | bound {t}T | of bound {t}T | spread {t}T |"
+            sp += "---|---|---|---|"
+        out(h)
+        out(sp)
+        for (side, typ), r in rows.items():
+            line = f"| {'ours' if side == 'ours' else 'llama.cpp'} | {typ} | {r['bytes'] / 1e6:.1f} |"
+            for t in args.threads:
+                tg = res[((side, typ), t)]["tg"]
+                med, bound = statistics.median(tg), bwm[t] / r["bytes"]
+                line += f" {med:.1f} | {bound:.1f} | {med / bound:.0%} | {(max(tg) - min(tg)) / med:.0%} |"
+            out(line)
     llama_types = {ft: rows[("llama", ft)].get("types") for ft in args.llama}
     out("\nllama.cpp's tensor types per file (2-D tensors): " +
         "; ".join(f"{ft}: " + ", ".join(f"{k}×{v}" for k, v in sorted(k_.items())) for ft, k_ in llama_types.items()))
