@@ -7,10 +7,10 @@
 // tensor CRCs are checked when the input's length is odd (verify).
 // A failed load must say why (a non-empty oelm_last_error); anything but OELM_OK or
 // OELM_FORMAT_ERROR / OELM_INVALID_ARGUMENT from the calls is a finding.
-// Under a memory budget (csrc/model/streaming.h): every flash-layout file (format_version 2)
-// that loads, and every other one whose input length has bit 1 set, is also run through the
-// core's Runtime at the smallest budget its memory plan allows (the most streamed: with 3 or
-// more layers a tail of bundles, or whole FFN matrices, read from the file at every step):
+// Under a memory budget (csrc/model/streaming.h): every file that loads (flash layout or not)
+// is also run through the core's Runtime at the smallest budget its memory plan allows (the
+// most streamed: with 3 or more layers a tail of bundles, or whole FFN matrices, read from the
+// file at every step):
 // its 3-token eval must end as the resident run's does (the same logits bit for bit, or the
 // same non-finite-logits error), the plan must fit its budget, and one byte less must be
 // refused with InvalidArgument.
@@ -184,8 +184,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const oelm_status es = oelm_session_eval(s, tokens, 3, nullptr);
     expect_clean(es, "oelm_session_eval");
     oelm_session_free(s);
-    const bool flash = bytes.size() >= 12 && le64(bytes, 8) % (uint64_t(1) << 32) == 2;  // format_version
-    if ((es == OELM_OK || es == OELM_FORMAT_ERROR) && (flash || (size & 2))) check_streamed(path, tokens);
+    if (es == OELM_OK || es == OELM_FORMAT_ERROR) check_streamed(path, tokens);
   }
   oelm_model_free(m);
   return 0;

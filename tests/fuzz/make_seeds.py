@@ -9,9 +9,11 @@ Writes DIR/<target>/ for each target (model, json, spm, tokenizer, flash) and DI
 files on every run. Model seeds are kept small (tens of KB; libFuzzer mutates and re-reads the
 whole input on every execution; alignment 64): token-id-only files of vocabulary 64-96 in every weight type
 (f32, f16, bf16, q8, q4; tied and untied; 1 and 2 layers) and one 1024-piece file that holds
-a tokenizer; and two flash-layout files (format_version 2, FORMAT.md "Flash layout": 3 layers
-of FFN widths 32, 64, 64; f32 in bundles of 32 neurons, q8 in bundles of 64, so one bundle is
-partial), which need alignment 4096 (their bundles are read with direct I/O): 160 and 120 KB.
+a tokenizer; a 3-layer f32 file (FFN widths 32, 64, 64: its smallest memory budget streams whole
+FFN matrices, where 1 or 2 layers stream nothing); and two flash-layout files of that shape
+(format_version 2, FORMAT.md "Flash layout"; f32 in bundles of 32 neurons, q8 in bundles of
+64, so one bundle is partial), which need alignment 4096 (their bundles are read with direct
+I/O): 160 and 120 KB.
 DIR/flash/ holds fuzz_flash's seeds: those files' metadata and bare "flash_layout" values,
 valid and each broken in one way.
 """
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
             (dirs["json"] / (m.stem + ".json")).write_bytes(metadata_of(m))
         ckpt = checkpoint.write_random_checkpoint(tmp / "ckpt_flash", hf_config.make_config("tiny", **FLASH_SHAPE),
                                                   seed=11)
+        m = export.export_checkpoint(ckpt, dirs["model"] / "l3d32_f32.oelm", dtype="f32", with_tokenizer=False)
+        (dirs["json"] / (m.stem + ".json")).write_bytes(metadata_of(m))
         calibration = [(i * 37 + 5) % FLASH_SHAPE["vocab_size"] for i in range(128)]
         export.ALIGNMENT = 4096  # a flash file's bundles start on a page (FORMAT.md)
         for dt, bundle in FLASH_EXPORTS:
