@@ -14,7 +14,7 @@
 # Installs Debian's clang 14 and its runtimes when missing. Needs python3 that can import
 # openelm_rt (fixtures and seeds), cmake and ninja. Long campaigns: tests/fuzz/README.md.
 # Measured on the 2-core dev machine (the steps run one by one): ASan build 240 s, ctest 7 s,
-# fuzzing 62 s (+30 s for fuzz_flash), TSan build 78 s, stress_engine 2 s, the Python extension under ASan ~50 s and
+# fuzzing 62 s (before fuzz_flash, which adds its 30 s), TSan build 78 s, stress_engine 2 s, the Python extension under ASan ~50 s and
 # its test subset 60 s; plus the clang install, fixtures, seeds and kernel_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
