@@ -2,18 +2,19 @@
 # Hardening checks, called from .ci/run after the package is installed (issue 19):
 #   1. one clang build with AddressSanitizer + UndefinedBehaviorSanitizer (every report fatal)
 #      and libFuzzer coverage: the C API tests (ctest, the fixtures of tests/cpp; stress_engine
-#      included), kernel_check (the fastest variant and the reference), the four fuzz
+#      included), kernel_check (the fastest variant and the reference), the five fuzz
 #      targets of tests/fuzz, and the Python extension: a subset of the Python tests (loader,
 #      tokenizer, session errors, non-finite logits, server request fuzzing) with the ASan
 #      runtime preloaded into python3;
 #   2. the engine stress test (tests/cpp/stress_engine) under ThreadSanitizer;
 #   3. each fuzz target for $OELM_FUZZ_SECONDS (default 30) from the seed corpus that
-#      tests/fuzz/make_seeds.py generates, two at a time. A crash, leak, sanitizer report or
-#      timeout fails CI and prints the reproducer (base64) and how to replay it.
+#      tests/fuzz/make_seeds.py generates, two at a time (fuzz_flash, the fifth, alone). A
+#      crash, leak, sanitizer report or timeout fails CI and prints the reproducer (base64) and
+#      how to replay it.
 # Installs Debian's clang 14 and its runtimes when missing. Needs python3 that can import
 # openelm_rt (fixtures and seeds), cmake and ninja. Long campaigns: tests/fuzz/README.md.
 # Measured on the 2-core dev machine (the steps run one by one): ASan build 240 s, ctest 7 s,
-# fuzzing 62 s, TSan build 78 s, stress_engine 2 s, the Python extension under ASan ~50 s and
+# fuzzing 62 s (before fuzz_flash, which adds its 30 s), TSan build 78 s, stress_engine 2 s, the Python extension under ASan ~50 s and
 # its test subset 60 s; plus the clang install, fixtures, seeds and kernel_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,7 +104,7 @@ fuzz_one() {  # TARGET: runs it, and on a finding prints the reproducer
   local t=$1 corpus="$work/corpus/$1" art="$work/artifacts/$1/"
   mkdir -p "$corpus" "$art"
   local dict=()
-  case $t in fuzz_model | fuzz_json) dict=(-dict=tests/fuzz/oelm.dict) ;; esac
+  case $t in fuzz_model | fuzz_json | fuzz_flash) dict=(-dict=tests/fuzz/oelm.dict) ;; esac
   local seeds="$work/seeds/${t#fuzz_}"
   if ! "$asan/tests/fuzz/$t" "$corpus" "$seeds" "${dict[@]}" -max_total_time="$secs" -timeout=20 \
        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$art" >"$work/$t.log" 2>&1; then
@@ -132,6 +133,7 @@ fuzz_one fuzz_spm & p1=$!
 fuzz_one fuzz_tokenizer & p2=$!
 wait $p1 || fail=1
 wait $p2 || fail=1
+fuzz_one fuzz_flash || fail=1
 [ "$fail" -eq 0 ] || exit 1
 
 echo "-- hardening took $((SECONDS - start)) s (install $((installed - start)) s, ASan build" \

@@ -7,6 +7,13 @@
 // tensor CRCs are checked when the input's length is odd (verify).
 // A failed load must say why (a non-empty oelm_last_error); anything but OELM_OK or
 // OELM_FORMAT_ERROR / OELM_INVALID_ARGUMENT from the calls is a finding.
+// Under a memory budget (csrc/model/streaming.h): every file that loads (flash layout or not)
+// is also run through the core's Runtime at the smallest budget its memory plan allows (the
+// most streamed: with 3 or more layers a tail of bundles, or whole FFN matrices, read from the
+// file at every step):
+// its 3-token eval must end as the resident run's does (the same logits bit for bit, or the
+// same non-finite-logits error), the plan must fit its budget, and one byte less must be
+// refused with InvalidArgument.
 #include <openelm_rt/openelm_rt.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -19,7 +26,11 @@
 #include <string>
 #include <vector>
 
+#include "common/error.h"
+#include "engine/runtime.h"
 #include "format/oelm_file.h"
+#include "model/backend.h"
+#include "model/model.h"
 
 namespace {
 
@@ -51,6 +62,73 @@ void fix_header(std::string& b) {
   if (off <= b.size() && size <= b.size() - off)
     put_le(b, 52, oelm::crc32(reinterpret_cast<const uint8_t*>(b.data()) + off, size_t(size)), 4);
   put_le(b, 56, b.size(), 8);
+}
+
+[[noreturn]] void finding(const std::string& what) {
+  std::fprintf(stderr, "fuzz_model: %s\n", what.c_str());
+  std::abort();
+}
+
+// A Runtime's 3-token eval: its logits, or the FormatError it threw (non-finite logits, which
+// it refuses naming the position).
+struct Outcome {
+  std::vector<float> logits;
+  std::string error;
+};
+
+// A new Runtime on `model` with this memory budget (0: none), its plan copied to *plan.
+Outcome runtime_eval(const std::shared_ptr<const oelm::Model>& model, const std::shared_ptr<oelm::Backend>& backend,
+                     int64_t budget, const int32_t (&tokens)[3], oelm::MemoryPlan* plan) {
+  oelm::RuntimeOptions ro;
+  ro.max_context = 8;
+  ro.budget_sequences = 1;
+  ro.memory_budget_bytes = budget;
+  ro.stream.io = "buffered";  // the memfd refuses O_DIRECT
+  ro.stream.io_threads = 1;
+  oelm::Runtime rt(model, backend, ro);
+  if (plan && rt.memory_plan()) *plan = *rt.memory_plan();
+  const std::vector<oelm::Runtime::EvalEntry> entries = {{rt.seq_new(), tokens, 3, oelm::Runtime::Logits::all}};
+  Outcome o;
+  o.logits.resize(size_t(oelm::Runtime::logit_rows(entries) * model->config().vocab_size));
+  try {
+    rt.eval(entries, o.logits.data());
+  } catch (const oelm::FormatError& e) {
+    o.logits.clear();
+    o.error = e.what();
+  }
+  if (budget > 0 && rt.memory_plan()->streams() && (!rt.streamer() || rt.streamer()->stats().layers_streamed == 0))
+    finding("the plan streams but the forward pass read no layer");
+  return o;
+}
+
+void check_streamed(const std::string& path, const int32_t (&tokens)[3]) {
+  try {
+    std::shared_ptr<const oelm::Model> model = oelm::Model::load(path, false);
+    std::shared_ptr<oelm::Backend> backend = oelm::Backend::create("cpu", 1);
+    const Outcome resident = runtime_eval(model, backend, 0, tokens, nullptr);
+    oelm::MemoryPlan plan;
+    runtime_eval(model, backend, int64_t(1) << 40, tokens, &plan);
+    const int64_t minimum = plan.minimum;
+    if (minimum <= 0 || minimum > plan.total()) finding("memory plan minimum " + std::to_string(minimum));
+    const Outcome streamed = runtime_eval(model, backend, minimum, tokens, &plan);
+    if (plan.budget != minimum || plan.total() > minimum)
+      finding("the plan at the minimum budget " + std::to_string(minimum) + " takes " + std::to_string(plan.total()));
+    if (streamed.error != resident.error)
+      finding("under the minimum memory budget the eval ended with \"" + streamed.error + "\", resident with \"" +
+              resident.error + "\"");
+    if (streamed.logits.size() != resident.logits.size() ||
+        std::memcmp(streamed.logits.data(), resident.logits.data(), resident.logits.size() * sizeof(float)) != 0)
+      finding("the logits under the minimum memory budget (" + std::to_string(plan.streamed_bytes) +
+              " bytes streamed per step) differ from the resident run's");
+    try {
+      runtime_eval(model, backend, minimum - 1, tokens, nullptr);
+      finding("a memory budget one byte below the minimum was accepted");
+    } catch (const oelm::InvalidArgument& e) {
+      if (!std::strstr(e.what(), "minimum")) finding(std::string("below the minimum, the error: ") + e.what());
+    }
+  } catch (const std::exception& e) {
+    finding(std::string("the core's Runtime on a file the C API loaded and ran: ") + e.what());
+  }
 }
 
 }  // namespace
@@ -103,8 +181,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (ss == OELM_OK) {
     const int32_t tokens[3] = {oelm_model_bos_token(m) >= 0 && oelm_model_bos_token(m) < V ? oelm_model_bos_token(m) : 0,
                                1 % V, V - 1};
-    expect_clean(oelm_session_eval(s, tokens, 3, nullptr), "oelm_session_eval");
+    const oelm_status es = oelm_session_eval(s, tokens, 3, nullptr);
+    expect_clean(es, "oelm_session_eval");
     oelm_session_free(s);
+    if (es == OELM_OK || es == OELM_FORMAT_ERROR) check_streamed(path, tokens);
   }
   oelm_model_free(m);
   return 0;

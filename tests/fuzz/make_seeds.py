@@ -4,12 +4,18 @@ JSON, SentencePiece models and text.
 
     python3 tests/fuzz/make_seeds.py DIR     # needs the openelm_rt package (pip install .)
 
-Writes DIR/<target>/ for each target (model, json, spm, tokenizer) and DIR/tokenizer.model
+Writes DIR/<target>/ for each target (model, json, spm, tokenizer, flash) and DIR/tokenizer.model
 (the vocabulary fuzz_tokenizer loads from $OELM_FUZZ_TOKENIZER). Deterministic: the same
 files on every run. Model seeds are kept small (tens of KB; libFuzzer mutates and re-reads the
 whole input on every execution; alignment 64): token-id-only files of vocabulary 64-96 in every weight type
 (f32, f16, bf16, q8, q4; tied and untied; 1 and 2 layers) and one 1024-piece file that holds
-a tokenizer.
+a tokenizer; a 3-layer f32 file (FFN widths 32, 64, 64: its smallest memory budget streams whole
+FFN matrices, where 1 or 2 layers stream nothing); and two flash-layout files of that shape
+(format_version 2, FORMAT.md "Flash layout"; f32 in bundles of 32 neurons, q8 in bundles of
+64, so one bundle is partial), which need alignment 4096 (their bundles are read with direct
+I/O): 160 and 120 KB.
+DIR/flash/ holds fuzz_flash's seeds: those files' metadata and bare "flash_layout" values,
+valid and each broken in one way.
 """
 from __future__ import annotations
 
@@ -51,6 +57,27 @@ JSON_TEXTS = [
     b'"\\u0000 \\" \\\\ \\/ \\b \\f \\r \\t"',
 ]
 
+# The flash-layout shape: 3 layers (so that the smallest memory budget streams a tail of
+# bundles: with 1 or 2 layers the read buffers cost what streaming saves), FFN widths 32, 64, 64.
+FLASH_SHAPE = dict(num_transformer_layers=3, model_dim=32, head_dim=8, vocab_size=64, max_context_length=32,
+                   ffn_multipliers=[1.0, 2.0])
+FLASH_EXPORTS = [("f32", 32), ("q8", 64)]  # (dtype, bundle_neurons)
+
+# Bare "flash_layout" values for fuzz_flash (FFN widths from the lengths of "perm"'s lists):
+# valid, then each of FORMAT.md's rules broken once.
+FLASH_TEXTS = [
+    b'{"version": 1, "bundle_neurons": 32, "calibration": {"source": "ids", "tokens": 64}, '
+    b'"perm": [[2, 0, 1], [0], [3, 1, 0, 2]]}',
+    b'{"version": 1, "bundle_neurons": 65536, "perm": []}',
+    b'{"version": 2, "bundle_neurons": 32, "perm": [[0]]}',
+    b'{"version": 0, "bundle_neurons": 32, "perm": [[0]]}',
+    b'{"version": 1.0, "bundle_neurons": 48, "perm": [[0]]}',
+    b'{"version": 1, "bundle_neurons": 65568, "perm": [[0]]}',
+    b'{"version": 1, "bundle_neurons": 32, "perm": [[0, 0], [1, 2], [-1], [0.5], {}]}',
+    b'{"version": 1, "bundle_neurons": 32, "perm": {"0": [0]}}',
+    b'[1, 32, [[0]]]',
+]
+
 
 def metadata_of(path: Path) -> bytes:
     raw = path.read_bytes()
@@ -67,7 +94,7 @@ def main(argv=None) -> int:
     # The smallest alignment FORMAT.md allows (the exporter's is the page size): the seeds are
     # a few KB instead of a page per tensor, and the reader's alignment rules get exercised.
     export.ALIGNMENT = 64
-    dirs = {t: out / t for t in ("model", "json", "spm", "tokenizer")}
+    dirs = {t: out / t for t in ("model", "json", "spm", "tokenizer", "flash")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,8 +117,23 @@ def main(argv=None) -> int:
                                                embedding_dtype="q4", tokenizer=tok))
         for m in models:
             (dirs["json"] / (m.stem + ".json")).write_bytes(metadata_of(m))
+        ckpt = checkpoint.write_random_checkpoint(tmp / "ckpt_flash", hf_config.make_config("tiny", **FLASH_SHAPE),
+                                                  seed=11)
+        m = export.export_checkpoint(ckpt, dirs["model"] / "l3d32_f32.oelm", dtype="f32", with_tokenizer=False)
+        (dirs["json"] / (m.stem + ".json")).write_bytes(metadata_of(m))
+        calibration = [(i * 37 + 5) % FLASH_SHAPE["vocab_size"] for i in range(128)]
+        export.ALIGNMENT = 4096  # a flash file's bundles start on a page (FORMAT.md)
+        for dt, bundle in FLASH_EXPORTS:
+            m = export.export_checkpoint(ckpt, dirs["model"] / f"flash_l3d32_{dt}_b{bundle}.oelm", dtype=dt,
+                                         with_tokenizer=False, flash_layout=True, bundle_neurons=bundle,
+                                         flash_calibration_ids=calibration, progress=False)
+            for d in ("json", "flash"):
+                (dirs[d] / (m.stem + ".json")).write_bytes(metadata_of(m))
+        export.ALIGNMENT = 64
     for i, t in enumerate(JSON_TEXTS):
         (dirs["json"] / f"syntax{i}.json").write_bytes(t)
+    for i, t in enumerate(FLASH_TEXTS):
+        (dirs["flash"] / f"layout{i}.json").write_bytes(t)
     for i, t in enumerate(TEXTS):
         (dirs["tokenizer"] / f"text{i}.txt").write_bytes(t)
     for t, d in dirs.items():
