@@ -575,6 +575,18 @@ def _run_one(eng, prompt, **kw):
     return events
 
 
+def test_engine_events_carry_their_emit_time_on_the_perf_counter_clock(session_f32):
+    """Each event's "t" is when the engine emitted it, on time.perf_counter()'s clock (the server
+    times its own delivery path from it): after the submission, before it is taken, in order."""
+    import time
+    t0 = time.perf_counter()
+    events = _run_one(session_f32._engine, prompt_ids(9, 1024, seed=71), max_new_tokens=4)
+    t1 = time.perf_counter()
+    ts = [e["t"] for e in events]
+    assert len(ts) == 4 and events[-1]["finish"] == "length"
+    assert t0 < ts[0] and ts[-1] < t1 and ts == sorted(ts), (t0, ts, t1)
+
+
 def test_engine_logprobs_and_prompt_logprobs(session_f32):
     """The engine's per-token log-probabilities (with the likeliest alternatives) and the prompt's
     own log-probabilities agree with score() on the same tokens."""

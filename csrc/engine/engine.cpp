@@ -148,6 +148,7 @@ Engine::Stats Engine::stats() const {
 }
 
 void Engine::emit(Event&& e) {
+  e.t_emit = now();
   std::lock_guard<std::mutex> lk(mu_);
   if (e.finish != FinishReason::none) {
     pending_ids_.erase(e.id);

@@ -68,6 +68,9 @@ struct Event {
   // On the last event:
   int64_t n_prompt = 0, n_cached = 0, n_generated = 0, n_decoded = 0;
   double prefill_seconds = 0, decode_seconds = 0;
+  // When the engine emitted it: seconds on std::chrono::steady_clock (CLOCK_MONOTONIC on Linux,
+  // the clock of Python's time.perf_counter), so a consumer can time its own delivery path.
+  double t_emit = 0;
   std::vector<float> prompt_logprobs;  // on the first event, when asked: n_prompt - 1 values
   std::vector<std::vector<TokenLogprob>> prompt_top;  // with prompt_logprobs and logprobs > 0: the
                                                      // likeliest tokens at each of those positions

@@ -136,6 +136,7 @@ py::dict event_dict(Event& e) {
   d["token"] = e.token;
   d["text"] = py::str(e.text);  // complete UTF-8 characters (TextStream)
   d["finish"] = finish_reason_name(e.finish);
+  d["t"] = e.t_emit;  // emit time, on the clock of time.perf_counter() (steady_clock)
   if (e.finish != FinishReason::none) {
     d["error"] = e.error;
     d["error_kind"] = error_kind_name(e.error_kind);
