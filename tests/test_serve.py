@@ -483,6 +483,45 @@ def test_server_overhead_metric_times_the_servers_own_path(srv, client, monkeypa
     assert n >= 2 and (d["first_token"][1] + d["token"][1]) / n >= 0.03, d
 
 
+def test_without_an_event_descriptor_a_thread_hands_the_events_over(tiny_f32, ref):
+    """Where the engine has no event descriptor (Windows), a thread waits for the events and hands
+    them to the loop: the same tokens, streamed and not."""
+    ort = core_or_skip()
+    sess = ort.Session(str(tiny_f32.oelm), threads=1, max_batch=2)
+
+    class NoFd:
+        def __init__(self, eng):
+            self._e = eng
+
+        def event_fd(self):
+            return -1
+
+        def __getattr__(self, name):
+            return getattr(self._e, name)
+    sess._engine = NoFd(sess._engine)
+    app = create_app(ServeOptions(max_batch=2), session=sess)
+    want = ref.generate(PROMPTS[1], max_new_tokens=8, temperature=0).text
+    try:
+        with serving(app) as base:
+            wait_ready(base)
+            eng = app.state.server.engine
+            assert eng._fd is None and eng._pump is not None and eng._pump.is_alive()
+            c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+            r = c.completions.create(model="f32", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+            assert r.choices[0].text == want
+            got = "".join(ch.choices[0].text for ch in c.completions.create(
+                model="f32", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True) if ch.choices)
+            assert got == want
+        assert eng._pump is None
+    finally:
+        sess.close()
+
+
+def test_the_loop_watches_the_engines_event_descriptor(srv):
+    eng = srv[1].engine
+    assert eng._fd is not None and eng._fd >= 0 and eng._pump is None
+
+
 # ---------------------------------------------------------------------------------------------- load
 @pytest.mark.parametrize("concurrency", [1, 4, 8, 16])
 def test_bounded_load_every_response_complete_and_correct(srv, ref, concurrency):

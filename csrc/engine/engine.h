@@ -119,6 +119,11 @@ class Engine {
   // timeout_s passes; it returns whether any were taken.
   std::vector<Event> take_events();
   bool wait_events(std::vector<Event>& out, double timeout_s);
+  // A file descriptor that is readable while events wait to be taken (a pipe, made on the first
+  // call; take_events/wait_events drain it), for an event loop to watch (asyncio's add_reader)
+  // instead of a thread blocked in wait_events: one wake-up per batch of events, no thread
+  // hand-off. Owned by the engine. -1 where pipes are not available (Windows).
+  int event_fd();
 
   // Runs step() on a thread of the engine's own until stop() (or destruction). Errors of a
   // step end the requests in it with finish reason `error` and the message.
@@ -160,6 +165,9 @@ class Engine {
   std::deque<std::unique_ptr<Req>> incoming_;
   std::unordered_set<uint64_t> cancels_, pending_ids_;
   std::vector<Event> events_;
+  int notify_fd_[2] = {-1, -1};  // event_fd()'s pipe (read, write ends)
+  bool notified_ = false;        // a byte is in the pipe
+  void drain_notify();           // with mu_ held
   uint64_t next_id_ = 1;
   std::atomic<bool> cancel_pending_{false};
   Stats stats_;

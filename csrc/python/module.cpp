@@ -637,6 +637,9 @@ PYBIND11_MODULE(_core, m) {
         }
         return event_list(ev);
       }, py::arg("timeout"), "Events, waiting up to `timeout` seconds (without the GIL) for the first.")
+      .def("event_fd", [](PyEngine& e) { return e.eng->event_fd(); },
+           "A descriptor readable while events wait to be taken (for asyncio's add_reader; "
+           "take_events drains it); -1 where unsupported.")
       .def("start", [](PyEngine& e) { e.eng->start(); }, "Step on a thread of the engine's own.")
       .def("stop", [](PyEngine& e) {
         py::gil_scoped_release release;

@@ -429,17 +429,29 @@ def _cancel(eng: AsyncEngine, jobs: List[Job]):
             eng.cancel(j.req)
 
 
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
+
+
 async def _events(jobs: List[Job], keepalive_s: Optional[float]):
     """(job, event) as they arrive over all jobs, None after keepalive_s of silence, until all end."""
     by_id = {j.req.id: j for j in jobs}
     queue = jobs[0].req.queue
     left = len(jobs)
     while left:
-        try:
-            e = await asyncio.wait_for(queue.get(), keepalive_s) if keepalive_s else await queue.get()
-        except asyncio.TimeoutError:
-            yield None, None
-            continue
+        if not queue.empty():  # the engine's events come in batches: no wait, no timer
+            e = queue.get_nowait()
+        elif not keepalive_s:
+            e = await queue.get()
+        else:
+            try:
+                if _timeout is not None:  # a timer, not a task per event as wait_for makes before 3.12
+                    async with _timeout(keepalive_s):
+                        e = await queue.get()
+                else:
+                    e = await asyncio.wait_for(queue.get(), keepalive_s)
+            except asyncio.TimeoutError:
+                yield None, None
+                continue
         j = by_id[e["id"]]
         if "prompt_logprobs" in e:
             j.prompt_lp = e["prompt_logprobs"]
