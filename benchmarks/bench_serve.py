@@ -12,8 +12,17 @@ prefix cache does not help), --output-tokens each (greedy; a random model rarely
 the output tokens are counted from the usage chunk). TTFT is from sending the request to the
 first text chunk; inter-token latency is the gap between consecutive chunks (one per token, except
 where a byte-fallback character spans tokens). "engine" rows: the same load on the Session's
-engine in this process, stepped by the benchmark itself (no HTTP, no threads): what the server
-adds is the difference.
+engine in this process, stepped by the benchmark itself (no HTTP, no threads).
+
+Server overhead, measured directly: the server times its own path in the histogram
+openelm_server_overhead_seconds of /metrics (admit: request received -> submitted to the engine;
+first_token / token: the engine emitted a token -> its SSE chunk handed to the transport; ttft:
+admit + first_token). The benchmark scrapes it before and after each level and prints, per
+concurrency (all repetitions together), the count, mean, p50 and p99 of each stage (quantiles
+interpolated within the buckets, as Prometheus' histogram_quantile) and the exact share of
+observations within the targets (ttft <= 5 ms, token <= 1 ms: both are bucket bounds).
+
+    python benchmarks/bench_serve.py --preset 270M --dtype q8 --threads 2 --concurrency 1 8 --no-engine
 
 With --llama-server PATH (or `auto`: built once from the llama.cpp vendored in the
 llama-cpp-python sdist, see llama_side.ensure_llama_server), llama.cpp's llama-server runs next to
@@ -121,6 +130,86 @@ def engine_load(session, prompts, out_tokens, concurrency):
     return {"wall": time.perf_counter() - t_all, "ttft": ttft, "gaps": gaps, "ntok": ntok, "errors": []}
 
 
+# ---------------------------------------------------------------------------------------------- overhead
+OVERHEAD = "openelm_server_overhead_seconds"
+TARGETS = {"ttft": 0.005, "token": 0.001}  # the issue's: <= 5 ms on TTFT, <= 1 ms per token
+
+
+def scrape_overhead(text):
+    """{stage: {"count", "sum", "buckets": [(upper bound, cumulative count), ...]}} of the server's
+    overhead histogram in a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != OVERHEAD:
+            continue
+        for smp in fam.samples:
+            h = out.setdefault(smp.labels["stage"], {"count": 0.0, "sum": 0.0, "buckets": []})
+            if smp.name.endswith("_bucket"):
+                h["buckets"].append((float(smp.labels["le"]), smp.value))
+            elif smp.name.endswith("_count"):
+                h["count"] = smp.value
+            elif smp.name.endswith("_sum"):
+                h["sum"] = smp.value
+    for h in out.values():
+        h["buckets"].sort()
+    return out
+
+
+def overhead_delta(after, before, acc=None):
+    """after - before, added into acc (the same shape) when given."""
+    acc = acc if acc is not None else {}
+    for stage, a in after.items():
+        b = before.get(stage, {"count": 0.0, "sum": 0.0, "buckets": [(le, 0.0) for le, _ in a["buckets"]]})
+        h = acc.setdefault(stage, {"count": 0.0, "sum": 0.0, "buckets": [(le, 0.0) for le, _ in a["buckets"]]})
+        h["count"] += a["count"] - b["count"]
+        h["sum"] += a["sum"] - b["sum"]
+        h["buckets"] = [(le, n + x - y) for (le, n), (_, x), (_, y) in zip(h["buckets"], a["buckets"], b["buckets"])]
+    return acc
+
+
+def hist_quantile(buckets, q):
+    """Prometheus' histogram_quantile: linear within the bucket holding the q-th observation
+    (the largest finite bound when it falls in +Inf); nan without observations."""
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return float("nan")
+    rank, lo, below = q * total, 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * ((rank - below) / (n - below) if n > below else 1.0)
+        lo, below = le, n
+    return lo
+
+
+def share_within(buckets, bound):
+    """The fraction of observations <= bound (exact when bound is a bucket's upper bound)."""
+    total = buckets[-1][1] if buckets else 0
+    for le, n in buckets:
+        if le >= bound - 1e-12:
+            return n / total if total else float("nan")
+    return 1.0
+
+
+def overhead_rows(ovh_by_c):
+    rows = []
+    for c, h in sorted(ovh_by_c.items()):
+        for stage in ("admit", "first_token", "ttft", "token", "response"):
+            x = h.get(stage)
+            if not x or x["count"] <= 0:
+                continue
+            r = {"side": "overhead", "concurrency": c, "stage": stage, "count": int(x["count"]),
+                 "mean_ms": 1000 * x["sum"] / x["count"], "p50_ms": 1000 * hist_quantile(x["buckets"], 0.5),
+                 "p99_ms": 1000 * hist_quantile(x["buckets"], 0.99)}
+            if stage in TARGETS:
+                r["target_ms"] = 1000 * TARGETS[stage]
+                r["within_target"] = share_within(x["buckets"], TARGETS[stage])
+            rows.append(r)
+    return rows
+
+
 def row(name, c, r, n_req):
     toks = sum(r["ntok"])
     return {"side": name, "concurrency": c, "requests": n_req, "errors": len(r["errors"]),
@@ -207,6 +296,8 @@ def main(argv=None) -> int:
                    help="repetitions of every level (servers interleaved); the table shows medians")
     args = p.parse_args(argv)
 
+    import httpx
+
     from openelm_rt import Session
     from openelm_rt.serve import wait_ready
 
@@ -231,6 +322,7 @@ def main(argv=None) -> int:
     srv = subprocess.Popen(cmd)
     bases = {"server": base}
     runs = {}  # (side, concurrency) -> rows of the repetitions
+    ovh = {}   # concurrency -> the server's overhead histograms over its runs at that level
     try:
         wait_ready(base, timeout=300, process=srv)
         if llama:
@@ -244,7 +336,12 @@ def main(argv=None) -> int:
                 prompts = make_prompts(args.requests, args.prompt_tokens, vocab, seed=1000 * rep + c)
                 order = list(bases) if rep % 2 == 0 else list(bases)[::-1]
                 for side in order:
+                    if side == "server":
+                        before = scrape_overhead(httpx.get(base + "/metrics").text)
                     r = asyncio.run(http_load(bases[side], prompts, args.output_tokens, c))
+                    if side == "server":
+                        overhead_delta(scrape_overhead(httpx.get(base + "/metrics").text), before,
+                                       ovh.setdefault(c, {}))
                     runs.setdefault((side, c), []).append(row(side, c, r, args.requests))
                     print(json.dumps({"rep": rep, **runs[(side, c)][-1]}), flush=True)
     finally:
@@ -271,8 +368,19 @@ def main(argv=None) -> int:
         print(f"| {r['side']} | {r['concurrency']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
               f"{r['out_tokens']:.0f} | {r['errors']:.0f} |")
+    orows = overhead_rows(ovh)
+    print("\nserver overhead, from its own timestamps (openelm_server_overhead_seconds; all repetitions; "
+          "p50/p99 interpolated within buckets; 'within' = exact share <= the target)")
+    print("| concurrency | stage | count | mean ms | p50 ms | p99 ms | target | within |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in orows:
+        tgt = f"<= {r['target_ms']:g} ms" if "target_ms" in r else ""
+        within = f"{100 * r['within_target']:.1f} %" if "within_target" in r else ""
+        print(f"| {r['concurrency']} | {r['stage']} | {r['count']} | {r['mean_ms']:.3f} | {r['p50_ms']:.3f} | "
+              f"{r['p99_ms']:.3f} | {tgt} | {within} |")
+    rows += orows
     if llama:
-        by = {(r["side"], r["concurrency"]): r for r in rows}
+        by = {(r["side"], r["concurrency"]): r for r in rows if r["side"] != "overhead"}
         print("\nours / llama-server (output tok/s: higher is better for us; latencies: lower is)")
         print("| concurrency | output tok/s | TTFT p50 | ITL p50 | ITL p99 |")
         print("|---:|---:|---:|---:|---:|")

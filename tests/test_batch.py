@@ -575,6 +575,41 @@ def _run_one(eng, prompt, **kw):
     return events
 
 
+def test_engine_events_carry_their_emit_time_on_the_perf_counter_clock(session_f32):
+    """Each event's "t" is when the engine emitted it, on time.perf_counter()'s clock (the server
+    times its own delivery path from it): after the submission, before it is taken, in order."""
+    import time
+    t0 = time.perf_counter()
+    events = _run_one(session_f32._engine, prompt_ids(9, 1024, seed=71), max_new_tokens=4)
+    t1 = time.perf_counter()
+    ts = [e["t"] for e in events]
+    assert len(ts) == 4 and events[-1]["finish"] == "length"
+    assert t0 < ts[0] and ts[-1] < t1 and ts == sorted(ts), (t0, ts, t1)
+
+
+def test_engine_event_fd_is_readable_exactly_while_events_wait(session_f32):
+    """Engine.event_fd (what the server's event loop watches): not readable while no event waits,
+    readable once one is emitted (also for events emitted before it was asked for), drained by
+    take_events and by wait_events."""
+    import select
+    eng = session_f32._engine
+
+    def readable(fd):
+        return bool(select.select([fd], [], [], 0)[0])
+    eng.take_events()
+    rid = eng.submit(prompt_ids(7, 1024, seed=72), max_new_tokens=2)
+    eng.step()  # prefill + the first token, before the descriptor exists
+    fd = eng.event_fd()
+    assert fd >= 0 and eng.event_fd() == fd  # made once
+    assert readable(fd)
+    assert [e["id"] for e in eng.take_events()] == [rid]
+    assert not readable(fd)
+    eng.step()
+    assert readable(fd) and readable(fd)  # level-triggered: stays readable until taken
+    assert eng.wait_events(0.0)[-1]["finish"] == "length"
+    assert not readable(fd) and eng.idle
+
+
 def test_engine_logprobs_and_prompt_logprobs(session_f32):
     """The engine's per-token log-probabilities (with the likeliest alternatives) and the prompt's
     own log-probabilities agree with score() on the same tokens."""

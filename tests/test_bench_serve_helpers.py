@@ -1,5 +1,6 @@
 """The llama-server comparison helpers of benchmarks/bench_serve.py (the comparison itself runs
 in the benchmark, not here: it needs llama-server built, which takes minutes)."""
+import math
 import os
 import sys
 
@@ -32,3 +33,32 @@ def test_median_row_takes_each_metric_median_over_repetitions():
     m = bench_serve.median_row(reps)
     assert m["side"] == "server" and m["reps"] == 3
     assert all(m[k] == 2.0 for k in bench_serve.METRICS)
+
+
+def test_overhead_histogram_scrape_delta_quantiles():
+    """The server-overhead figures: a scraped /metrics histogram, the difference of two scrapes,
+    Prometheus-style interpolated quantiles and the exact share within a bucket bound."""
+    prom = pytest.importorskip("prometheus_client")
+    reg = prom.CollectorRegistry()
+    h = prom.Histogram(bench_serve.OVERHEAD, "x", labelnames=["stage"], buckets=(0.001, 0.002, 0.005),
+                       registry=reg)
+    h.labels("token").observe(0.0005)
+    before = bench_serve.scrape_overhead(prom.generate_latest(reg).decode())
+    for v in (0.0005, 0.0015, 0.0015, 0.004):
+        h.labels("token").observe(v)
+    h.labels("ttft").observe(0.003)
+    d = bench_serve.overhead_delta(bench_serve.scrape_overhead(prom.generate_latest(reg).decode()), before)
+    tok = d["token"]
+    assert tok["count"] == 4 and tok["sum"] == pytest.approx(0.0075)
+    assert tok["buckets"] == [(0.001, 1), (0.002, 3), (0.005, 4), (float("inf"), 4)]
+    assert d["ttft"]["count"] == 1  # a stage absent before counts from zero
+    assert bench_serve.hist_quantile(tok["buckets"], 0.5) == pytest.approx(0.0015)  # rank 2: half into (1, 2] ms
+    assert bench_serve.hist_quantile(tok["buckets"], 0.25) == pytest.approx(0.001)
+    assert bench_serve.share_within(tok["buckets"], 0.001) == 0.25
+    assert bench_serve.share_within(tok["buckets"], 0.005) == 1.0
+    rows = bench_serve.overhead_rows({8: d})
+    t = next(r for r in rows if r["stage"] == "token")
+    assert t["concurrency"] == 8 and t["count"] == 4 and t["within_target"] == 0.25 and t["target_ms"] == 1.0
+    inf = [(0.001, 0), (float("inf"), 2)]
+    assert bench_serve.hist_quantile(inf, 0.99) == 0.001  # in +Inf: the largest finite bound
+    assert math.isnan(bench_serve.hist_quantile([(0.001, 0), (float("inf"), 0)], 0.5))  # no observations

@@ -428,6 +428,100 @@ def test_metrics(srv, client):
     assert vals['openelm_requests_finished_total{reason="length"}'] >= 1
 
 
+def _overhead(base):
+    """{stage: (count, sum)} of openelm_server_overhead_seconds from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+        if fam.name == "openelm_server_overhead_seconds":
+            for smp in fam.samples:
+                c, s = out.get(smp.labels["stage"], (0.0, 0.0))
+                if smp.name.endswith("_count"):
+                    c = smp.value
+                elif smp.name.endswith("_sum"):
+                    s = smp.value
+                out[smp.labels["stage"]] = (c, s)
+    return out
+
+
+def test_server_overhead_metric_times_the_servers_own_path(srv, client, monkeypatch):
+    """openelm_server_overhead_seconds: one admit per request, one first_token and ttft per stream
+    and one token per later token chunk, one response per non-streamed request; the times are the
+    server's own (a delay put into its chunk encoding shows up in full, the engine's does not)."""
+    base, _ = srv
+    from openelm_rt.serve import app as app_mod
+
+    def deltas(fn):
+        a = _overhead(base)
+        fn()
+        b = _overhead(base)
+        return {k: (b[k][0] - a.get(k, (0, 0))[0], b[k][1] - a.get(k, (0, 0))[1]) for k in b}
+
+    def stream():
+        chunks = [c for c in client.completions.create(model="f32", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                                       stream=True) if c.choices and c.choices[0].text]
+        assert chunks
+
+    d = deltas(stream)
+    assert d["admit"][0] == 1 and d["first_token"][0] == 1 and d["ttft"][0] == 1 and d["response"][0] == 0
+    assert 1 <= d["token"][0] <= 5  # the other tokens' chunks (a byte-fallback character may join tokens)
+    assert d["ttft"][1] == pytest.approx(d["admit"][1] + d["first_token"][1], abs=1e-9)
+    assert all(0 < s < 0.5 * max(c, 1) for c, s in d.values() if c), d
+    d = deltas(lambda: client.chat.completions.create(model="f32", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=4, temperature=0))
+    assert d["admit"][0] == 1 and d["response"][0] == 1 and d["first_token"][0] == d["token"][0] == 0
+    assert 0 < d["response"][1] < 0.5
+
+    real = app_mod._sse
+
+    def slow_sse(obj):
+        time.sleep(0.03)
+        return real(obj)
+    monkeypatch.setattr(app_mod, "_sse", slow_sse)
+    d = deltas(stream)
+    n = d["first_token"][0] + d["token"][0]
+    assert n >= 2 and (d["first_token"][1] + d["token"][1]) / n >= 0.03, d
+
+
+def test_without_an_event_descriptor_a_thread_hands_the_events_over(tiny_f32, ref):
+    """Where the engine has no event descriptor (Windows), a thread waits for the events and hands
+    them to the loop: the same tokens, streamed and not."""
+    ort = core_or_skip()
+    sess = ort.Session(str(tiny_f32.oelm), threads=1, max_batch=2)
+
+    class NoFd:
+        def __init__(self, eng):
+            self._e = eng
+
+        def event_fd(self):
+            return -1
+
+        def __getattr__(self, name):
+            return getattr(self._e, name)
+    sess._engine = NoFd(sess._engine)
+    app = create_app(ServeOptions(max_batch=2), session=sess)
+    want = ref.generate(PROMPTS[1], max_new_tokens=8, temperature=0).text
+    try:
+        with serving(app) as base:
+            wait_ready(base)
+            eng = app.state.server.engine
+            assert eng._fd is None and eng._pump is not None and eng._pump.is_alive()
+            c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+            r = c.completions.create(model="f32", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+            assert r.choices[0].text == want
+            got = "".join(ch.choices[0].text for ch in c.completions.create(
+                model="f32", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True) if ch.choices)
+            assert got == want
+        assert eng._pump is None
+    finally:
+        sess.close()
+
+
+def test_the_loop_watches_the_engines_event_descriptor(srv):
+    eng = srv[1].engine
+    assert eng._fd is not None and eng._fd >= 0 and eng._pump is None
+
+
 # ---------------------------------------------------------------------------------------------- load
 @pytest.mark.parametrize("concurrency", [1, 4, 8, 16])
 def test_bounded_load_every_response_complete_and_correct(srv, ref, concurrency):

@@ -7,6 +7,14 @@
 
 #include "common/error.h"
 
+#if !defined(_WIN32)
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#endif
+
 namespace oelm {
 
 const char* finish_reason_name(FinishReason r) {
@@ -69,7 +77,46 @@ Engine::Engine(std::shared_ptr<Runtime> runtime, const EngineOptions& options)
                           std::to_string(opt_.prefill_chunk));
 }
 
-Engine::~Engine() { stop(); }
+Engine::~Engine() {
+  stop();
+#if !defined(_WIN32)
+  for (int fd : notify_fd_)
+    if (fd >= 0) ::close(fd);
+#endif
+}
+
+int Engine::event_fd() {
+#if defined(_WIN32)
+  return -1;
+#else
+  std::lock_guard<std::mutex> lk(mu_);
+  if (notify_fd_[0] < 0) {
+    if (::pipe(notify_fd_) != 0)
+      throw std::runtime_error(std::string("Engine::event_fd: pipe() failed: ") + std::strerror(errno) +
+                               " (out of file descriptors? raise the limit, e.g. ulimit -n)");
+    for (int fd : notify_fd_) {
+      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+      ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    notified_ = false;
+    if (!events_.empty()) {  // events already waiting: readable at once
+      const char b = 1;
+      notified_ = ::write(notify_fd_[1], &b, 1) == 1;
+    }
+  }
+  return notify_fd_[0];
+#endif
+}
+
+void Engine::drain_notify() {
+#if !defined(_WIN32)
+  if (!notified_) return;
+  char buf[64];
+  while (::read(notify_fd_[0], buf, sizeof buf) > 0) {
+  }
+  notified_ = false;
+#endif
+}
 
 // ------------------------------------------------------------------------------ other threads
 
@@ -125,6 +172,7 @@ std::vector<Event> Engine::take_events() {
   std::lock_guard<std::mutex> lk(mu_);
   std::vector<Event> out;
   out.swap(events_);
+  drain_notify();
   return out;
 }
 
@@ -134,6 +182,7 @@ bool Engine::wait_events(std::vector<Event>& out, double timeout_s) {
   if (events_.empty()) return false;
   for (Event& e : events_) out.push_back(std::move(e));
   events_.clear();
+  drain_notify();
   return true;
 }
 
@@ -148,6 +197,7 @@ Engine::Stats Engine::stats() const {
 }
 
 void Engine::emit(Event&& e) {
+  e.t_emit = now();
   std::lock_guard<std::mutex> lk(mu_);
   if (e.finish != FinishReason::none) {
     pending_ids_.erase(e.id);
@@ -157,6 +207,12 @@ void Engine::emit(Event&& e) {
   }
   events_.push_back(std::move(e));
   events_cv_.notify_all();
+#if !defined(_WIN32)
+  if (notify_fd_[1] >= 0 && !notified_) {
+    const char b = 1;
+    notified_ = ::write(notify_fd_[1], &b, 1) == 1;
+  }
+#endif
 }
 
 // ------------------------------------------------------------------------------ the stepping thread

@@ -68,6 +68,9 @@ struct Event {
   // On the last event:
   int64_t n_prompt = 0, n_cached = 0, n_generated = 0, n_decoded = 0;
   double prefill_seconds = 0, decode_seconds = 0;
+  // When the engine emitted it: seconds on std::chrono::steady_clock (CLOCK_MONOTONIC on Linux,
+  // the clock of Python's time.perf_counter), so a consumer can time its own delivery path.
+  double t_emit = 0;
   std::vector<float> prompt_logprobs;  // on the first event, when asked: n_prompt - 1 values
   std::vector<std::vector<TokenLogprob>> prompt_top;  // with prompt_logprobs and logprobs > 0: the
                                                      // likeliest tokens at each of those positions
@@ -116,6 +119,11 @@ class Engine {
   // timeout_s passes; it returns whether any were taken.
   std::vector<Event> take_events();
   bool wait_events(std::vector<Event>& out, double timeout_s);
+  // A file descriptor that is readable while events wait to be taken (a pipe, made on the first
+  // call; take_events/wait_events drain it), for an event loop to watch (asyncio's add_reader)
+  // instead of a thread blocked in wait_events: one wake-up per batch of events, no thread
+  // hand-off. Owned by the engine. -1 where pipes are not available (Windows).
+  int event_fd();
 
   // Runs step() on a thread of the engine's own until stop() (or destruction). Errors of a
   // step end the requests in it with finish reason `error` and the message.
@@ -157,6 +165,9 @@ class Engine {
   std::deque<std::unique_ptr<Req>> incoming_;
   std::unordered_set<uint64_t> cancels_, pending_ids_;
   std::vector<Event> events_;
+  int notify_fd_[2] = {-1, -1};  // event_fd()'s pipe (read, write ends)
+  bool notified_ = false;        // a byte is in the pipe
+  void drain_notify();           // with mu_ held
   uint64_t next_id_ = 1;
   std::atomic<bool> cancel_pending_{false};
   Stats stats_;

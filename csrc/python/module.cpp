@@ -136,6 +136,7 @@ py::dict event_dict(Event& e) {
   d["token"] = e.token;
   d["text"] = py::str(e.text);  // complete UTF-8 characters (TextStream)
   d["finish"] = finish_reason_name(e.finish);
+  d["t"] = e.t_emit;  // emit time, on the clock of time.perf_counter() (steady_clock)
   if (e.finish != FinishReason::none) {
     d["error"] = e.error;
     d["error_kind"] = error_kind_name(e.error_kind);
@@ -636,6 +637,9 @@ PYBIND11_MODULE(_core, m) {
         }
         return event_list(ev);
       }, py::arg("timeout"), "Events, waiting up to `timeout` seconds (without the GIL) for the first.")
+      .def("event_fd", [](PyEngine& e) { return e.eng->event_fd(); },
+           "A descriptor readable while events wait to be taken (for asyncio's add_reader; "
+           "take_events drains it); -1 where unsupported.")
       .def("start", [](PyEngine& e) { e.eng->start(); }, "Step on a thread of the engine's own.")
       .def("stop", [](PyEngine& e) {
         py::gil_scoped_release release;

@@ -141,6 +141,12 @@ class DetokenizeRequest(_Loose):
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+OVERHEAD_STAGES = ("admit", "first_token", "token", "ttft", "response")
+OVERHEAD_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3,
+                    0.01, 0.025, 0.05, 0.1, 0.25, 1)
+TIMING_KEY = "openelm_rt.timing"  # the ASGI scope's per-request timing dict (set by the app's Guard)
+
+
 class Metrics:
     """Prometheus metrics of one server: engine counters read at scrape time, latency histograms."""
 
@@ -157,9 +163,27 @@ class Metrics:
         self.e2e = Histogram("openelm_request_duration_seconds", "Time from submission to the last token",
                              buckets=lat, registry=self.registry)
         self.finished = {}  # reason -> count
+        # What the server itself adds to a request's latency (its own timestamps, not the
+        # difference of two end-to-end runs): see `Metrics.OVERHEAD_STAGES`.
+        ovh = Histogram("openelm_server_overhead_seconds",
+                        "Latency the server adds, by stage: admit = request received -> its sequences submitted "
+                        "to the engine; first_token / token = the engine emitted a token -> its SSE chunk handed "
+                        "to the transport; ttft = admit + first_token of the same request; response = a "
+                        "non-streamed request's last token -> its JSON response handed to the transport",
+                        labelnames=["stage"], buckets=OVERHEAD_BUCKETS, registry=self.registry)
+        self.overhead = {stage: ovh.labels(stage) for stage in OVERHEAD_STAGES}
 
     def on_token(self, req, seconds, first):
         (self.ttft if first else self.itl).observe(seconds)
+
+    def on_sent(self, tm: dict, t_emit: float, now: float):
+        """A body message of a request went to the transport; tm (its timing dict) says which token
+        it carried (tm['stage']: first / token / response) and when the request was admitted."""
+        d = now - t_emit
+        stage = tm["stage"]
+        self.overhead[stage].observe(d)
+        if stage == "first_token" and "admit" in tm:
+            self.overhead["ttft"].observe(tm["admit"] + d)
 
     def on_finish(self, req, event):
         self.e2e.observe(time.perf_counter() - req.t_submit)
@@ -371,7 +395,14 @@ class Server:
 
 
 # ---------------------------------------------------------------------------------------------- running jobs
-async def _submit(server: Server, jobs: List[Job], p: dict, logprobs: int, echo_lp: bool) -> AsyncEngine:
+def _timing(request: Request) -> dict:
+    """The request's timing dict: 'recv' (perf_counter when the app got it), then 'admit' (seconds
+    to submission); a token's 'emit' time and 'stage' are set just before its bytes are sent."""
+    return request.scope.get(TIMING_KEY) or {}
+
+
+async def _submit(server: Server, jobs: List[Job], p: dict, logprobs: int, echo_lp: bool,
+                  request: Request) -> AsyncEngine:
     eng = server.admit(len(jobs))
     queue: asyncio.Queue = asyncio.Queue()
     seed = p["seed"]
@@ -385,6 +416,10 @@ async def _submit(server: Server, jobs: List[Job], p: dict, logprobs: int, echo_
     except ValueError as e:
         _cancel(eng, jobs)
         raise APIError(400, str(e))
+    tm = _timing(request)
+    if "recv" in tm:
+        tm["admit"] = time.perf_counter() - tm["recv"]
+        server.metrics.overhead["admit"].observe(tm["admit"])
     return eng
 
 
@@ -394,17 +429,29 @@ def _cancel(eng: AsyncEngine, jobs: List[Job]):
             eng.cancel(j.req)
 
 
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
+
+
 async def _events(jobs: List[Job], keepalive_s: Optional[float]):
     """(job, event) as they arrive over all jobs, None after keepalive_s of silence, until all end."""
     by_id = {j.req.id: j for j in jobs}
     queue = jobs[0].req.queue
     left = len(jobs)
     while left:
-        try:
-            e = await asyncio.wait_for(queue.get(), keepalive_s) if keepalive_s else await queue.get()
-        except asyncio.TimeoutError:
-            yield None, None
-            continue
+        if not queue.empty():  # the engine's events come in batches: no wait, no timer
+            e = queue.get_nowait()
+        elif not keepalive_s:
+            e = await queue.get()
+        else:
+            try:
+                if _timeout is not None:  # a timer, not a task per event as wait_for makes before 3.12
+                    async with _timeout(keepalive_s):
+                        e = await queue.get()
+                else:
+                    e = await asyncio.wait_for(queue.get(), keepalive_s)
+            except asyncio.TimeoutError:
+                yield None, None
+                continue
         j = by_id[e["id"]]
         if "prompt_logprobs" in e:
             j.prompt_lp = e["prompt_logprobs"]
@@ -487,6 +534,7 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
 
     # -- a bearer key; a 4 MB body cap (pure ASGI: applies before the body is read) -----------
     open_paths = {"/health", "/metrics"}
+    overhead_metrics = server.metrics  # (not "metrics": the /metrics endpoint below takes that name)
 
     class Guard:
         def __init__(self, app_):
@@ -495,6 +543,13 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
+            tm = scope[TIMING_KEY] = {"recv": time.perf_counter()}
+            raw_send = send
+
+            async def send(msg):  # noqa: F811 -- times the bodies that carry a token (server overhead)
+                await raw_send(msg)
+                if "emit" in tm and msg["type"] == "http.response.body":
+                    overhead_metrics.on_sent(tm, tm.pop("emit"), time.perf_counter())
             headers = dict(scope.get("headers") or [])
             if options.api_key and scope["path"] not in open_paths:
                 got = headers.get(b"authorization", b"").decode("latin-1")
@@ -597,7 +652,7 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
         p = server.sampling(body, body.max_tokens, max(len(x) for x in prompts), DEFAULT_COMPLETION_MAX_TOKENS,
                             "max_tokens")
         jobs = [Job(index=i * p["n"] + c, prompt_ids=ids) for i, ids in enumerate(prompts) for c in range(p["n"])]
-        eng = await _submit(server, jobs, p, -1 if k is None else k, echo and k is not None)
+        eng = await _submit(server, jobs, p, -1 if k is None else k, echo and k is not None, request)
         rid, created = "cmpl-" + uuid.uuid4().hex, _now()
 
         def echo_text(j):
@@ -633,6 +688,7 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
                                "model": server.model_name, "choices": [], "usage": usage},
                 include_usage, prompts, role_chunk=None)
         await _collect(request, eng, jobs)
+        _mark_response(request, jobs)
         choices = []
         for j in sorted(jobs, key=lambda j: j.index):
             choices.append({"index": j.index, "text": (echo_text(j) if echo else "") + "".join(j.text),
@@ -665,7 +721,7 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
             mt, name = body.max_tokens, "max_tokens"
         p = server.sampling(body, mt, len(ids), None, name)
         jobs = [Job(index=c, prompt_ids=ids) for c in range(p["n"])]
-        eng = await _submit(server, jobs, p, -1 if k is None else k, False)
+        eng = await _submit(server, jobs, p, -1 if k is None else k, False, request)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, _now()
 
         def lp_entry(t, lp, top):
@@ -694,6 +750,7 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
                                           "model": server.model_name, "choices": [], "usage": usage},
                            include_usage, [ids], role_chunk=role)
         await _collect(request, eng, jobs)
+        _mark_response(request, jobs)
         choices = []
         for j in jobs:
             c = {"index": j.index, "message": {"role": "assistant", "content": "".join(j.text)},
@@ -705,6 +762,13 @@ def create_app(options: Optional[ServeOptions] = None, session: Optional[Session
                 "choices": choices, "usage": _usage(jobs, [ids])}
 
     return app
+
+
+def _mark_response(request: Request, jobs: List[Job]):
+    """The response about to be sent carries the request's last token (timed by the Guard)."""
+    tm = _timing(request)
+    if "recv" in tm:
+        tm["emit"], tm["stage"] = max(j.final["t"] for j in jobs), "response"
 
 
 async def _collect(request: Request, eng: AsyncEngine, jobs: List[Job]):
@@ -722,8 +786,12 @@ async def _collect(request: Request, eng: AsyncEngine, jobs: List[Job]):
 
 def _stream(request: Request, eng: AsyncEngine, jobs: List[Job], server: Server, chunk, usage_chunk,
             include_usage: bool, prompts, role_chunk) -> StreamingResponse:
+    tm = _timing(request)
+    timed = "recv" in tm
+
     async def gen():
         watch = asyncio.create_task(_watch_disconnect(request, eng, jobs))
+        first_token = True
         try:
             if role_chunk is not None:
                 for j in jobs:
@@ -744,7 +812,11 @@ def _stream(request: Request, eng: AsyncEngine, jobs: List[Job], server: Server,
                 first = j.index not in started
                 started.add(j.index)
                 if e["text"] or j.final is not None or first:
-                    yield _sse(chunk(j, e, first))
+                    data = _sse(chunk(j, e, first))
+                    if timed and e["token"] >= 0:  # the Guard times its handing to the transport
+                        tm["emit"], tm["stage"] = e["t"], "first_token" if first_token else "token"
+                        first_token = False
+                    yield data
             if include_usage:
                 u = _usage(jobs, prompts)
                 yield _sse(usage_chunk(u))

@@ -1,8 +1,10 @@
 """AsyncEngine: one Session's continuous-batching engine shared by the requests of an asyncio server.
 
 The engine steps on a thread of its own (`_core.Engine.start()`: the forward pass runs in C++,
-without the GIL); a second thread waits for its events (also without the GIL) and hands them to
-the event loop, where each request reads its tokens from an asyncio queue. Submitting and
+without the GIL). The event loop watches the engine's event descriptor (`Engine.event_fd`, a pipe
+that is readable while events wait) and takes the events itself, so a token reaches its request's
+asyncio queue with one wake-up of the loop and no thread hand-off (where the loop cannot watch a
+descriptor, a thread waits for the events without the GIL and hands them over). Submitting and
 cancelling are cheap thread-safe calls made from the loop. Not a public API: the HTTP server
 (`openelm_rt.serve.app`) and the Ray deployment use it.
 """
@@ -38,6 +40,7 @@ class AsyncEngine:
         self._reqs: Dict[int, Request] = {}
         self._stop = threading.Event()
         self._pump: Optional[threading.Thread] = None
+        self._fd: Optional[int] = None  # the engine's event descriptor the loop watches
         self._on_token = on_token    # (request, seconds since submit or since its last token, first?)
         self._on_finish = on_finish  # (request, final event)
 
@@ -45,6 +48,14 @@ class AsyncEngine:
     def start(self, loop: Optional[asyncio.AbstractEventLoop] = None):
         self._loop = loop or asyncio.get_running_loop()
         self._eng.start()
+        fd = self._eng.event_fd()
+        if fd >= 0:
+            try:
+                self._loop.add_reader(fd, self._take_events)
+                self._fd = fd
+                return
+            except NotImplementedError:  # a loop that cannot watch descriptors (Windows' proactor)
+                pass
         self._pump = threading.Thread(target=self._pump_events, name="openelm-rt-events", daemon=True)
         self._pump.start()
 
@@ -53,6 +64,9 @@ class AsyncEngine:
         for rid in list(self._reqs):
             self._eng.cancel(rid)
         self._stop.set()
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
         if self._pump is not None:
             self._pump.join()
             self._pump = None
@@ -66,6 +80,11 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(self._dispatch, events)
                 except RuntimeError:  # the loop has closed
                     return
+
+    def _take_events(self):  # on the loop: the event descriptor is readable
+        events = self._eng.take_events()
+        if events:
+            self._dispatch(events)
 
     def _dispatch(self, events):
         now = time.perf_counter()
