@@ -244,16 +244,21 @@ def _importance_stats(src: Path, tok, entries, imatrix, calibration, ctx, imatri
     for e in quantized:
         if untied and e.name == "token_embd":
             continue  # only a lookup table when the head is separate: no product to weigh by
-        v = imatrix.get(e.name)
-        if v is None:
-            raise ExportError(f"the importance statistics have no entry for {e.name}; they were "
-                              f"computed for another model: recompute them from calibration input")
-        if np.shape(v) != (e.shape[1],):
-            raise ExportError(f"the importance statistics for {e.name} have shape {list(np.shape(v))}, "
-                              f"the matrix {e.shape[1]} columns; they were computed for another model")
-        e.importance = np.asarray(v, np.float64)
+        e.importance = _importance_vector(imatrix, e.name, e.shape[1])
     imatrix.setdefault(imatrix_mod.TOKENS_KEY, np.array(0))
     return imatrix
+
+
+def _importance_vector(imatrix, name: str, columns: int) -> np.ndarray:
+    """The statistics of the matrix `name` (`columns` inputs), checked against the model."""
+    v = imatrix.get(name)
+    if v is None:
+        raise ExportError(f"the importance statistics have no entry for {name}; they were "
+                          f"computed for another model: recompute them from calibration input")
+    if np.shape(v) != (columns,):
+        raise ExportError(f"the importance statistics for {name} have shape {list(np.shape(v))}, "
+                          f"the matrix {columns} columns; they were computed for another model")
+    return np.asarray(v, np.float64)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -394,20 +399,14 @@ def _bundle_chunks(gu_hf: str, dn_hf: str, ckpt: HFCheckpoint, order: np.ndarray
                           None if imp_dn is None else imp_dn[idx])
 
 
-def _bundle_importance(imp, layer: int, spec: ModelSpec):
-    """(ffn_gate_up's, ffn_down's) importance statistics of a layer written as flash bundles, or
-    (None, None) without statistics; checked like _importance_stats checks a matrix's."""
+def _bundle_importance(imp, spec: ModelSpec, layers) -> dict:
+    """{layer: (ffn_gate_up's, ffn_down's) importance statistics} for the layers written as flash
+    bundles; {} without statistics. Checked before anything is written, as _importance_stats
+    checks the other matrices'."""
     if imp is None:
-        return None, None
-    out = []
-    for name, n in ((f"blk.{layer}.ffn_gate_up", spec.d_model), (f"blk.{layer}.ffn_down", spec.ffn_dim[layer])):
-        v = imp.get(name)
-        if v is None or np.shape(v) != (n,):
-            raise ExportError(f"the importance statistics have no entry of {n} values for {name}; "
-                              f"they were computed for another model: recompute them from "
-                              f"calibration input")
-        out.append(np.asarray(v, np.float64))
-    return tuple(out)
+        return {}
+    return {i: (_importance_vector(imp, f"blk.{i}.ffn_gate_up", spec.d_model),
+                _importance_vector(imp, f"blk.{i}.ffn_down", spec.ffn_dim[i])) for i in layers}
 
 
 def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
@@ -530,6 +529,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
         imp = _importance_stats(src, tok, entries, imatrix, calibration, calibration_ctx, imatrix_out,
                                 calibration_tokens,
                                 show=sys.stderr.isatty() if progress is None else progress)
+        bundle_imp = _bundle_importance(imp, spec, [layer for _, _, layer in bundle_src.values()])
         offset = 0
         for e in entries:
             e.offset = _align(offset)
@@ -576,7 +576,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                         if e.name in bundle_src:
                             gu, dn, layer = bundle_src[e.name]
                             chunks = _bundle_chunks(gu, dn, ckpt, order[layer], bundle_neurons, wdtype,
-                                                    e.name, _bundle_importance(imp, layer, spec))
+                                                    e.name, bundle_imp.get(layer, (None, None)))
                         else:
                             chunks = _chunks(e, ckpt, tok)
                         e.crc32 = _write_tensor(f, e, chunks, bar)
