@@ -67,7 +67,7 @@ def calibration_tokens(model, text_path=None, max_tokens: int = DEFAULT_CALIBRAT
     at most max_tokens of them (without the BOS each window gets)."""
     if not model.has_tokenizer:
         raise ExportError("the model has no tokenizer (exported with --no-tokenizer), so calibration "
-                          "text cannot be tokenized; pass calibration_tokens (token ids) to "
+                          "text cannot be tokenized; pass flash_calibration_ids (token ids) to "
                           "export_checkpoint instead")
     path = Path(text_path) if text_path is not None else shipped_corpus()
     try:
