@@ -54,6 +54,14 @@ def env_with_pythonpath() -> dict:
     return env
 
 
+def run_cli(*args, timeout: float = 120):
+    """`python -m openelm_rt.cli ARGS` (each converted with str) with this process's openelm_rt;
+    the CompletedProcess, text captured."""
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "openelm_rt.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env_with_pythonpath(), timeout=timeout)
+
+
 def _import_or_skip(name: str):
     """Import a package module; in a dev tree where it is not built yet, skip. Under CI
     (CI set) a missing module is a failure, so a broken build cannot pass as all-skipped."""

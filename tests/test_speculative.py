@@ -5,15 +5,13 @@ to a transcription of Hugging Face's rule, seeded sampling with prompt lookup eq
 sampling, sampling with an assistant matching the target distribution (chi-square), the KV
 caches after any accept/reject pattern equal to a fresh prefill, errors, and the CLI flags.
 """
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_model, env_with_pythonpath, favour_token_patch, prompt_ids
+from conftest import build_model, favour_token_patch, prompt_ids, run_cli
 
 DTYPES = ["f32", "f16", "bf16", "q8", "q4"]
 EOS = 2
@@ -401,21 +399,16 @@ def test_assistant_with_another_vocabulary_is_refused(ort, sessions, work_dir, t
             sessions["f32"].generate(prompt_ids(5, 512), assistant_model=other)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "openelm_rt.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env_with_pythonpath(), timeout=120)
-
-
 def test_cli_flags_from_the_model_card(sessions, exports, draft):
     s = sessions["f32"]
     prompt = "Once upon a time there was"
     ref = s.generate(prompt, max_new_tokens=12, repetition_penalty=1.2)
-    p = _cli("generate", "--model", exports["f32"], "--prompt", prompt, "--max-new-tokens", 12,
+    p = run_cli("generate", "--model", exports["f32"], "--prompt", prompt, "--max-new-tokens", 12,
              "--generate_kwargs", "repetition_penalty=1.2", "prompt_lookup_num_tokens=10")
     assert p.returncode == 0, p.stderr
     assert p.stdout == prompt + ref.text + "\n"
     assert "accepted" in p.stderr and "speculation adaptive" in p.stderr
-    p = _cli("generate", "--model", exports["f32"], "--prompt", prompt, "--max-new-tokens", 12,
+    p = run_cli("generate", "--model", exports["f32"], "--prompt", prompt, "--max-new-tokens", 12,
              "--generate_kwargs", "repetition_penalty=1.2", "--assistant_model", draft.path,
              "--speculation", "hf")
     assert p.returncode == 0, p.stderr
@@ -424,10 +417,10 @@ def test_cli_flags_from_the_model_card(sessions, exports, draft):
 
 
 def test_cli_validates_every_flag_before_any_output(exports, tmp_path):
-    p = _cli("generate", "--model", exports["f32"], "--prompt", "hi", "--generate_kwargs", "top_p=1.5")
+    p = run_cli("generate", "--model", exports["f32"], "--prompt", "hi", "--generate_kwargs", "top_p=1.5")
     assert p.returncode == 2 and p.stdout == "" and "top_p" in p.stderr
-    p = _cli("generate", "--model", exports["f32"], "--prompt", "hi", "--assistant_model", tmp_path / "no.oelm")
+    p = run_cli("generate", "--model", exports["f32"], "--prompt", "hi", "--assistant_model", tmp_path / "no.oelm")
     assert p.returncode == 2 and p.stdout == "" and "assistant model" in p.stderr
-    p = _cli("generate", "--model", exports["f32"], "--prompt", "hi", "--generate_kwargs",
+    p = run_cli("generate", "--model", exports["f32"], "--prompt", "hi", "--generate_kwargs",
              "prompt_lookup_num_tokens=3", "num_assistant_tokens_schedule=fast")
     assert p.returncode == 2 and p.stdout == "" and "num_assistant_tokens_schedule" in p.stderr

@@ -4,15 +4,13 @@ of generations (bounded, updated incrementally) counts what a fresh count would,
 output with the cache (alone, with a corpus, in the adaptive default beside prompt lookup and
 an assistant) is plain greedy output bit for bit; seeded sampling gives the plain tokens.
 """
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import env_with_pythonpath, prompt_ids
+from conftest import prompt_ids, run_cli
 
 EOS = 2
 
@@ -229,26 +227,21 @@ def test_ngram_errors(sessions):
     assert s.generate(p, max_new_tokens=2, ngram_cache=False).speculation is None
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "openelm_rt.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env_with_pythonpath(), timeout=120)
-
-
 def test_cli_ngram_flags(sessions, tiny_f32_all_dtypes, tmp_path):
     s = sessions["f32"]
     prompt = "Once upon a time there was"
     ref = s.generate(prompt, max_new_tokens=12)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(prompt + ref.text + "\n" + prompt + ref.text)
-    p = _cli("generate", "--model", tiny_f32_all_dtypes["f32"], "--prompt", prompt, "--max-new-tokens", 12,
+    p = run_cli("generate", "--model", tiny_f32_all_dtypes["f32"], "--prompt", prompt, "--max-new-tokens", 12,
              "--ngram_corpus", corpus, "--speculation", "hf")
     assert p.returncode == 0, p.stderr
     assert p.stdout == prompt + ref.text + "\n"
     assert "speculation hf" in p.stderr
-    p = _cli("generate", "--model", tiny_f32_all_dtypes["f32"], "--prompt", prompt, "--max-new-tokens", 12,
+    p = run_cli("generate", "--model", tiny_f32_all_dtypes["f32"], "--prompt", prompt, "--max-new-tokens", 12,
              "--generate_kwargs", "ngram_cache=true", "ngram_num_tokens=4")
     assert p.returncode == 0, p.stderr
     assert p.stdout == prompt + ref.text + "\n"
-    p = _cli("generate", "--model", tiny_f32_all_dtypes["f32"], "--prompt", "hi", "--ngram_corpus",
+    p = run_cli("generate", "--model", tiny_f32_all_dtypes["f32"], "--prompt", "hi", "--ngram_corpus",
              tmp_path / "missing.txt")
     assert p.returncode == 2 and p.stdout == "" and "ngram_corpus" in p.stderr
