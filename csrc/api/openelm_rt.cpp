@@ -140,6 +140,14 @@ void check_struct_size(const T& s, const char* type, const char* init) {
 
 int32_t to_i32(int64_t v) { return int32_t(v); }  // every count here is < 2^31 by validation
 
+// C++ types cross no extern "C" boundary: this stays outside that block (clang warns otherwise).
+oelm::SamplingParams sampling_from(const oelm_sampling_params& p) {
+  check_struct_size(p, "oelm_sampling_params", "oelm_sampling_params_default()");
+  const oelm::SamplingParams sp{p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.seed};
+  oelm::validate(sp);  // names the bad field
+  return sp;
+}
+
 }  // namespace
 
 extern "C" {
@@ -515,15 +523,6 @@ oelm_sampling_params oelm_sampling_params_default(void) {
   p.seed = d.seed;
   return p;
 }
-
-namespace {
-oelm::SamplingParams sampling_from(const oelm_sampling_params& p) {
-  check_struct_size(p, "oelm_sampling_params", "oelm_sampling_params_default()");
-  const oelm::SamplingParams sp{p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.seed};
-  oelm::validate(sp);  // names the bad field
-  return sp;
-}
-}  // namespace
 
 oelm_status oelm_session_set_sampling(oelm_session* session, const oelm_sampling_params* params) {
   return guarded([&] {
