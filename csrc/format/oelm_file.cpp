@@ -25,6 +25,7 @@ const char* dtype_name(DType t) {
     case DType::q4: return "q4_b32r16i";
     case DType::q6: return "q6_b32r16i";
     case DType::q5: return "q5_b32r16i";
+    case DType::q4k: return "q4k_b32r16i";
   }
   return "?";
 }
@@ -38,13 +39,14 @@ size_t dtype_size(DType t) {
     case DType::q8:
     case DType::q4:
     case DType::q6:
-    case DType::q5: return 0;  // block types: see tensor_bytes()
+    case DType::q5:
+    case DType::q4k: return 0;  // block types: see tensor_bytes()
   }
   return 0;
 }
 
 bool dtype_from_name(std::string_view name, DType* out) {
-  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4, DType::q6, DType::q5})
+  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4, DType::q6, DType::q5, DType::q4k})
     if (name == dtype_name(t)) {
       *out = t;
       return true;
@@ -53,7 +55,7 @@ bool dtype_from_name(std::string_view name, DType* out) {
 }
 
 bool dtype_is_quantized(DType t) {
-  return t == DType::q8 || t == DType::q4 || t == DType::q6 || t == DType::q5;
+  return t == DType::q8 || t == DType::q4 || t == DType::q6 || t == DType::q5 || t == DType::q4k;
 }
 
 std::string legacy_dtype_hint(std::string_view name) {
@@ -73,6 +75,13 @@ bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out) {
     // 11 Kp (q5), 9 Kp (q4).
     const uint64_t panels = (uint64_t(shape[0]) + 15) / 16;
     const uint64_t kp = (uint64_t(shape[1]) + 31) / 32 * 32;
+    if (t == DType::q4k) {  // per panel: nb / S super-blocks of 64 + 280 S bytes
+      const uint64_t nb = kp / 32, S = uint64_t(q4k_subs(int64_t(nb)));
+      const uint64_t per_panel = nb / S * (64 + 280 * S);
+      if (per_panel != 0 && panels > kMax / per_panel) return false;
+      *out = panels * per_panel;
+      return true;
+    }
     const uint64_t per_col = t == DType::q8 ? 17 : t == DType::q6 ? 13 : t == DType::q5 ? 11 : 9;
     if (kp != 0 && panels > kMax / per_col / kp) return false;
     *out = panels * per_col * kp;
@@ -299,7 +308,7 @@ void OelmFile::validate_and_index(bool verify) {
     if (const std::string hint = legacy_dtype_hint(d); !hint.empty()) bad(path_, "tensor '" + nm + "': " + hint);
     if (!dtype_from_name(d, &tv.dtype))
       bad(path_, "tensor '" + nm + "': unknown dtype \"" + d +
-                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i); upgrade "
+                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade "
                      "openelm_rt or re-export");
     const json::Value* shape = t.find("shape");
     if (!shape || !shape->is_array() || shape->items().empty() || shape->items().size() > 4)

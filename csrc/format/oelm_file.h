@@ -15,22 +15,31 @@ namespace oelm {
 
 // q8, q4, q6 and q5 are the block-quantized weight types "q8_b32r16i", "q4_b32r16i", "q6_b32r16i"
 // and "q5_b32r16i" (FORMAT.md).
-enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7 };
+// q4k is "q4k_b32r16i": 4-bit weights with 6-bit scales and minimums in super-blocks (FORMAT.md).
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7, q4k = 8 };
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types
 // The DType whose dtype_name() is `name`; false if there is none.
 bool dtype_from_name(std::string_view name, DType* out);
-bool dtype_is_quantized(DType t);  // q8, q4, q6, q5: 2-D only, sized by tensor_bytes()
+bool dtype_is_quantized(DType t);  // q8, q4, q6, q5, q4k: 2-D only, sized by tensor_bytes()
 // For "q8_b32r16" / "q4_b32r16", the quantized layout of older files that this reader no
 // longer accepts: what happened and the fix. Empty for any other name.
 std::string legacy_dtype_hint(std::string_view name);
 
 // Bytes a tensor of this dtype and logical shape occupies (FORMAT.md): product(shape) x
 // dtype_size, or for the block-quantized types (2-D [N, K] only) (Np / 16) * 17 * Kp (q8),
-// * 13 * Kp (q6), * 11 * Kp (q5) or * 9 * Kp (q4). Returns false (out untouched) if the shape is invalid for the dtype
+// * 13 * Kp (q6), * 11 * Kp (q5) or * 9 * Kp (q4); q4k: (Np / 16) * (nb / S) * (64 + 280 S). Returns false (out untouched) if the shape is invalid for the dtype
 // (negative, not 2-D for a block type) or the size does not fit in 64 bits.
 bool tensor_bytes(DType t, const std::vector<int64_t>& shape, uint64_t* out);
+
+// q4k: blocks of 32 per super-block for a row of nb blocks, the largest of 8, 7, ..., 1 that
+// divides nb (FORMAT.md; 8 when the row is a multiple of 256 long).
+inline int64_t q4k_subs(int64_t nb) {
+  for (int64_t s = 8; s > 1; --s)
+    if (nb % s == 0) return s;
+  return 1;
+}
 
 // A tensor inside the mapped file: no copy, valid while the OelmFile lives.
 struct TensorView {

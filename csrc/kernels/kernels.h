@@ -72,7 +72,7 @@ using swiglu_fn = void (*)(const float* gate, const float* up, int64_t n, float*
 // rows come back as scale * q, which is exact in f32).
 using row_to_f32_fn = void (*)(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 
-// --- Block-quantized weights (q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i; layout in
+// --- Block-quantized weights (q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i; layout in
 // docs/FORMAT.md) ---
 // Integer kernels multiply int8 activations by the stored integer weights. Activations are
 // quantized per block of kQBlock values: d = amax / 127, q = nearbyint(x * (127 / amax)),
@@ -95,6 +95,20 @@ constexpr int64_t kQ5BlockBytes = kQ4BlockBytes + 64;      // 352 = 11 * 32
 inline int64_t q_padded_k(int64_t K) { return (K + kQBlock - 1) / kQBlock * kQBlock; }
 inline int64_t q_padded_n(int64_t N) { return (N + kQRows - 1) / kQRows * kQRows; }
 
+// q4k_b32r16i (FORMAT.md): 4-bit weights u in [0, 15], w = d * sc * u - dmin * m, with a 6-bit
+// scale sc and a 6-bit minimum m per block of 32 and binary16 d, dmin per super-block of S
+// blocks. S is the largest of 8, 7, ..., 1 that divides the row's nb = Kp / 32 blocks (8 when
+// K is a multiple of 256; 6 for K = 576). A panel is nb / S super-blocks; a super-block is the
+// 16 rows' d (32 bytes), their dmin (32 bytes), S x 24 bytes of scales and minimums, then S x
+// 256 bytes of nibbles in q4's layout.
+constexpr int64_t kQ4kHeadBytes = 4 * kQRows;    // d and dmin of 16 rows
+constexpr int64_t kQ4kScaleBytes = 24;           // one block's 16 (sc, m) pairs
+inline int64_t q4k_super_bytes(int64_t S) { return kQ4kHeadBytes + S * (kQ4kScaleBytes + kQNibbleBytes); }
+inline int64_t q4k_panel_bytes(int64_t Kp) {
+  const int64_t nb = Kp / kQBlock, S = q4k_subs(nb);
+  return nb / S * q4k_super_bytes(S);
+}
+
 // Quantizes one row x[0..K) into q[0..Kp), d[0..Kp/32), s[0..Kp/32).
 using quantize_row_fn = void (*)(const float* x, int64_t K, int8_t* q, float* d, int32_t* s);
 
@@ -109,11 +123,13 @@ struct QActs {
 // y[t*ldy + n] for t < T, n in [n0, n1): per block b of K, the exact integer dot product
 // isum of the weight integers (q8: q in [-127,127]; q6: [-32,31]; q5: [-16,15]; q4: [-8,7]) with the activation
 // integers, then acc = fma(float(isum) * x.d[t][b], w.d[n][b], acc) with acc starting at 0
-// and b ascending. n0 is a multiple of kQRows; n1 is a multiple of kQRows or N.
+// and b ascending. q4k: isum of the nibbles u (no offset) with the activation integers, then
+// acc = fma(float(isum) * x.d[t][b], d * sc, acc); acc = fma(float(x.s[t][b]) * x.d[t][b], -(dmin * m), acc)
+// (d * sc and dmin * m are exact in f32). n0 is a multiple of kQRows; n1 is a multiple of kQRows or N.
 using qmatmul_fn = void (*)(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0,
                             int64_t n1, float* y, int64_t ldy);
 
-constexpr int kNumDTypes = 8;  // DType values index the per-dtype tables below
+constexpr int kNumDTypes = 9;  // DType values index the per-dtype tables below
 
 struct KernelTable {
   const char* name;
@@ -156,5 +172,9 @@ void row_to_f32_q8_ref(const void* W, int64_t N, int64_t K, int64_t row, float* 
 void row_to_f32_q4_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 void row_to_f32_q6_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 void row_to_f32_q5_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
+void qmatmul_q4k_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy);
+// q4k rows: f32(d * sc) * u - f32(dmin * m), one rounding (the subtraction).
+void row_to_f32_q4k_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out);
 
 }  // namespace oelm

@@ -60,7 +60,7 @@ DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallbac
     bad(f, std::string("metadata: ") + key + ": " + hint);
   if (!dtype_from_name(v->as_string(), &t) || t == DType::u8)
     bad(f, std::string("metadata: ") + key + " \"" + v->as_string() +
-               "\" is not supported (f32, f16, bf16, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i); upgrade "
+               "\" is not supported (f32, f16, bf16, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade "
                "openelm_rt or re-export");
   return t;
 }

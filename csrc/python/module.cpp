@@ -99,7 +99,8 @@ py::array tensor_copy(const TensorView& t) {
     case DType::q8:
     case DType::q4:
     case DType::q6:
-    case DType::q5: dt = py::dtype::of<uint8_t>(); break;  // block types: the raw bytes
+    case DType::q5:
+    case DType::q4k: dt = py::dtype::of<uint8_t>(); break;  // block types: the raw bytes
   }
   py::array a(dt, shape);
   std::memcpy(a.mutable_data(), t.data, t.size);

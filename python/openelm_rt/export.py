@@ -49,9 +49,9 @@ _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"
           "u8": np.dtype("u1")}
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 # --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
-WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4")
+WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4", "q4k")
 FILE_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8": quant.Q8, "q6": quant.Q6, "q5": quant.Q5,
-              "q4": quant.Q4}
+              "q4": quant.Q4, "q4k": quant.Q4K}
 TOKENIZER_TENSOR = "tokenizer.model"
 
 _CHUNK_BYTES = 16 << 20  # conversion granularity: bounds temporaries and keeps the bar moving
@@ -187,12 +187,13 @@ def _choose_dtype(requested: str, ckpt: HFCheckpoint, layout) -> str:
 def _choose_embedding_dtype(requested: str | None, weights: str) -> str:
     """The dtype of the vocabulary matrices (token_embd, and output when untied).
 
-    Default: the weights' dtype, except q8 for q4 weights. With a tied head this matrix is the
-    LM head, whose rounding error goes straight into every logit (llama.cpp likewise keeps
-    its output matrix at Q6_K in a Q4_0 model); q8 costs 4 more bits on 2-12% of the weights.
+    Default: the weights' dtype, except q8 for q4 weights and q6 for q4k weights. With a tied
+    head this matrix is the LM head, whose rounding error goes straight into every logit
+    (llama.cpp likewise keeps its output matrix, or a tied embedding, at Q6_K in its Q4_0 and
+    Q4_K_M models); q8 costs 4 more bits on 2-12% of the weights, q6 2 more.
     """
     if requested is None:
-        return quant.Q8 if weights == quant.Q4 else weights
+        return quant.Q8 if weights == quant.Q4 else quant.Q6 if weights == quant.Q4K else weights
     if requested not in WEIGHT_DTYPES:
         raise ExportError(f"embedding dtype {requested!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     return FILE_DTYPE[requested]
@@ -211,7 +212,7 @@ def _importance_stats(src: Path, tok, entries, imatrix, calibration, ctx, imatri
     quantized = [e for e in entries if e.dtype in quant.QUANT_DTYPES]
     if not quantized:
         raise ExportError("importance-weighted quantization applies to block-quantized (q8, q6, q5, "
-                          "q4) matrices only; choose one of them as --dtype (or --embedding-dtype), "
+                          "q4, q4k) matrices only; choose one of them as --dtype (or --embedding-dtype), "
                           "or drop the "
                           "calibration options")
     if calibration is not None:
@@ -420,11 +421,11 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
-    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q6" / "q5" / "q4" (FORMAT.md,
+    mix dtypes), "f32", "f16", "bf16", or the block-quantized "q8" / "q6" / "q5" / "q4" / "q4k" (FORMAT.md,
     quant.py);
     norm weights are always f32. embedding_dtype: one of those (not auto) for the token
     embedding, which is also the LM head when tied (and for `output` when untied); default
-    the weights' dtype, but q8 for q4 weights (_choose_embedding_dtype). tokenizer: path of a
+    the weights' dtype, but q8 for q4 and q6 for q4k weights (_choose_embedding_dtype). tokenizer: path of a
     SentencePiece tokenizer.model (default src_dir/tokenizer.model); with_tokenizer=False writes
     a file of token ids only, with no tokenizer (FORMAT.md; for models whose vocabulary is not
     SentencePiece, e.g. the SmolLM2 stand-in of benchmarks/standin.py). progress: show a bar on
@@ -671,19 +672,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight type: auto keeps the checkpoint's (F32 -> f32, BF16 -> bf16); "
                         "q8 / q6 / q5 / q4 are 8 / 6 / 5 / 4-bit blocks of 32 weights with a 16-bit "
                         "scale (8.5 / 6.5 / 5.5 / 4.5 bits per weight; q8, q5, q4 like llama.cpp "
-                        "Q8_0 / Q5_0 / Q4_0); norm weights "
+                        "Q8_0 / Q5_0 / Q4_0); q4k is 4-bit with 6-bit scales and minimums per 32 "
+                        "weights in super-blocks of 256 (4.5 bits per weight, like llama.cpp Q4_K; "
+                        "docs/FORMAT.md); norm weights "
                         "are always f32 (default: %(default)s)")
     p.add_argument("--embedding-dtype", choices=WEIGHT_DTYPES, default=None,
                    help="type of the token embedding, which is also the LM head (default: as "
-                        "--dtype, but q8 for q4: the head's rounding goes straight into the "
-                        "logits)")
+                        "--dtype, but q8 for q4 and q6 for q4k: the head's rounding goes straight "
+                        "into the logits)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="SentencePiece tokenizer.model (default: SRC/tokenizer.model)")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="store no tokenizer: the model then takes and returns token ids only "
                         "(for a model whose vocabulary is not a SentencePiece model)")
     g = p.add_argument_group(
-        "importance-weighted quantization (q8, q6, q5, q4)",
+        "importance-weighted quantization (q8, q6, q5, q4, q4k)",
         "Choose each block's scale by the error it causes in the matrix products on calibration\n"
         "text (llama.cpp's imatrix): the checkpoint runs once on the calibration tokens to\n"
         "measure the inputs of every matrix. The file layout is the same.")

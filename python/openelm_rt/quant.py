@@ -60,7 +60,8 @@ Q8 = "q8_b32r16i"
 Q4 = "q4_b32r16i"
 Q6 = "q6_b32r16i"
 Q5 = "q5_b32r16i"
-QUANT_DTYPES = (Q8, Q4, Q6, Q5)
+Q4K = "q4k_b32r16i"
+QUANT_DTYPES = (Q8, Q4, Q6, Q5, Q4K)
 # Bits per weight integer; q6 / q5 store q4's nibbles plus 2 / 1 bits in lines of high bits.
 BITS = {Q8: 8, Q6: 6, Q5: 5, Q4: 4}
 _RANGE = {Q8: (-127, 127), Q6: (-32, 31), Q5: (-16, 15), Q4: (-8, 7)}
@@ -99,6 +100,10 @@ def tensor_nbytes(dtype: str, shape) -> int:
         if len(shape) != 2:
             raise ValueError(f"{dtype} stores 2-D matrices only, got shape {list(shape)}")
         N, K = shape
+        if dtype == Q4K:
+            nb = padded_k(K) // QBLOCK
+            S = q4k_subs(nb)
+            return padded_n(N) // QROWS * (nb // S) * _q4k_super_bytes(S)
         return padded_n(N) // QROWS * _PER_PANEL_COL[dtype] * padded_k(K)
     if dtype not in _ITEMSIZE:
         raise ValueError(f"unknown dtype {dtype!r}")
@@ -367,7 +372,10 @@ def pack_q5(d: np.ndarray, q: np.ndarray, N: int, K: int) -> bytes:
 
 
 def unpack(raw, dtype: str, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of pack_q8 / q6 / q5 / q4: (d float16 [N, nb], q int8 [N, Kp]); padding dropped."""
+    """Inverse of pack_q8 / q6 / q5 / q4: (d float16 [N, nb], q int8 [N, Kp]); padding dropped.
+    (q4k has more parts: unpack_q4k.)"""
+    if dtype == Q4K:
+        raise ValueError(f"{Q4K} has scales, minimums and super-block scales: use unpack_q4k")
     if dtype not in QUANT_DTYPES:
         raise ValueError(f"{dtype!r} is not a block-quantized dtype ({', '.join(QUANT_DTYPES)})")
     buf = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1)
@@ -401,8 +409,264 @@ def unpack(raw, dtype: str, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize(raw, dtype: str, N: int, K: int) -> np.ndarray:
     """f32 [N, K] = d * q of the packed bytes (exact in float32)."""
+    if dtype == Q4K:
+        return dequantize_q4k(raw, N, K)
     d, q = unpack(raw, dtype, N, K)
     w = np.repeat(d.astype(np.float32), QBLOCK, axis=1) * q.astype(np.float32)
+    return np.ascontiguousarray(w[:, :K])
+
+
+# ----------------------------------------------------------------------------- q4k
+
+# q4k_b32r16i (FORMAT.md): w = d * sc * u - dmin * m, u in [0, 15] per weight, sc and m in [0, 63] per
+# block of 32, d and dmin binary16 per super-block of S blocks (q4k_subs). How the exporter chooses
+# them (llama.cpp's Q4_K recipe, importance-weighted as its imatrix quantization):
+#  1. per block, the best (scale s >= 0, minimum mn >= 0) of w ~ s u - mn under the weights u_k
+#     (importance, or 1): for each candidate iscale = (15 + t) / (max - min), t in Q4K_STEPS, the
+#     integers u = clamp(rint(iscale (w - min)), 0, 15) and their weighted least-squares (s, -mn)
+#     (mn clamped at 0), keeping the least weighted error;
+#  2. per super-block, s and mn to 6 bits: d = the weighted least-squares scale of the best of a
+#     few rounding candidates (weights: each block's total u), rounded to binary16, sc = clamp(rint(s / d));
+#     likewise dmin and m;
+#  3. the weights' integers again for the stored d * sc and dmin * m; then (d, dmin) refit by least
+#     squares for those integers, kept only where it lowers the super-block's weighted error.
+Q4K_STEPS = tuple(-1.0 + 0.1 * i for i in range(21))
+_Q4K_SCALE_STEPS = tuple(0.1 * i for i in range(-4, 5))
+
+
+def q4k_subs(nb: int) -> int:
+    """Blocks per super-block for a row of nb blocks: the largest of 8, 7, ..., 1 dividing nb."""
+    for s in range(8, 1, -1):
+        if nb % s == 0:
+            return s
+    return 1
+
+
+def _q4k_super_bytes(S: int) -> int:
+    return 4 * QROWS + S * (24 + 16 * QBLOCK // 2)
+
+
+def _q4k_block_fit(wb: np.ndarray, u: np.ndarray):
+    """Step 1 on blocks wb [n, 32], weights u [n, 32]: (s, mn) float64 [n]."""
+    w = wb.astype(np.float64)
+    uu = u.astype(np.float64)
+    lo = np.minimum(w.min(axis=1), 0.0)
+    hi = w.max(axis=1)
+    rng = hi - lo
+    live = rng > 0
+    rng = np.where(live, rng, 1.0)
+    sw = uu.sum(axis=1)
+    sx = (uu * w).sum(axis=1)
+    # start: the plain min / max mapping
+    best_s = np.where(live, rng / 15, 0.0)
+    best_m = np.where(live, -lo, 0.0)
+    q = np.clip(np.rint((w - lo[:, None]) * (15 / rng)[:, None]), 0, 15)
+    r = best_s[:, None] * q - best_m[:, None] - w
+    best_err = np.einsum("ij,ij,ij->i", uu, r, r)
+    for t in Q4K_STEPS:
+        q = np.clip(np.rint((w - lo[:, None]) * ((15 + t) / rng)[:, None]), 0, 15)
+        uq = uu * q
+        sq = uq.sum(axis=1)
+        sqq = np.einsum("ij,ij->i", uq, q)
+        sqx = np.einsum("ij,ij->i", uq, w)
+        det = sw * sqq - sq * sq
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = (sw * sqx - sq * sx) / det
+            b = (sqq * sx - sq * sqx) / det
+            pos = b > 0  # the offset must be a minimum (<= 0): refit the scale alone
+            s = np.where(pos, sqx / sqq, s)
+            b = np.where(pos, 0.0, b)
+        ok = live & (det > 0) & np.isfinite(s) & (s >= 0)
+        r = s[:, None] * q + b[:, None] - w
+        err = np.einsum("ij,ij,ij->i", uu, r, r)
+        better = ok & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_m = np.where(better, -b, best_m)
+    return best_s, best_m
+
+
+def _q4k_six_bits(v: np.ndarray, wt: np.ndarray, what: str):
+    """Step 2 on v [n, S] >= 0 with weights wt [n, S]: (binary16 scale [n], integers [n, S])."""
+    vmax = v.max(axis=1)
+    live = vmax > 0
+    safe = np.where(live, vmax, 1.0)
+    best_d = np.where(live, vmax / 63, 0.0)
+    best_err = np.full(len(v), np.inf)
+    for t in _Q4K_SCALE_STEPS:
+        L = np.clip(np.rint(v * ((63 + t) / safe)[:, None]), 0, 63)
+        num = (wt * v * L).sum(axis=1)
+        den = (wt * L * L).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(den > 0, num / den, best_d)
+        err = (wt * (v - d[:, None] * L) ** 2).sum(axis=1)
+        better = live & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_d = np.where(better, d, best_d)
+    with np.errstate(over="ignore"):
+        d16 = best_d.astype(np.float16)
+    if not np.isfinite(d16).all():
+        raise ValueError(f"weights too large for {Q4K}: a {what} beyond the binary16 range (±{_F16_MAX:g}); "
+                         f"export with --dtype f32 or bf16")
+    d32 = d16.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.where(d32[:, None] > 0, np.clip(np.rint(v / np.where(d32 > 0, d32, 1.0)[:, None]), 0, 63), 0)
+    return d16, L.astype(np.uint8)
+
+
+def _q4k_ints(wb, dsc, dm):
+    """Step 3's integers: clamp(rint((w + dm) / dsc), 0, 15), 0 where dsc == 0 (float32, as stored)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint((wb + dm[:, None]) / np.where(dsc > 0, dsc, 1)[:, None])
+    return np.where(dsc[:, None] > 0, np.clip(q, 0, 15), 0)
+
+
+def _q4k_chunk(wb: np.ndarray, u: np.ndarray, S: int):
+    """wb, u [n * S, 32] (whole super-blocks, in order) -> d16, dmin16 [n], sc, m [n, S], q [n * S, 32]."""
+    s, mn = _q4k_block_fit(wb, u)
+    wt = u.astype(np.float64).sum(axis=1).reshape(-1, S)
+    d16, sc = _q4k_six_bits(s.reshape(-1, S), wt, "scale")
+    m16, mq = _q4k_six_bits(mn.reshape(-1, S), wt, "minimum")
+    w64 = wb.astype(np.float64)
+    u64 = u.astype(np.float64)
+
+    def ints_and_err(d16, m16):
+        dsc = (d16.astype(np.float32)[:, None] * sc).reshape(-1)  # exact: 11 bits x 6 bits
+        dm = (m16.astype(np.float32)[:, None] * mq).reshape(-1)
+        q = _q4k_ints(wb, dsc, dm)
+        r = (dsc[:, None].astype(np.float64) * q - dm[:, None]) - w64
+        return q, np.einsum("ij,ij,ij->i", u64, r, r).reshape(-1, S).sum(axis=1)
+
+    q, err = ints_and_err(d16, m16)
+    # refit (d, dmin) for these integers: minimise sum u (d a - dmin c - w)^2, a = sc u, c = m
+    a = (sc.reshape(-1).astype(np.float64)[:, None] * q)
+    c = np.broadcast_to(mq.reshape(-1).astype(np.float64)[:, None], a.shape)
+
+    def ssum(x):
+        return np.einsum("ij,ij->i", u64, x).reshape(-1, S).sum(axis=1)
+    saa, scc, sac = ssum(a * a), ssum(c * c), ssum(a * c)
+    saw, scw = ssum(a * w64), ssum(c * w64)
+    det = saa * scc - sac * sac
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d_new = (saw * scc - scw * sac) / det
+        m_new = (saw * sac - scw * saa) / det
+        ok = (det > 0) & np.isfinite(d_new) & np.isfinite(m_new) & (d_new > 0) & (m_new >= 0) & \
+            (d_new < _F16_MAX) & (m_new < _F16_MAX)
+        d_try = np.where(ok, d_new, d16.astype(np.float64)).astype(np.float16)
+        m_try = np.where(ok, m_new, m16.astype(np.float64)).astype(np.float16)
+    q2, err2 = ints_and_err(d_try, m_try)
+    better = err2 < err
+    d16 = np.where(better, d_try, d16)
+    m16 = np.where(better, m_try, m16)
+    q = np.where(np.repeat(better, S)[:, None], q2, q)
+    return d16, m16, sc, mq, q
+
+
+def quantize_q4k(w: np.ndarray, imp=None):
+    """w f32 [N, K] -> (d, dmin float16 [N, nb / S], sc, m uint8 [N, nb], u uint8 [N, Kp]) of
+    q4k_b32r16i (the rule above; with imp [K] importance-weighted). Padding columns get u = 0 and
+    weight 0 in every fit."""
+    wb = _blocks(w)
+    N, K = np.shape(w)
+    Kp = padded_k(K)
+    nb = Kp // QBLOCK
+    S = q4k_subs(nb)
+    if imp is None:
+        u = np.ones((N, Kp), np.float32)
+        u[:, K:] = 0
+        u = u.reshape(-1, QBLOCK)
+    else:
+        u = _importance(w, imp)
+    if N * nb and not (np.abs(wb).max() * 1.01 < _F16_MAX * 63):
+        raise ValueError(f"weights too large for {Q4K}: max |w| = {float(np.abs(wb).max()):.6g} needs a "
+                         f"scale beyond the binary16 range (±{_F16_MAX:g}); export with --dtype f32 or bf16")
+    d = np.empty((N, nb // S), np.float16)
+    dmin = np.empty_like(d)
+    sc = np.empty((N, nb), np.uint8)
+    m = np.empty_like(sc)
+    q = np.empty((N * nb, QBLOCK), np.uint8)
+    rows = max(1, _SUB_BLOCKS // max(nb, 1))
+
+    def run(r0: int) -> None:
+        r1 = min(N, r0 + rows)
+        b0, b1 = r0 * nb, r1 * nb
+        dd, mm, ss, mq, qq = _q4k_chunk(wb[b0:b1], u[b0:b1], S)
+        d[r0:r1] = dd.reshape(r1 - r0, -1)
+        dmin[r0:r1] = mm.reshape(r1 - r0, -1)
+        sc[r0:r1] = ss.reshape(r1 - r0, -1)
+        m[r0:r1] = mq.reshape(r1 - r0, -1)
+        q[b0:b1] = qq
+
+    starts = range(0, N, rows)
+    threads = min(len(starts), os.cpu_count() or 1)
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
+    else:
+        for r0 in starts:
+            run(r0)
+    q = q.reshape(N, Kp)
+    q[:, K:] = 0
+    return d, dmin, sc, m, q
+
+
+def pack_q4k(d, dmin, sc, m, q, N: int, K: int) -> bytes:
+    """FORMAT.md q4k_b32r16i bytes of the quantized [N, K] matrix (quantize_q4k's parts)."""
+    Kp, Np = padded_k(K), padded_n(N)
+    nb = Kp // QBLOCK
+    S = q4k_subs(nb)
+    ns = nb // S
+    if d.shape != (N, ns) or dmin.shape != (N, ns) or sc.shape != (N, nb) or m.shape != (N, nb) or \
+            q.shape != (N, Kp):
+        raise ValueError(f"q4k parts do not fit a [{N}, {K}] matrix")
+    if q.size and int(q.max()) > 15 or sc.size and (int(sc.max()) > 63 or int(m.max()) > 63):
+        raise ValueError("q4k integers out of range (u: [0, 15], sc and m: [0, 63])")
+    pad = ((0, Np - N), (0, 0))
+    d, dmin, sc, m, q = (np.pad(a, pad) for a in (d, dmin, sc, m, q))
+    P = Np // QROWS
+    head = np.concatenate([d.astype("<f2").reshape(P, QROWS, ns).transpose(0, 2, 1).copy().view(np.uint8),
+                           dmin.astype("<f2").reshape(P, QROWS, ns).transpose(0, 2, 1).copy().view(np.uint8)],
+                          axis=2)                                         # [P, ns, 64]
+    sc = sc.astype(np.uint8).reshape(P, QROWS, ns, S).transpose(0, 2, 3, 1)  # [P, ns, S, r]
+    m = m.astype(np.uint8).reshape(P, QROWS, ns, S).transpose(0, 2, 3, 1)
+    a = sc | ((m >> 4) << 6)
+    b = (m[..., :8] & 15) | ((m[..., 8:] & 15) << 4)
+    scales = np.concatenate([a, b], axis=3).reshape(P, ns, S * 24)
+    u = q.astype(np.uint8).reshape(P, QROWS, nb, 2, 4, 4)                   # [P, r, b, half, g, j]
+    byte = u[:, :, :, 0] | (u[:, :, :, 1] << 4)
+    byte = byte.transpose(0, 2, 3, 1, 4).reshape(P, ns, S * 256)           # [P, b, g, r, j]
+    return np.concatenate([head, scales, byte], axis=2).tobytes()
+
+
+def unpack_q4k(raw, N: int, K: int):
+    """Inverse of pack_q4k: (d, dmin [N, nb / S], sc, m [N, nb], u [N, Kp]); padding rows dropped."""
+    buf = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1)
+    if buf.size != tensor_nbytes(Q4K, (N, K)):
+        raise ValueError(f"{Q4K} [{N}, {K}] is {tensor_nbytes(Q4K, (N, K))} bytes, got {buf.size}")
+    Kp, Np = padded_k(K), padded_n(N)
+    nb = Kp // QBLOCK
+    S = q4k_subs(nb)
+    ns, P = nb // S, Np // QROWS
+    sup = buf.reshape(P, ns, -1)
+    d = sup[:, :, :32].copy().view("<f2").transpose(0, 2, 1).reshape(Np, ns)
+    dmin = sup[:, :, 32:64].copy().view("<f2").transpose(0, 2, 1).reshape(Np, ns)
+    sm = sup[:, :, 64:64 + 24 * S].reshape(P, ns, S, 24)
+    a, b = sm[..., :16], sm[..., 16:]
+    sc = (a & 63).transpose(0, 3, 1, 2).reshape(Np, nb)
+    m = (((a >> 6) << 4) | np.concatenate([b & 15, b >> 4], axis=3)).transpose(0, 3, 1, 2).reshape(Np, nb)
+    nib = sup[:, :, 64 + 24 * S:].reshape(P, nb, 4, QROWS, 4).transpose(0, 3, 1, 2, 4)  # [P, r, b, g, j]
+    u = np.stack([nib & 15, nib >> 4], axis=3).reshape(Np, Kp)
+    return (d[:N].astype(np.float16), dmin[:N].astype(np.float16), sc[:N].astype(np.uint8), m[:N].astype(np.uint8),
+            u[:N].astype(np.uint8))
+
+
+def dequantize_q4k(raw, N: int, K: int) -> np.ndarray:
+    """f32 [N, K]: f32(d * sc) * u - f32(dmin * m), as the C++ row decode computes it."""
+    d, dmin, sc, m, u = unpack_q4k(raw, N, K)
+    S = q4k_subs(padded_k(K) // QBLOCK)
+    dsc = np.repeat(d.astype(np.float32), S, axis=1) * sc.astype(np.float32)
+    dm = np.repeat(dmin.astype(np.float32), S, axis=1) * m.astype(np.float32)
+    w = np.repeat(dsc, QBLOCK, axis=1) * u.astype(np.float32) - np.repeat(dm, QBLOCK, axis=1)
     return np.ascontiguousarray(w[:, :K])
 
 
@@ -416,6 +680,9 @@ def quantize_packed(w: np.ndarray, dtype: str, imp=None) -> bytes:
     """Quantize (with imp: importance-weighted, module docstring) and pack a whole [N, K] matrix. Packing is per panel of 16 rows, so the bytes
     of rows [16 a, 16 b) are exactly what this returns for those rows alone: the exporter
     calls it on row chunks that are multiples of 16 and concatenates."""
+    if dtype == Q4K:
+        parts = quantize_q4k(w, imp)  # checks that w is 2-D
+        return pack_q4k(*parts, *np.shape(w))
     quantize, pack = _QUANTIZE[dtype]
     d, q = quantize(w) if imp is None else quantize(w, imp)  # checks that w is 2-D
     N, K = np.shape(w)

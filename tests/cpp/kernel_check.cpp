@@ -192,7 +192,7 @@ const Shape kOpenElmShapes[] = {
 
 // ----------------------------------------------------------------------------- matmul (f32, f16, bf16)
 
-const char* kDtypeNames[kNumDTypes] = {"f32", "f16", "bf16", "u8", "q8", "q4", "q6", "q5"};
+const char* kDtypeNames[kNumDTypes] = {"f32", "f16", "bf16", "u8", "q8", "q4", "q6", "q5", "q4k"};
 
 // Tolerance |y - y_ref| <= 16 u * sum_k |x_k w_k|. Both kernels round every partial sum
 // of K products in f32, in different orders (lane counts, tiles, fma or not); for data
@@ -429,6 +429,80 @@ struct QMatrix {
   }
 };
 
+// A q4k_b32r16i matrix built from its integers and scales, packed as FORMAT.md lays it out
+// (written from the format's byte table, not from the kernels' helpers).
+struct Q4kMatrix {
+  int64_t N, K, Kp, nb, S, super_bytes, panel_bytes;
+  std::map<int64_t, std::vector<uint8_t>> u, sc, m;      // row -> u [Kp] (0 beyond K), sc / m [nb]
+  std::map<int64_t, std::vector<uint16_t>> d, dmin;     // row -> binary16 per super-block
+  Zeros bytes;
+
+  Q4kMatrix(int64_t N_, int64_t K_, const std::vector<int64_t>& panels, Rng& r)
+      : N(N_), K(K_), Kp(q_padded_k(K_)), nb(Kp / kQBlock), S(std::max<int64_t>(1, q4k_subs(nb))),
+        super_bytes(64 + 280 * S), panel_bytes(nb / S * super_bytes),
+        bytes(static_cast<size_t>(q_padded_n(N_) / kQRows * panel_bytes)) {
+    for (int64_t p : panels)
+      for (int64_t rr = 0; rr < kQRows; ++rr) {
+        const int64_t row = p * kQRows + rr;
+        u[row].assign(size_t(Kp), 0);
+        sc[row].assign(size_t(nb), 0);
+        m[row].assign(size_t(nb), 0);
+        d[row].assign(size_t(nb / S), 0);
+        dmin[row].assign(size_t(nb / S), 0);
+        if (row >= N) continue;  // padding rows: all zero
+        for (int64_t k = 0; k < K; ++k) u[row][size_t(k)] = uint8_t(r.below(16));
+        for (int64_t b = 0; b < nb; ++b) {
+          sc[row][size_t(b)] = uint8_t(r.below(64));
+          m[row][size_t(b)] = uint8_t(r.below(64));
+        }
+        for (int64_t s = 0; s < nb / S; ++s) {
+          d[row][size_t(s)] = random_f16(r);
+          dmin[row][size_t(s)] = random_f16(r);
+        }
+        pack_row(row);
+      }
+  }
+
+  void pack_row(int64_t row) {
+    uint8_t* panel = bytes.get() + (row / kQRows) * panel_bytes;
+    const int64_t rr = row % kQRows;
+    for (int64_t s = 0; s < nb / S; ++s) {
+      uint8_t* sup = panel + s * super_bytes;
+      std::memcpy(sup + 2 * rr, &d[row][size_t(s)], 2);
+      std::memcpy(sup + 32 + 2 * rr, &dmin[row][size_t(s)], 2);
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t b = s * S + j;
+        const int mm = m[row][size_t(b)];
+        // byte r: sc | (m >> 4) << 6; byte 16 + r % 8: m & 15 in the low (r < 8) or high nibble
+        sup[64 + 24 * j + rr] = uint8_t(sc[row][size_t(b)] | (mm >> 4) << 6);
+        uint8_t& lo = sup[64 + 24 * j + 16 + rr % 8];
+        lo = rr < 8 ? uint8_t((lo & 0xF0) | (mm & 15)) : uint8_t((lo & 0x0F) | (mm & 15) << 4);
+        for (int64_t c = 0; c < kQBlock; ++c) {
+          uint8_t& byte = sup[64 + 24 * S + 256 * j + 64 * ((c % 16) / 4) + 4 * rr + c % 4];
+          const uint8_t v = u[row][size_t(32 * b + c)];
+          byte = c < 16 ? uint8_t((byte & 0xF0) | v) : uint8_t((byte & 0x0F) | v << 4);
+        }
+      }
+    }
+  }
+
+  float dsc(int64_t row, int64_t b) const { return f16_to_f32(d.at(row)[size_t(b / S)]) * float(sc.at(row)[size_t(b)]); }
+  float dm(int64_t row, int64_t b) const { return f16_to_f32(dmin.at(row)[size_t(b / S)]) * float(m.at(row)[size_t(b)]); }
+
+  // The contract of qmatmul_fn for q4k in kernels.h.
+  float dot(const QActs& x, int64_t t, int64_t row) const {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t isum = 0;
+      for (int64_t c = 0; c < kQBlock; ++c)
+        isum += int32_t(u.at(row)[size_t(32 * b + c)]) * x.q[t * Kp + 32 * b + c];
+      acc = std::fma(float(isum) * x.d[t * nb + b], dsc(row, b), acc);
+      acc = std::fma(float(x.s[t * nb + b]) * x.d[t * nb + b], -dm(row, b), acc);
+    }
+    return acc;
+  }
+};
+
 struct QActsBuf {
   std::vector<int8_t> q;
   std::vector<float> d;
@@ -458,8 +532,9 @@ QActsBuf quantized_acts(Rng& r, int64_t T, int64_t K, bool nonfinite = false) {
 
 // qmatmul: bitwise against the FORMAT.md computation (the contract fixes every rounding),
 // and bitwise against the reference when it has the kernel.
+template <class M>
 void qmatmul_case(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, int dt,
-                  const QMatrix& W, const QActsBuf& a, int64_t T, int64_t n0, int64_t n1, const std::string& what) {
+                  const M& W, const QActsBuf& a, int64_t T, int64_t n0, int64_t n1, const std::string& what) {
   const QActs x = a.view(W.Kp);
   const int64_t ldy = W.N + 1;
   const std::string key = name + " qmatmul_" + kDtypeNames[dt];
@@ -483,17 +558,17 @@ void qmatmul_case(Report& rep, const std::string& name, const KernelTable& v, co
   }
 }
 
-void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
-  for (int dt : {int(DType::q8), int(DType::q4), int(DType::q6), int(DType::q5)}) {
-    if (!v.qmatmul[dt]) continue;
-    const int bits = q_bits(dt);
+template <class M>
+void check_qmatmul_type(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r,
+                        int dt, M (*make)(int dt, int64_t N, int64_t K, const std::vector<int64_t>& panels, Rng& r)) {
+  {
     // Odd sizes: N not a multiple of 16 (a partial last panel), K not a multiple of 32
     // (padded blocks), T odd and even (token pairs), sub-ranges of panels.
     for (int64_t N : {1, 5, 16, 17, 40, 64})
       for (int64_t K : {1, 31, 32, 33, 64, 95, 160, 1000}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(bits, N, K, panels, r);
+        const M W = make(dt, N, K, panels, r);
         for (int64_t T : {1, 2, 3, 4, 5, 6, 7, 8, 9, 16}) {
           const QActsBuf a = quantized_acts(r, T, K);
           const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
@@ -510,7 +585,7 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       for (int64_t K : {32, 95, 160}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(bits, N, K, panels, r);
+        const M W = make(dt, N, K, panels, r);
         for (int64_t T : {1, 2}) {
           const QActsBuf a = quantized_acts(r, T, K);
           const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64, N, K, T);
@@ -526,7 +601,7 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       for (int64_t K : {32, 95, 1000}) {
         std::vector<int64_t> panels;
         for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
-        const QMatrix W(bits, N, K, panels, r);
+        const M W = make(dt, N, K, panels, r);
         for (int64_t T : {1, 2, 4, 7, 8, 9}) {
           const QActsBuf a = quantized_acts(r, T, K, true);
           qmatmul_case(rep, name, v, ref, dt, W, a, T, 0, N,
@@ -535,7 +610,7 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       }
     for (const Shape& s : kOpenElmShapes) {
       const int64_t last = q_padded_n(s.N) / kQRows - 1;
-      const QMatrix W(bits, s.N, s.K, {0, last}, r);
+      const M W = make(dt, s.N, s.K, {0, last}, r);
       for (int64_t T : {1, 5}) {
         const QActsBuf a = quantized_acts(r, T, s.K);
         const std::string what = fmt("%s %s [%" PRId64 ", %" PRId64 "] T=%" PRId64, s.model, s.matrices, s.N, s.K, T);
@@ -544,6 +619,32 @@ void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, c
       }
     }
   }
+}
+
+QMatrix make_q(int dt, int64_t N, int64_t K, const std::vector<int64_t>& panels, Rng& r) {
+  return QMatrix(q_bits(dt), N, K, panels, r);
+}
+Q4kMatrix make_q4k(int, int64_t N, int64_t K, const std::vector<int64_t>& panels, Rng& r) {
+  return Q4kMatrix(N, K, panels, r);
+}
+
+void check_qmatmul(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
+  for (int dt : {int(DType::q8), int(DType::q4), int(DType::q6), int(DType::q5)})
+    if (v.qmatmul[dt]) check_qmatmul_type<QMatrix>(rep, name, v, ref, r, dt, make_q);
+  // q4k: also rows whose block count gives every super-block size (S = 1 .. 8: K = 32 nb).
+  const int q4k = int(DType::q4k);
+  if (!v.qmatmul[q4k]) return;
+  check_qmatmul_type<Q4kMatrix>(rep, name, v, ref, r, q4k, make_q4k);
+  for (int64_t nb : {1, 2, 3, 5, 7, 8, 9, 11, 12, 16, 18, 20, 21, 48})
+    for (int64_t N : {16, 40}) {
+      std::vector<int64_t> panels;
+      for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
+      const Q4kMatrix W(N, 32 * nb - (nb % 2), panels, r);
+      for (int64_t T : {1, 2, 3, 7, 8}) {
+        const QActsBuf a = quantized_acts(r, T, W.K);
+        qmatmul_case(rep, name, v, ref, q4k, W, a, T, 0, N, fmt("S=%" PRId64 " N=%" PRId64 " K=%" PRId64 " T=%" PRId64, W.S, N, W.K, T));
+      }
+    }
 }
 
 // quantize_row: q, d and s bitwise equal to the rule kernels.h states (so variants and
@@ -627,6 +728,26 @@ void check_row_to_f32(Report& rep, const std::string& name, const KernelTable& v
         }
       }
   }
+}
+
+void check_row_to_f32_q4k(Report& rep, const std::string& name, const KernelTable& v, Rng& r) {
+  const int dt = int(DType::q4k);
+  if (!v.row_to_f32[dt]) return;
+  const std::string key = name + " row_to_f32_q4k vs FORMAT.md";
+  for (int64_t N : {1, 17})
+    for (int64_t K : {1, 31, 33, 100, 576, 2048}) {
+      std::vector<int64_t> panels;
+      for (int64_t p = 0; p < q_padded_n(N) / kQRows; ++p) panels.push_back(p);
+      const Q4kMatrix W(N, K, panels, r);
+      for (int64_t row = 0; row < N; ++row) {
+        std::vector<float> got(static_cast<size_t>(K) + 1, kSentinel), want(static_cast<size_t>(K) + 1, kSentinel);
+        v.row_to_f32[dt](W.bytes.get(), N, K, row, got.data());
+        for (int64_t c = 0; c < K; ++c)
+          want[size_t(c)] = W.dsc(row, c / kQBlock) * float(W.u.at(row)[size_t(c)]) - W.dm(row, c / kQBlock);
+        rep.compare(key, fmt("N=%" PRId64 " K=%" PRId64 " row %" PRId64, N, K, row), got.data(), want.data(), nullptr,
+                    K + 1);
+      }
+    }
 }
 
 // ----------------------------------------------------------------------------- element-wise ops
@@ -881,6 +1002,7 @@ int main() {
     check_qmatmul(rep, name, v, ref, r);
     check_quantize_row(rep, name, v, r);
     check_row_to_f32(rep, name, v, ref, r);
+    check_row_to_f32_q4k(rep, name, v, r);
   }
   check_f32_to_f16(rep);
   if (tables.size() == 1 && !(env && *env))

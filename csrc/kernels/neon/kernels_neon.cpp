@@ -313,6 +313,90 @@ OELM_DOTPROD void qpanel(const QActs& x, int64_t t0, const uint8_t* panel, float
     for (int j = 0; j < 4; ++j) vst1q_f32(out[t] + 4 * j, acc[t][j]);
 }
 
+// q4k (FORMAT.md): per super-block, the 16 rows' d and dmin; per block the nibbles' exact integer
+// sums (q4's, without the offset), then the contract's two fmas with d * sc and -(dmin * m) (both
+// exact in f32): the reference's operations in its order, so the results are bitwise equal.
+template <int TT>
+OELM_DOTPROD void q4k_panel(const QActs& x, int64_t t0, const uint8_t* panel, float out[][16]) {
+  const int64_t Kp = x.Kp, nb = Kp / kQBlock, S = q4k_subs(nb), SB = q4k_super_bytes(S);
+  float32x4_t acc[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int j = 0; j < 4; ++j) acc[t][j] = vdupq_n_f32(0.0f);
+  QBlock<TT> q;
+  auto widen16 = [](const uint16_t* p, float32x4_t v[4]) {
+    const float16x8_t a = vreinterpretq_f16_u16(vld1q_u16(p)), b = vreinterpretq_f16_u16(vld1q_u16(p + 8));
+    v[0] = vcvt_f32_f16(vget_low_f16(a));
+    v[1] = vcvt_high_f32_f16(a);
+    v[2] = vcvt_f32_f16(vget_low_f16(b));
+    v[3] = vcvt_high_f32_f16(b);
+  };
+  auto to_f32 = [](uint8x16_t u, float32x4_t v[4]) {
+    const uint16x8_t lo = vmovl_u8(vget_low_u8(u)), hi = vmovl_high_u8(u);
+    v[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+    v[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+    v[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+    v[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+  };
+  for (int64_t sb = 0; sb < nb / S; ++sb) {
+    const uint8_t* sup = panel + sb * SB;
+    float32x4_t d[4], dmin[4];
+    widen16(reinterpret_cast<const uint16_t*>(sup), d);
+    widen16(reinterpret_cast<const uint16_t*>(sup + 2 * kQRows), dmin);
+    for (int64_t jb = 0; jb < S; ++jb) {
+      const int64_t b = sb * S + jb;
+      for (int t = 0; t < TT; ++t) {
+        const int8_t* xb = x.q + (t0 + t) * Kp + b * kQBlock;
+        q.xq[t][0] = vld1q_s8(xb);
+        q.xq[t][1] = vld1q_s8(xb + 16);
+        for (int j = 0; j < 4; ++j) q.isum[t][j] = vdupq_n_s32(0);
+      }
+      q.q4(sup + kQ4kHeadBytes + kQ4kScaleBytes * S + kQNibbleBytes * jb, std::make_integer_sequence<int, 4>{});
+      const uint8_t* sm = sup + kQ4kHeadBytes + kQ4kScaleBytes * jb;
+      const uint8x16_t a = vld1q_u8(sm);
+      const uint8x8_t mb = vld1_u8(sm + 16);
+      const uint8x16_t mlo = vcombine_u8(vand_u8(mb, vdup_n_u8(0x0F)), vshr_n_u8(mb, 4));
+      float32x4_t sc[4], m[4];
+      to_f32(vandq_u8(a, vdupq_n_u8(63)), sc);
+      to_f32(vorrq_u8(vshlq_n_u8(vshrq_n_u8(a, 6), 4), mlo), m);
+      float32x4_t dsc[4], ndm[4];
+      for (int j = 0; j < 4; ++j) {
+        dsc[j] = vmulq_f32(d[j], sc[j]);
+        ndm[j] = vnegq_f32(vmulq_f32(dmin[j], m[j]));
+      }
+      for (int t = 0; t < TT; ++t) {
+        const float xd = x.d[(t0 + t) * nb + b];
+        const float xs = float(x.s[(t0 + t) * nb + b]) * xd;
+        for (int j = 0; j < 4; ++j) {
+          acc[t][j] = vfmaq_f32(acc[t][j], vmulq_n_f32(vcvtq_f32_s32(q.isum[t][j]), xd), dsc[j]);
+          acc[t][j] = vfmaq_f32(acc[t][j], vdupq_n_f32(xs), ndm[j]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int j = 0; j < 4; ++j) vst1q_f32(out[t] + 4 * j, acc[t][j]);
+}
+
+void qmatmul_q4k_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                      int64_t ldy) {
+  (void)N;
+  const int64_t panel_bytes = q4k_panel_bytes(x.Kp);
+  const uint8_t* base = static_cast<const uint8_t*>(W);
+  float out[2][16];
+  for (int64_t p0 = n0; p0 < n1; p0 += kQRows) {
+    const uint8_t* panel = base + (p0 / kQRows) * panel_bytes;
+    const int64_t rows = std::min<int64_t>(kQRows, n1 - p0);
+    for (int64_t t = 0; t < T; t += 2) {
+      const int tt = T - t >= 2 ? 2 : 1;
+      if (tt == 2)
+        q4k_panel<2>(x, t, panel, out);
+      else
+        q4k_panel<1>(x, t, panel, out);
+      for (int i = 0; i < tt; ++i) std::memcpy(y + (t + i) * ldy + p0, out[i], size_t(rows) * sizeof(float));
+    }
+  }
+}
+
 // Panels [n0/16, ceil(n1/16)), tokens in pairs; rows >= n1 of the last panel are computed
 // (padding rows have scale 0) but not stored.
 template <int Bits>
@@ -712,9 +796,10 @@ const KernelTable& neon_kernels() {
       "neon",
       {matmul_f32_neon, matmul_f16_neon, matmul_bf16_neon, nullptr, nullptr, nullptr},
       {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},  // no bf16 dot products (BFDOT) yet
-      {nullptr, nullptr, nullptr, nullptr, qmatmul_q8_neon, qmatmul_q4_neon, qmatmul_q6_neon, qmatmul_q5_neon},
+      {nullptr, nullptr, nullptr, nullptr, qmatmul_q8_neon, qmatmul_q4_neon, qmatmul_q6_neon, qmatmul_q5_neon,
+       qmatmul_q4k_neon},
       {row_f32_neon, row_16bit_neon<W_f16>, row_16bit_neon<W_bf16>, nullptr, row_q_neon<8>, row_q_neon<4>,
-       row_q_neon<6>, row_q_neon<5>},
+       row_q_neon<6>, row_q_neon<5>, row_to_f32_q4k_ref},
       quantize_row_neon,
       rmsnorm_neon,
       rope_neon,

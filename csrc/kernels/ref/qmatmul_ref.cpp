@@ -86,7 +86,64 @@ void row_to_f32_quant(const void* W, int64_t N, int64_t K, int64_t row, float* o
   for (int64_t k = 0; k < K; ++k) out[k] = scale_at<BlockBytes>(panel, r, k / kQBlock) * float(QAt(panel, r, k));
 }
 
+// q4k (FORMAT.md): row r of the panel, block b = S * sb + j of super-block sb.
+struct Q4kAt {
+  const uint8_t* sup;  // the super-block
+  int64_t S, r, j;
+  float d() const { return f16_at(sup + 2 * r); }
+  float dmin() const { return f16_at(sup + 2 * kQRows + 2 * r); }
+  int32_t sc() const { return sup[kQ4kHeadBytes + kQ4kScaleBytes * j + r] & 63; }
+  int32_t m() const {
+    const uint8_t* s = sup + kQ4kHeadBytes + kQ4kScaleBytes * j;
+    return (s[r] >> 6) << 4 | ((s[16 + r % 8] >> (4 * (r / 8))) & 15);
+  }
+  int32_t u(int64_t c) const {  // column c of the block
+    const uint8_t byte = sup[kQ4kHeadBytes + kQ4kScaleBytes * S + kQNibbleBytes * j + 64 * ((c % 16) / 4) + 4 * r + c % 4];
+    return c < 16 ? byte & 0x0F : byte >> 4;
+  }
+  static float f16_at(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return f16_to_f32(h);
+  }
+};
+
+Q4kAt q4k_at(const void* W, int64_t Kp, int64_t n, int64_t b) {
+  const int64_t S = q4k_subs(Kp / kQBlock);
+  const uint8_t* panel = static_cast<const uint8_t*>(W) + (n / kQRows) * q4k_panel_bytes(Kp);
+  return {panel + (b / S) * q4k_super_bytes(S), S, n % kQRows, b % S};
+}
+
 }  // namespace
+
+void qmatmul_q4k_ref(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy) {
+  const int64_t Kp = x.Kp, nb = Kp / kQBlock;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* xq = x.q + t * Kp;
+      const float* xd = x.d + t * nb;
+      const int32_t* xs = x.s + t * nb;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const Q4kAt w = q4k_at(W, Kp, n, b);
+        int32_t isum = 0;  // |isum| <= 32 * 15 * 127
+        for (int64_t c = 0; c < kQBlock; ++c) isum += w.u(c) * int32_t(xq[b * kQBlock + c]);
+        // An 11-bit d times a 6-bit integer: exact in float, as is dmin * m.
+        acc = std::fmaf(float(isum) * xd[b], w.d() * float(w.sc()), acc);
+        acc = std::fmaf(float(xs[b]) * xd[b], -(w.dmin() * float(w.m())), acc);
+      }
+      y[t * ldy + n] = acc;
+    }
+}
+
+void row_to_f32_q4k_ref(const void* W, int64_t N, int64_t K, int64_t row, float* out) {
+  const int64_t Kp = q_padded_k(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const Q4kAt w = q4k_at(W, Kp, row, k / kQBlock);
+    out[k] = w.d() * float(w.sc()) * float(w.u(k % kQBlock)) - w.dmin() * float(w.m());
+  }
+}
 
 void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
   const int64_t Kp = q_padded_k(K);
