@@ -25,8 +25,10 @@ printed):
    rotate-half order OpenELM (and HF Llama) use.
 3. standin-<dtype>.oelm: our exports (openelm-rt-export --no-tokenizer: GPT-2-style byte-level
    BPE is not a SentencePiece model, so the files take token ids). A type is an export --dtype,
-   optionally with the head's type and importance-weighted scales: "q4/q6+im" is --dtype q4
-   --embedding-dtype q6, calibrated (export --calibration-ids) on CALIBRATION_TOKENS tokens of the
+   optionally with the head's type, a type for ffn_down in the layers where llama.cpp's Q4_K_M
+   uses Q6_K (more_bits_layers), and importance-weighted scales: "q4/q6+im" is --dtype q4
+   --embedding-dtype q6, "q4k*q6+im" --dtype q4k with --tensor-dtype blk.{i}.ffn_down=q6 in those
+   layers; "+im": calibrated (export --calibration-ids) on CALIBRATION_TOKENS tokens of the
    shipped corpus from token CALIBRATION_START on; the benchmarks evaluate on the tokens before it,
    so calibration and evaluation text never overlap.
 4. standin-F32.gguf: the same dequantized weights as a llama-architecture F32 GGUF with the
@@ -229,15 +231,23 @@ def _write_f32_gguf(reader, out: str) -> None:
     os.replace(out + ".tmp", out)
 
 
-def parse_type(spec: str) -> tuple[str, str | None, bool]:
-    """"DTYPE[/HEAD][+im]" (module docstring) -> (dtype, embedding dtype or None, calibrated)."""
+def more_bits_layers(n_layer: int) -> list:
+    """The layers whose ffn_down llama.cpp's Q4_K_M / Q5_K_M store at Q6_K (its use_more_bits):
+    the first and last eighth and every third layer between."""
+    return [i for i in range(n_layer) if i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2]
+
+
+def parse_type(spec: str) -> tuple[str, str | None, bool, str | None]:
+    """"DTYPE[/HEAD][*MIX][+im]" (module docstring) -> (dtype, embedding dtype or None, calibrated,
+    the dtype of ffn_down in more_bits_layers or None)."""
     im = spec.endswith("+im")
     base = spec[:-3] if im else spec
+    base, _, mix = base.partition("*")
     dt, _, head = base.partition("/")
-    for t in (dt, head or dt):
+    for t in (dt, head or dt, mix or dt):
         if t not in export.WEIGHT_DTYPES:
             raise ValueError(f"type {spec!r}: {t!r} is not one of {', '.join(export.WEIGHT_DTYPES)}")
-    return dt, head or None, im
+    return dt, head or None, im, mix or None
 
 
 def calibration_ids(s: "Standin") -> list:
@@ -275,13 +285,16 @@ def ensure_standin(cache_dir: str | None = None, dtypes=("f32",), log=_log) -> S
         log(f"writing the F32 GGUF for llama.cpp to {s.gguf_f32} ...")
         _write_f32_gguf(reader, s.gguf_f32)
     for spec in dtypes:
-        dt, head, im = parse_type(spec)
-        name = export.FILE_DTYPE[dt] + (f"-head-{export.FILE_DTYPE[head]}" if head else "") + ("-im" if im else "")
+        dt, head, im, mix = parse_type(spec)
+        name = export.FILE_DTYPE[dt] + (f"-head-{export.FILE_DTYPE[head]}" if head else "") + \
+            (f"-down-{export.FILE_DTYPE[mix]}" if mix else "") + ("-im" if im else "")
         path = os.path.join(d, f"standin-{name}.oelm")
         if not os.path.exists(path):
             log(f"exporting {spec} to {path} ...")
+            layers = json.load(open(os.path.join(s.checkpoint_dir, "config.json")))["num_transformer_layers"]
+            own = [(f"blk.{i}.ffn_down", mix) for i in more_bits_layers(layers)] if mix else None
             export.export_checkpoint(s.checkpoint_dir, path, dtype=dt, embedding_dtype=head, with_tokenizer=False,
-                                     imatrix=_imatrix(s, log) if im else None)
+                                     imatrix=_imatrix(s, log) if im else None, tensor_dtypes=own)
         s.oelm[spec] = path
     return s
 

@@ -14,7 +14,7 @@ import pytest
 from openelm_rt import quant
 from openelm_rt.hf_config import PRESETS, parse_config, tensor_layout
 
-QTYPES = quant.QUANT_DTYPES
+QTYPES = (quant.Q8, quant.Q4, quant.Q6, quant.Q5)  # q4k has more parts: tests/test_q4k.py
 QRANGE = {quant.Q8: (-127, 127), quant.Q4: (-8, 7), quant.Q6: (-32, 31), quant.Q5: (-16, 15)}
 # Shapes that are not multiples of the panel (16 rows) or block (32 columns) size.
 ODD_SHAPES = [(1, 1), (1, 31), (5, 33), (16, 32), (17, 64), (31, 95), (40, 100), (33, 257)]
@@ -186,7 +186,7 @@ def test_zero_blocks_and_extremes(dtype):
                                             quant.Q4: 400 / 7}[dtype]
 
 
-@pytest.mark.parametrize("dtype", QTYPES)
+@pytest.mark.parametrize("dtype", quant.QUANT_DTYPES)
 def test_quantizer_refuses_what_it_cannot_store(dtype):
     with pytest.raises(ValueError, match="2-D"):
         quant.quantize_packed(np.ones(64, np.float32), dtype)
@@ -197,7 +197,10 @@ def test_quantizer_refuses_what_it_cannot_store(dtype):
     with pytest.raises(ValueError, match="binary16"):
         quant.quantize_packed(np.full((1, 32), 1e10, np.float32), dtype)
     with pytest.raises(ValueError, match="bytes"):
-        quant.unpack(b"\0" * 10, dtype, 16, 32)
+        if dtype == quant.Q4K:
+            quant.unpack_q4k(b"\0" * 10, 16, 32)
+        else:
+            quant.unpack(b"\0" * 10, dtype, 16, 32)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -381,7 +384,8 @@ from conftest import prompt_ids  # noqa: E402
 
 # (file name, --dtype, --embedding-dtype) exports of the tiny f32 checkpoint.
 Q_EXPORTS = {"q8": ("q8", None), "q4": ("q4", None), "q4e4": ("q4", "q4"), "q8ef16": ("q8", "f16"),
-             "q6": ("q6", None), "q5": ("q5", None), "q4e6": ("q4", "q6"), "q5e6": ("q5", "q6")}
+             "q6": ("q6", None), "q5": ("q5", None), "q4e6": ("q4", "q6"), "q5e6": ("q5", "q6"),
+             "q4k": ("q4k", None)}
 
 
 @pytest.fixture(scope="module")
@@ -400,8 +404,9 @@ def _spec(tiny):
 def test_export_stores_the_numpy_quantization(tiny_f32, q_exports, name):
     from openelm_rt.export import read_oelm
     dt, edt = Q_EXPORTS[name]
-    wdt = {"q8": quant.Q8, "q6": quant.Q6, "q5": quant.Q5, "q4": quant.Q4}[dt]
-    edt = {None: quant.Q8 if dt == "q4" else wdt, "q4": quant.Q4, "q6": quant.Q6, "f16": "f16"}[edt]  # q4's default head: q8
+    wdt = {"q8": quant.Q8, "q6": quant.Q6, "q5": quant.Q5, "q4": quant.Q4, "q4k": quant.Q4K}[dt]
+    default_head = {"q4": quant.Q8, "q4k": quant.Q6}.get(dt, wdt)  # q4's default head: q8, q4k's q6
+    edt = {None: default_head, "q4": quant.Q4, "q6": quant.Q6, "f16": "f16"}[edt]
     with read_oelm(q_exports[name]) as f:
         assert f.metadata["weights_dtype"] == wdt and f.metadata["embedding_dtype"] == edt
         table = {t["name"]: t for t in f.metadata["tensors"]}
@@ -518,7 +523,7 @@ def _dequantized_weights(tiny, path) -> dict:
     with read_oelm(path) as f:
         dts = {t["name"]: t["dtype"] for t in f.metadata["tensors"]}
         for t in tensor_layout(_spec(tiny)):
-            if dts[t.oelm_name] in QTYPES:
+            if dts[t.oelm_name] in quant.QUANT_DTYPES:
                 w[t.hf_name] = quant.dequantize(f.tensor(t.oelm_name), dts[t.oelm_name], *t.shape)
             elif dts[t.oelm_name] == "f16":
                 w[t.hf_name] = oracle.round_to_f16(w[t.hf_name])
@@ -544,7 +549,7 @@ def oracle_runs(tiny_f32, q_exports):
     def run(w):
         return np.concatenate([oracle.forward(w, tiny_f32.cfg, p) for p in PROMPTS])
     out = {"f32": run(tiny_f32.weights)}
-    for name in ("q8", "q4", "q4e4", "q6", "q5", "q4e6"):
+    for name in ("q8", "q4", "q4e4", "q6", "q5", "q4e6", "q4k"):
         out[name] = run(_dequantized_weights(tiny_f32, q_exports[name]))
     out["llama_q8_0"] = run(_llama_weights(tiny_f32, llama_q8_0, llama_q8_0))
     out["llama_q4_0_head_q8_0"] = run(_llama_weights(tiny_f32, llama_q4_0, llama_q8_0))
@@ -605,7 +610,7 @@ def _check_runtime_vs_oracle(got, want):
     assert kl_mean(want, got) <= RUNTIME_VS_ORACLE["kl"]
 
 
-@pytest.mark.parametrize("name", ["q8", "q4", "q4e4", "q6", "q5", "q4e6"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q4e4", "q6", "q5", "q4e6", "q4k"])
 @pytest.mark.parametrize("backend", ["cpu", "ref"])
 def test_runtime_matches_oracle_on_the_stored_weights(ort, q_exports, oracle_runs, name, backend):
     _check_runtime_vs_oracle(_session_logits(ort, q_exports[name], backend), oracle_runs[name])
@@ -651,7 +656,7 @@ def test_quantized_logits_vs_f32_export(ort, tiny_f32, q_exports, name):
     assert top1(ref, got) >= bound["top1"]
 
 
-@pytest.mark.parametrize("name", ["q8", "q4", "q8ef16", "q6", "q5"])
+@pytest.mark.parametrize("name", ["q8", "q4", "q8ef16", "q6", "q5", "q4k"])
 def test_quantized_paths_deterministic(ort, q_exports, name):
     """Batched prefill and one-token decode, and 1 vs 3 threads, give the same bits: each
     token's activations are quantized on their own and each output is one fixed sum."""

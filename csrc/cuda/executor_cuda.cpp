@@ -180,6 +180,9 @@ CudaExecutor::CudaExecutor(std::shared_ptr<const Model> model, std::shared_ptr<B
                           "backend only; re-export it without --flash-layout for the cuda backend");
   std::string why;
   if (!cuda_available(&why)) throw InvalidArgument(why);
+  if (!c.tensor_dtypes.empty())
+    throw InvalidArgument("this file gives some matrices their own dtype (tensor_dtypes), which the CUDA backend "
+                          "does not run; re-export it with one --dtype for the cuda backend");
   for (DType t : {c.weights_dtype, c.embedding_dtype})
     if (t != DType::f32 && t != DType::f16 && t != DType::bf16 && t != DType::q8 && t != DType::q4)
       throw InvalidArgument(std::string("the CUDA backend has no kernels for ") + dtype_name(t) + " weights");

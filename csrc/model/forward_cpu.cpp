@@ -94,7 +94,9 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, std::shared_ptr<Bac
       max_tokens_(max_step_tokens) {
   const ModelConfig& c = model_->config();
   check_executor_limits(kv, max_context, max_step_tokens);
-  for (DType t : {c.weights_dtype, c.embedding_dtype})
+  std::vector<DType> dtypes = {c.weights_dtype, c.embedding_dtype};
+  for (const auto& kv_dt : c.tensor_dtypes) dtypes.push_back(kv_dt.second);
+  for (DType t : dtypes)
     if (!backend_->supports(t))
       throw InvalidArgument(std::string("backend '") + backend_->name() + "' has no kernels for " + dtype_name(t) +
                             " weights; use another backend or re-export with another --dtype");

@@ -120,6 +120,18 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
   }
   c.weights_dtype = get_weights_dtype(f, "weights_dtype", nullptr);
   c.embedding_dtype = get_weights_dtype(f, "embedding_dtype", &c.weights_dtype);
+  // Optional: per-matrix dtypes (a reader that predates the key refuses such a file by the first
+  // matrix whose dtype differs from weights_dtype).
+  if (const json::Value* td = f.metadata().find("tensor_dtypes")) {
+    if (!td->is_object()) bad(f, "metadata: \"tensor_dtypes\" must be an object of tensor name -> dtype");
+    for (const auto& [name, v] : td->members()) {
+      DType t;
+      if (!v.is_string() || !dtype_from_name(v.as_string(), &t) || t == DType::u8)
+        bad(f, "metadata: tensor_dtypes: \"" + name + "\" has no supported dtype (f32, f16, bf16, q8_b32r16i, "
+               "q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade openelm_rt or re-export");
+      c.tensor_dtypes[name] = t;
+    }
+  }
 
   // "tokenizer": null (or absent) is a file of token ids only.
   const json::Value* tok_meta = f.metadata().find("tokenizer");
@@ -178,6 +190,13 @@ void Model::bind_weights() {
   };
   const DType wd = c.weights_dtype;
   const int64_t D = c.d_model, hd = c.head_dim;
+  std::set<std::string> overridden;  // the tensor_dtypes entries used
+  auto wdt = [&](const std::string& name) {
+    const auto it = c.tensor_dtypes.find(name);
+    if (it == c.tensor_dtypes.end()) return wd;
+    overridden.insert(name);
+    return it->second;
+  };
 
   if (tokenizer_) expected.insert(tokenizer_->name);
 
@@ -189,14 +208,14 @@ void Model::bind_weights() {
     L.n_head_kv = c.n_head_kv[size_t(i)];
     L.ffn_dim = c.ffn_dim[size_t(i)];
     L.attn_norm = vec(p + "attn_norm", D);
-    L.attn_qkv = need(p + "attn_qkv", {(L.n_head_q + 2 * L.n_head_kv) * hd, D}, wd);
+    L.attn_qkv = need(p + "attn_qkv", {(L.n_head_q + 2 * L.n_head_kv) * hd, D}, wdt(p + "attn_qkv"));
     L.q_norm = c.qk_norm ? vec(p + "attn_q_norm", hd) : nullptr;
     L.k_norm = c.qk_norm ? vec(p + "attn_k_norm", hd) : nullptr;
-    L.attn_out = need(p + "attn_output", {D, L.n_head_q * hd}, wd);
+    L.attn_out = need(p + "attn_output", {D, L.n_head_q * hd}, wdt(p + "attn_output"));
     L.ffn_norm = vec(p + "ffn_norm", D);
     if (!flash_) {
-      L.gate_up = need(p + "ffn_gate_up", {2 * L.ffn_dim, D}, wd);
-      L.down = need(p + "ffn_down", {D, L.ffn_dim}, wd);
+      L.gate_up = need(p + "ffn_gate_up", {2 * L.ffn_dim, D}, wdt(p + "ffn_gate_up"));
+      L.down = need(p + "ffn_down", {D, L.ffn_dim}, wdt(p + "ffn_down"));
     } else {
       std::vector<FlashBundleGeometry> geo;
       if (!flash_bundles(wd, D, L.ffn_dim, flash_->bundle_neurons, &geo))
@@ -235,6 +254,10 @@ void Model::bind_weights() {
   }
   output_norm_ = vec("output_norm", D);
   lm_head_ = c.tied_embeddings ? tok_embd_ : need("output", {c.vocab_size, D}, c.embedding_dtype);
+  for (const auto& [name, t] : c.tensor_dtypes)
+    if (!overridden.count(name))
+      bad(f, "metadata: tensor_dtypes names '" + name + "', which is not a layer matrix of this file (the "
+             "vocabulary matrices take embedding_dtype; flash-layout files have no per-matrix dtypes); re-export it");
   for (const TensorView& t : f.tensors())
     if (!expected.count(t.name))
       bad(f, "unexpected tensor '" + t.name + "' (not part of an OpenELM model with this config); "

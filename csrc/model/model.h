@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -28,6 +29,8 @@ struct ModelConfig {
   bool qk_norm = true;  // per-head RMSNorm on q and k (OpenELM's normalize_qk_projections)
   DType weights_dtype = DType::f32;    // every matrix but the vocabulary ones
   DType embedding_dtype = DType::f32;  // token_embd and (untied) output; = weights_dtype if unset
+  // Per-matrix exceptions to weights_dtype (metadata "tensor_dtypes", FORMAT.md): name -> dtype.
+  std::map<std::string, DType> tensor_dtypes;
 };
 
 struct LayerWeights {

@@ -10,6 +10,7 @@ minimal reader for tests and debugging; the validating reader is the C++ one (cs
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import math
@@ -371,6 +372,27 @@ def _drop_from_page_cache(fd: int) -> None:
             pass
 
 
+def _tensor_dtype_overrides(tensor_dtypes, layout, flash_layout: bool) -> dict:
+    """{oelm name: file dtype} of export_checkpoint's tensor_dtypes, checked against the layout."""
+    if not tensor_dtypes:
+        return {}
+    pairs = list(tensor_dtypes.items()) if isinstance(tensor_dtypes, dict) else list(tensor_dtypes)
+    matrices = [t.oelm_name for t in layout if not t.is_norm and t.oelm_name not in ("token_embd", "output")]
+    out = {}
+    for pattern, dt in pairs:
+        if dt not in WEIGHT_DTYPES:
+            raise ExportError(f"tensor dtype {pattern}={dt}: {dt!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        hit = fnmatch.filter(matrices, pattern)
+        if not hit:
+            raise ExportError(f"tensor dtype {pattern}={dt}: the pattern matches no layer matrix (names such as "
+                              f"{matrices[0]}, blk.0.ffn_down; the vocabulary matrices take --embedding-dtype)")
+        if flash_layout and any(n.endswith((".ffn_gate_up", ".ffn_down")) for n in hit):
+            raise ExportError(f"tensor dtype {pattern}={dt}: the flash layout stores the FFN matrices in bundles of "
+                              f"one dtype; give the FFN matrices no dtype of their own, or drop --flash-layout")
+        out.update({n: FILE_DTYPE[dt] for n in hit})
+    return out
+
+
 def _bundle_chunks(gu_hf: str, dn_hf: str, ckpt: HFCheckpoint, order: np.ndarray, bundle: int,
                    wdtype: str, name: str, importance=(None, None)):
     """The bytes of blk.{i}.ffn_bundles (FORMAT.md, "Flash layout"): per bundle of neurons (in
@@ -417,7 +439,8 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                       calibration_tokens: int | None = None, flash_layout: bool = False,
                       bundle_neurons: int = flash.DEFAULT_BUNDLE_NEURONS, flash_calibration=None,
                       flash_calibration_ids=None,
-                      flash_calibration_tokens: int = flash.DEFAULT_CALIBRATION_TOKENS) -> Path:
+                      flash_calibration_tokens: int = flash.DEFAULT_CALIBRATION_TOKENS,
+                      tensor_dtypes=None) -> Path:
     """Convert the HF OpenELM checkpoint in src_dir into the .oelm file out_path; returns its path.
 
     dtype: "auto" (the checkpoint's: F32 -> f32, BF16 -> bf16, F16 -> f16; f32 if the matrices
@@ -446,6 +469,12 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
     text through it: `flash_calibration` (a UTF-8 text file; default the shipped corpus), its
     first flash_calibration_tokens tokens, or `flash_calibration_ids` (token ids, for files
     without a tokenizer).
+
+    tensor_dtypes: per-matrix exceptions to dtype, as (pattern, dtype) pairs (or a dict): every
+    layer matrix whose .oelm name matches the fnmatch pattern (e.g. "blk.*.ffn_down") gets that
+    dtype (one of dtype's names, not auto), later pairs winning; each pattern must match a layer
+    matrix (the vocabulary matrices take embedding_dtype). Recorded in the metadata's
+    tensor_dtypes (FORMAT.md); e.g. llama.cpp's Q4_K_M-like mixes (q6 for some ffn_down).
     """
     src, out = Path(src_dir), Path(out_path)
     if not src.is_dir():
@@ -508,10 +537,12 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
         wdtype = _choose_dtype(dtype, ckpt, layout)
         edtype = _choose_embedding_dtype(embedding_dtype, wdtype)
 
+        overrides = _tensor_dtype_overrides(tensor_dtypes, layout, order is not None)
+
         def dtype_of(t) -> str:
             if t.is_norm:
                 return "f32"
-            return edtype if t.oelm_name in ("token_embd", "output") else wdtype
+            return edtype if t.oelm_name in ("token_embd", "output") else overrides.get(t.oelm_name, wdtype)
 
         entries = [_Entry(TOKENIZER_TENSOR, "u8", (len(tok),))] if tok is not None else []
         bundle_src = {}  # flash layout: ffn_bundles entry name -> (gate_up hf name, down hf name, layer)
@@ -548,6 +579,9 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             "source": {"hf_config": cfg},
             "tensors": [e.to_json() for e in entries],
         }
+        overrides = {k: v for k, v in overrides.items() if v != wdtype}
+        if overrides:
+            meta["tensor_dtypes"] = overrides
         if imp is not None:  # provenance: how the scales were chosen
             meta["source"]["importance"] = {"tokens": int(imp[imatrix_mod.TOKENS_KEY])}
         if order is not None:
@@ -680,6 +714,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="type of the token embedding, which is also the LM head (default: as "
                         "--dtype, but q8 for q4 and q6 for q4k: the head's rounding goes straight "
                         "into the logits)")
+    p.add_argument("--tensor-dtype", action="append", default=[], metavar="PATTERN=DTYPE",
+                   help="give the layer matrices whose names match PATTERN (fnmatch, e.g. "
+                        "'blk.*.ffn_down' or 'blk.[0-2].ffn_down') their own type (one of --dtype's); "
+                        "repeatable, later ones win (e.g. a q4k model with q6 ffn_down in some layers, "
+                        "as llama.cpp's Q4_K_M mixes Q4_K and Q6_K)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="SentencePiece tokenizer.model (default: SRC/tokenizer.model)")
     p.add_argument("--no-tokenizer", action="store_true",
@@ -748,6 +787,12 @@ def main(argv=None) -> int:
                 calibration = text
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ExportError(f"cannot read the calibration input: {e}") from None
+        tensor_dtypes = []
+        for item in args.tensor_dtype:
+            pattern, eq, dt = item.rpartition("=")
+            if not eq or not pattern:
+                raise ExportError(f"--tensor-dtype {item!r}: expected PATTERN=DTYPE, e.g. 'blk.*.ffn_down=q6'")
+            tensor_dtypes.append((pattern, dt))
         out = export_checkpoint(args.src, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                                 progress=False if args.no_progress else None,
                                 embedding_dtype=args.embedding_dtype,
@@ -757,12 +802,15 @@ def main(argv=None) -> int:
                                 calibration_tokens=args.calibration_tokens,
                                 flash_layout=args.flash_layout, bundle_neurons=args.bundle_neurons,
                                 flash_calibration=args.flash_calibration,
-                                flash_calibration_tokens=args.flash_calibration_tokens)
+                                flash_calibration_tokens=args.flash_calibration_tokens,
+                                tensor_dtypes=tensor_dtypes)
         with read_oelm(out) as f:
             n, wd = len(f.metadata["tensors"]), f.metadata["weights_dtype"]
             ed = f.metadata["embedding_dtype"]
+            own = f.metadata.get("tensor_dtypes", {})
+        mixed = f", {len(own)} matrices of their own dtype" if own else ""
         print(f"{PROG}: wrote {out} ({out.stat().st_size:,} bytes, {n} tensors, weights {wd}, "
-              f"embedding {ed}) in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+              f"embedding {ed}{mixed}) in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         return 0
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

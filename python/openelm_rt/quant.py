@@ -211,6 +211,12 @@ def _search_all(wb: np.ndarray, search) -> np.ndarray:
     def run(s: int) -> None:
         d16[s:s + _SUB_BLOCKS] = search(s, min(s + _SUB_BLOCKS, len(wb)))
 
+    _in_threads(run, starts)
+    return d16
+
+
+def _in_threads(run, starts) -> None:
+    """run(s) for every s in starts, on up to one thread per CPU (independent pieces of work)."""
     threads = min(len(starts), os.cpu_count() or 1)
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -218,7 +224,6 @@ def _search_all(wb: np.ndarray, search) -> np.ndarray:
     else:
         for s in starts:
             run(s)
-    return d16
 
 
 def quantize_q8(w: np.ndarray, imp=None) -> tuple[np.ndarray, np.ndarray]:
@@ -459,7 +464,7 @@ def _q4k_block_fit(wb: np.ndarray, u: np.ndarray):
     sx = (uu * w).sum(axis=1)
     # start: the plain min / max mapping
     best_s = np.where(live, rng / 15, 0.0)
-    best_m = np.where(live, -lo, 0.0)
+    best_m = -lo  # a constant block (not live): all of it in the minimum (0 if it is >= 0)
     q = np.clip(np.rint((w - lo[:, None]) * (15 / rng)[:, None]), 0, 15)
     r = best_s[:, None] * q - best_m[:, None] - w
     best_err = np.einsum("ij,ij,ij->i", uu, r, r)
@@ -597,14 +602,7 @@ def quantize_q4k(w: np.ndarray, imp=None):
         m[r0:r1] = mq.reshape(r1 - r0, -1)
         q[b0:b1] = qq
 
-    starts = range(0, N, rows)
-    threads = min(len(starts), os.cpu_count() or 1)
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, starts))
-    else:
-        for r0 in starts:
-            run(r0)
+    _in_threads(run, range(0, N, rows))
     q = q.reshape(N, Kp)
     q[:, K:] = 0
     return d, dmin, sc, m, q

@@ -377,32 +377,13 @@ OELM_DOTPROD void q4k_panel(const QActs& x, int64_t t0, const uint8_t* panel, fl
     for (int j = 0; j < 4; ++j) vst1q_f32(out[t] + 4 * j, acc[t][j]);
 }
 
-void qmatmul_q4k_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
-                      int64_t ldy) {
-  (void)N;
-  const int64_t panel_bytes = q4k_panel_bytes(x.Kp);
-  const uint8_t* base = static_cast<const uint8_t*>(W);
-  float out[2][16];
-  for (int64_t p0 = n0; p0 < n1; p0 += kQRows) {
-    const uint8_t* panel = base + (p0 / kQRows) * panel_bytes;
-    const int64_t rows = std::min<int64_t>(kQRows, n1 - p0);
-    for (int64_t t = 0; t < T; t += 2) {
-      const int tt = T - t >= 2 ? 2 : 1;
-      if (tt == 2)
-        q4k_panel<2>(x, t, panel, out);
-      else
-        q4k_panel<1>(x, t, panel, out);
-      for (int i = 0; i < tt; ++i) std::memcpy(y + (t + i) * ldy + p0, out[i], size_t(rows) * sizeof(float));
-    }
-  }
-}
-
 // Panels [n0/16, ceil(n1/16)), tokens in pairs; rows >= n1 of the last panel are computed
 // (padding rows have scale 0) but not stored.
+// Bits 0: q4k (q4k_panel).
 template <int Bits>
 void qmatmul_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
-  const int64_t panel_bytes = x.Kp / kQBlock * q_block_bytes(Bits);
+  const int64_t panel_bytes = Bits == 0 ? q4k_panel_bytes(x.Kp) : x.Kp / kQBlock * q_block_bytes(Bits);
   const uint8_t* base = static_cast<const uint8_t*>(W);
   float out[2][16];
   for (int64_t p0 = n0; p0 < n1; p0 += kQRows) {
@@ -410,10 +391,16 @@ void qmatmul_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n
     const int64_t rows = std::min<int64_t>(kQRows, n1 - p0);
     for (int64_t t = 0; t < T; t += 2) {
       const int tt = T - t >= 2 ? 2 : 1;
-      if (tt == 2)
+      if constexpr (Bits == 0) {
+        if (tt == 2)
+          q4k_panel<2>(x, t, panel, out);
+        else
+          q4k_panel<1>(x, t, panel, out);
+      } else if (tt == 2) {
         qpanel<Bits, 2>(x, t, panel, out);
-      else
+      } else {
         qpanel<Bits, 1>(x, t, panel, out);
+      }
       for (int i = 0; i < tt; ++i) std::memcpy(y + (t + i) * ldy + p0, out[i], size_t(rows) * sizeof(float));
     }
   }
@@ -434,6 +421,10 @@ void qmatmul_q6_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_
 void qmatmul_q5_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
                      int64_t ldy) {
   qmatmul_neon<5>(x, T, W, N, n0, n1, y, ldy);
+}
+void qmatmul_q4k_neon(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0, int64_t n1, float* y,
+                      int64_t ldy) {
+  qmatmul_neon<0>(x, T, W, N, n0, n1, y, ldy);
 }
 
 // d = amax / 127, q = nearbyint(x * (127 / amax)): the same two f32 roundings as the
