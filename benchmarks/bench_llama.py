@@ -64,7 +64,7 @@ from bench_cpu import time_decode, time_prefill, weight_bytes_per_token
 import llama_side
 import quality
 
-ALL_DTYPES = ("f16", "bf16", "q8", "q4")
+ALL_DTYPES = ("f16", "bf16", "q8", "q4", "q4k")
 LOGIT_SCALE = 5.0
 
 
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
                    help="default: 270M 1_1B (270M with --quick)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=ALL_DTYPES,
                    help="our weight types, each compared with its llama.cpp peer "
-                        "(f16-F16, bf16-BF16, q8-Q8_0, q4-Q4_0); default f16 q8 q4")
+                        "(f16-F16, bf16-BF16, q8-Q8_0, q4-Q4_0, q4k-Q4_K_M); default f16 q8 q4")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
     p.add_argument("--settle", type=float, default=0.5,

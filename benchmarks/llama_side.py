@@ -20,7 +20,7 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 VENV_PACKAGES = [LLAMA_CPP_PYTHON, "gguf==0.19.0", "numpy", "sentencepiece"]
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_worker.py")
 # our .oelm dtype -> the llama.cpp file type it is compared with (same bits per weight)
-LLAMA_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0"}
+LLAMA_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0", "q4k": "Q4_K_M"}
 
 
 def _log(msg: str) -> None:
