@@ -15,7 +15,7 @@ namespace oelm {
 
 // q8, q4, q6 and q5 are the block-quantized weight types "q8_b32r16i", "q4_b32r16i", "q6_b32r16i"
 // and "q5_b32r16i" (FORMAT.md).
-enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7 };
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7, i32 = 8 };
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types

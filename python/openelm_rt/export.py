@@ -46,7 +46,7 @@ ALIGNMENT = 4096  # the page size: tensors can be mapped and read with large ali
 _HEADER = struct.Struct("<8sIIQQQQIIQ")
 assert _HEADER.size == HEADER_SIZE
 _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"),
-          "u8": np.dtype("u1")}
+          "u8": np.dtype("u1"), "i32": np.dtype("<i4")}
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 # --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
 WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4")
@@ -524,6 +524,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 bundle_src[name] = (t.hf_name, dn, layer)
                 nbytes = flash.bundles_nbytes(wdtype, spec.d_model, spec.ffn_dim[layer], bundle_neurons)
                 entries.append(_Entry(name, "u8", (nbytes,)))
+                entries.append(_Entry(f"blk.{layer}.ffn_perm", "i32", (spec.ffn_dim[layer],)))
                 continue
             entries.append(_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name))
         imp = _importance_stats(src, tok, entries, imatrix, calibration, calibration_ctx, imatrix_out,
@@ -551,8 +552,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             meta["source"]["importance"] = {"tokens": int(imp[imatrix_mod.TOKENS_KEY])}
         if order is not None:
             meta["flash_layout"] = {"version": flash.VERSION, "bundle_neurons": bundle_neurons,
-                                    "calibration": {"source": source, "tokens": seen},
-                                    "perm": [[int(j) for j in o] for o in order]}
+                                    "calibration": {"source": source, "tokens": seen}}
         # The CRCs are only known after the data is written, so reserve room for the metadata
         # with every crc32 at its widest (10 digits), write the data, then the real metadata
         # (never longer) at offset 64; the rest of the reserved room stays zero padding.
@@ -573,7 +573,9 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 try:
                     for e in entries:
                         f.seek(data_offset + e.offset)  # skipped bytes read back as zeros
-                        if e.name in bundle_src:
+                        if e.name.endswith(".ffn_perm"):
+                            chunks = [np.asarray(order[int(e.name.split(".")[1])], dtype="<i4")]
+                        elif e.name in bundle_src:
                             gu, dn, layer = bundle_src[e.name]
                             chunks = _bundle_chunks(gu, dn, ckpt, order[layer], bundle_neurons, wdtype,
                                                     e.name, bundle_imp.get(layer, (None, None)))
@@ -628,7 +630,7 @@ class OelmFile:
         return list(self._tensors)
 
     def tensor(self, name: str) -> np.ndarray:
-        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8; the
+        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8, i32 int32; the
         block-quantized types as their raw bytes (1-D uint8; decode with quant.dequantize)."""
         t = self._tensors[name]
         begin = self.header["data_offset"] + t["offset"]
