@@ -236,3 +236,15 @@ def test_ffn_probe_counts_every_token(core, flash_models):
         rt.ffn_probe_take()
     with pytest.raises(ValueError, match="ordinary layout"):
         _runtime(core, flash_models["f32"][1]).ffn_probe_start()
+
+
+def test_quantized_export_ranks_on_a_bf16_temporary(core, flash_models):
+    """A block-quantized flash export ranks its neurons on a bf16 export of the checkpoint (no
+    quantizer run for the ranking): its permutation is the bf16 file's order on the same tokens."""
+    from openelm_rt import export, flash
+    plain_bf16 = flash_models["bf16"][0]
+    ids = flash.calibration_tokens(core.Model(str(plain_bf16), False), None, 300)
+    want, _ = flash.neuron_order(plain_bf16, ids)
+    with export.read_oelm(flash_models["q8"][1]) as f:
+        for i, order in enumerate(want):
+            np.testing.assert_array_equal(f.tensor(f"blk.{i}.ffn_perm"), order, err_msg=f"layer {i}")

@@ -483,8 +483,13 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             raise ExportError("give flash_calibration (a text file) or flash_calibration_ids, not both")
         plain = out.parent / f".{out.name}.calibration-{os.getpid()}.oelm"
         try:
-            export_checkpoint(src, plain, dtype=dtype, tokenizer=tokenizer, progress=progress,
-                              embedding_dtype=embedding_dtype, with_tokenizer=with_tokenizer)
+            # Ranked on a cheap temporary: block-quantized targets on bf16 (a rounding, no
+            # quantizer search; the activation counts that rank the neurons are the same to
+            # within the quantization noise, README "Running with less memory than the model").
+            rank_dtype = "bf16" if FILE_DTYPE.get(dtype, dtype) in quant.QUANT_DTYPES else dtype
+            export_checkpoint(src, plain, dtype=rank_dtype, tokenizer=tokenizer, progress=progress,
+                              embedding_dtype=None if rank_dtype == "bf16" else embedding_dtype,
+                              with_tokenizer=with_tokenizer)
             if flash_calibration_ids is None:
                 from . import _core
                 ranking_ids = flash.calibration_tokens(
