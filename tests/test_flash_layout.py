@@ -47,13 +47,17 @@ def test_file_is_version_2_with_a_valid_permutation(flash_models):
     with export.read_oelm(flash_models["q8"][1]) as f:
         assert f.header["format_version"] == 2
         fl = f.metadata["flash_layout"]
-        assert fl["version"] == 1 and fl["bundle_neurons"] == BUNDLE
+        assert fl["version"] == 2 and fl["bundle_neurons"] == BUNDLE and "perm" not in fl
         assert fl["calibration"]["tokens"] > 100
         dims = f.metadata["model"]["ffn_dim"]
-        assert [sorted(p) for p in fl["perm"]] == [list(range(F)) for F in dims]
-        assert any(p != list(range(len(p))) for p in fl["perm"])  # calibration reordered something
+        perms = [f.tensor(f"blk.{i}.ffn_perm") for i in range(len(dims))]
+        assert all(p.dtype == np.int32 for p in perms)
+        assert [sorted(p.tolist()) for p in perms] == [list(range(F)) for F in dims]
+        assert any((p != np.arange(len(p))).any() for p in perms)  # calibration reordered something
         names = f.names()
         assert "blk.0.ffn_bundles" in names and "blk.0.ffn_gate_up" not in names and "blk.0.ffn_down" not in names
+        # The metadata stays small: the permutation is in tensors, not JSON numbers.
+        assert f.header["metadata_size"] < 64 * 1024
     with export.read_oelm(flash_models["q8"][0]) as f:
         assert f.header["format_version"] == 1 and "flash_layout" not in f.metadata
 
@@ -124,8 +128,10 @@ def test_flash_streams_fewer_bytes_than_whole_matrices(core, flash_models):
         b = _ffn_budget(core, plain, fraction)
         p_plain = _runtime(core, plain, memory_budget=b).memory_plan
         p_flash = _runtime(core, fl, memory_budget=b).memory_plan
-        # The bundle padding makes the flash FFN slightly larger: compare against it.
-        pad = p_flash["resident_ffn"] + p_flash["streamed_bytes_per_step"] - (p_plain["resident_ffn"] + p_plain["streamed_bytes_per_step"])
+        # The bundle padding makes the flash FFN slightly larger, and its permutation tensors and
+        # metadata take a little more of the budget: compare against that.
+        size = lambda p: p["resident_fixed"] + p["other_bytes"] + p["resident_ffn"] + p["streamed_bytes_per_step"]  # noqa: E731
+        pad = size(p_flash) - size(p_plain)
         assert p_flash["streamed_bytes_per_step"] <= p_plain["streamed_bytes_per_step"] + pad
 
 
@@ -151,19 +157,12 @@ def _rewrite(src, dst, edit_meta=None, header_version=None):
     return dst
 
 
-def _perm_swap(meta):  # a neuron listed twice
-    meta["flash_layout"]["perm"][3][5] = meta["flash_layout"]["perm"][3][6]
-
-
 @pytest.mark.parametrize("edit,pattern", [
-    (lambda m: m["flash_layout"].update(version=2), r"version 2 is newer.*upgrade openelm_rt"),
+    (lambda m: m["flash_layout"].update(version=3), r"version 3 is newer.*upgrade openelm_rt"),
+    (lambda m: m["flash_layout"].update(version=1), r"version 1 .*no longer read; re-export"),
     (lambda m: m["flash_layout"].update(version=0), r"\"version\" is 0"),
     (lambda m: m["flash_layout"].update(bundle_neurons=48), r"bundle_neurons.*multiple of 32"),
     (lambda m: m["flash_layout"].update(bundle_neurons=32), r"ffn_bundles' has shape"),
-    (lambda m: m["flash_layout"]["perm"].pop(), r"\"perm\" must be a list of 12"),
-    (lambda m: m["flash_layout"]["perm"][2].pop(), r"\"perm\"\[2\] must list the layer's"),
-    (lambda m: m["flash_layout"]["perm"][1].__setitem__(0, 10**6), r"\"perm\"\[1\]\[0\] is not a neuron index"),
-    (_perm_swap, r"\"perm\"\[3\] lists neuron .* twice"),
     (lambda m: m.__setitem__("flash_layout", []), r"must be an object"),
 ])
 def test_reader_refuses_a_bad_flash_section(core, flash_models, tmp_path, edit, pattern):
@@ -171,6 +170,39 @@ def test_reader_refuses_a_bad_flash_section(core, flash_models, tmp_path, edit, 
     with pytest.raises(ValueError, match=pattern) as e:
         core.Model(str(p), False)
     assert "flash_layout" in str(e.value) or "ffn_bundles" in str(e.value)
+
+
+def _edit_perm(src, dst, layer, fn):
+    """Copy of src with the permutation tensor of `layer` edited in place by fn(int32 array)."""
+    from openelm_rt import export
+    with export.read_oelm(src) as f:
+        t = next(t for t in f.metadata["tensors"] if t["name"] == f"blk.{layer}.ffn_perm")
+        begin = f.header["data_offset"] + t["offset"]
+    data = bytearray(open(src, "rb").read())
+    perm = np.frombuffer(bytes(data[begin:begin + t["size"]]), dtype="<i4").copy()
+    fn(perm)
+    data[begin:begin + t["size"]] = perm.astype("<i4").tobytes()
+    open(dst, "wb").write(data)
+    return dst
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda p: p.__setitem__(5, p[6]), r"'blk.3.ffn_perm' lists neuron \d+ twice; it must be a permutation"),
+    (lambda p: p.__setitem__(0, 10**6), r"'blk.3.ffn_perm': element 0 is 1000000, not a neuron index"),
+    (lambda p: p.__setitem__(7, -1), r"'blk.3.ffn_perm': element 7 is -1"),
+])
+def test_reader_refuses_a_bad_permutation(core, flash_models, tmp_path, edit, pattern):
+    p = _edit_perm(flash_models["f32"][1], tmp_path / "bad.oelm", 3, edit)
+    with pytest.raises(ValueError, match=pattern + ".*re-export"):
+        core.Model(str(p), False)
+
+
+def test_reader_refuses_a_missing_permutation(core, flash_models, tmp_path):
+    def drop(meta):
+        meta["tensors"] = [t for t in meta["tensors"] if t["name"] != "blk.2.ffn_perm"]
+    p = _rewrite(flash_models["f32"][1], tmp_path / "noperm.oelm", drop)
+    with pytest.raises(ValueError, match="missing tensor 'blk.2.ffn_perm'"):
+        core.Model(str(p), False)
 
 
 def test_reader_refuses_flash_section_in_a_version_1_file(core, flash_models, tmp_path):
@@ -204,3 +236,15 @@ def test_ffn_probe_counts_every_token(core, flash_models):
         rt.ffn_probe_take()
     with pytest.raises(ValueError, match="ordinary layout"):
         _runtime(core, flash_models["f32"][1]).ffn_probe_start()
+
+
+def test_quantized_export_ranks_on_a_bf16_temporary(core, flash_models):
+    """A block-quantized flash export ranks its neurons on a bf16 export of the checkpoint (no
+    quantizer run for the ranking): its permutation is the bf16 file's order on the same tokens."""
+    from openelm_rt import export, flash
+    plain_bf16 = flash_models["bf16"][0]
+    ids = flash.calibration_tokens(core.Model(str(plain_bf16), False), None, 300)
+    want, _ = flash.neuron_order(plain_bf16, ids)
+    with export.read_oelm(flash_models["q8"][1]) as f:
+        for i, order in enumerate(want):
+            np.testing.assert_array_equal(f.tensor(f"blk.{i}.ffn_perm"), order, err_msg=f"layer {i}")

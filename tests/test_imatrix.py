@@ -196,11 +196,10 @@ def test_flash_layout_bundles_take_the_importance_statistics(tiny_f32, calibrate
     permuted_differs = 0
     with export.read_oelm(out) as f:
         assert f.metadata["source"]["importance"] == {"tokens": 200}
-        perm = f.metadata["flash_layout"]["perm"]
         for i in range(spec.n_layer):
             gu = tiny_f32.weights[f"transformer.layers.{i}.ffn.proj_1.weight"]
             dn = tiny_f32.weights[f"transformer.layers.{i}.ffn.proj_2.weight"]
-            F, order = dn.shape[1], np.asarray(perm[i])
+            F, order = dn.shape[1], np.asarray(f.tensor(f"blk.{i}.ffn_perm"))
             imp_gu, imp_dn = stats[f"blk.{i}.ffn_gate_up"], stats[f"blk.{i}.ffn_down"]
             want = b""
             for first in range(0, F, 32):

@@ -59,7 +59,8 @@ def _weights_budget(core, path, fraction):
     whole file, this small model's minimum is 36 % (f32) to 60 % (q4): its embeddings and 4 KiB
     tensor padding weigh far more than in the real sizes, benchmarks/bench_flash.py.)"""
     plan = _runtime(core, path, memory_budget=1 << 40).memory_plan
-    budget = int(plan["resident_fixed"] + plan["kv_bytes"] + plan["scratch_bytes"] + fraction * plan["resident_ffn"])
+    budget = int(plan["resident_fixed"] + plan["kv_bytes"] + plan["scratch_bytes"] + plan["other_bytes"]
+                 + fraction * plan["resident_ffn"])
     assert budget >= plan["minimum"], plan["text"]
     return budget
 
@@ -116,10 +117,11 @@ def test_session_budget_as_percentage_generates_the_same(ort, exports):
     path = str(exports["f32"])
     with ort.Session(path, max_context=64) as s:
         want = s.generate(prompt_ids(12), max_new_tokens=10).token_ids
-    # 60 % of the file: the KV cache (one sequence of 64) and scratch take their share.
-    with ort.Session(path, max_context=64, memory_budget="60%", max_batch=1) as s:
+    # 75 % of the file: the KV cache (one sequence of 64), scratch and the runtime's other
+    # allocations (1.4 MiB, a large share of this small file) take their share.
+    with ort.Session(path, max_context=64, memory_budget="75%", max_batch=1) as s:
         plan = s.memory_plan
-        assert plan["budget"] == int(os.path.getsize(path) * 0.6)
+        assert plan["budget"] == int(os.path.getsize(path) * 0.75)
         assert plan["streamed_bytes_per_step"] > 0, plan["text"]
         assert s.generate(prompt_ids(12), max_new_tokens=10).token_ids == want
         assert s.stream_stats["bytes_read"] > 0
@@ -219,14 +221,21 @@ def test_coalesce(core):
 
 @pytest.fixture(scope="module")
 def medium(work_dir, tokenizer_path):
-    """Weights large enough (~55 MB) that they, not the interpreter, dominate the process."""
-    return build_model(work_dir, tokenizer_path, "budget_medium", seed=9,
-                       config_overrides={"num_transformer_layers": 20, "model_dim": 256, "head_dim": 32,
-                                         "ffn_multipliers": [2.0, 4.0]})
+    """Weights large enough (~55 MB) that they, not the interpreter, dominate the process:
+    {"ordinary": path, "flash": the flash-layout export of the same checkpoint}."""
+    from openelm_rt import export
+    m = build_model(work_dir, tokenizer_path, "budget_medium", seed=9,
+                    config_overrides={"num_transformer_layers": 20, "model_dim": 256, "head_dim": 32,
+                                      "ffn_multipliers": [2.0, 4.0]})
+    fl = export.export_checkpoint(m.ckpt_dir, work_dir / "budget_medium_flash.oelm", tokenizer=tokenizer_path,
+                                  flash_layout=True, bundle_neurons=128, flash_calibration_tokens=256)
+    return {"ordinary": m.oelm, "flash": fl}
 
 
-def test_peak_rss_stays_within_the_budget(medium):
-    size = os.path.getsize(medium.oelm)
+@pytest.mark.parametrize("layout", ["ordinary", "flash"])
+def test_peak_rss_stays_within_the_budget(medium, layout):
+    path = medium[layout]
+    size = os.path.getsize(path)
     budget = size * 6 // 10
     script = textwrap.dedent(f"""
         import json, numpy, openelm_rt, openelm_rt._core
@@ -243,8 +252,7 @@ def test_peak_rss_stays_within_the_budget(medium):
                     total += int(line.split()[1]) * 1024
             return total
         base, anon = status("VmRSS:"), status("RssAnon:")
-        s = openelm_rt.Session({str(medium.oelm)!r}, max_context=64, memory_budget={budget}, max_batch=1,
-                               threads=2)
+        s = openelm_rt.Session({str(path)!r}, max_context=64, memory_budget={budget}, max_batch=1, threads=2)
         ids = s.generate(list(range(1, 40)), max_new_tokens=16).token_ids
         print(json.dumps({{"hwm": status("VmHWM:") - base, "model": status("RssAnon:") - anon + model_mapping_rss(),
                           "plan": s.memory_plan["total"], "streamed": s.memory_plan["streamed_bytes_per_step"],
@@ -255,9 +263,10 @@ def test_peak_rss_stays_within_the_budget(medium):
     assert r.returncode == 0, r.stderr
     import json
     d = json.loads(r.stdout.strip().splitlines()[-1])
+    print(layout, {k: (v / 2**20 if k != "n" else v) for k, v in d.items()}, "budget MiB", budget / 2**20)
     assert d["streamed"] > 0.2 * size and d["n"] == 16
-    # The model's memory (anonymous pages the session added: KV, scratch, buffers; and the mapped
-    # file's resident pages): within the budget (+5 %).
-    assert d["model"] <= 1.05 * budget, d
+    # The model's memory (anonymous pages the session added: KV, scratch, buffers, parsed
+    # metadata; and the mapped file's resident pages): within the budget.
+    assert d["model"] <= budget, d
     # The process's peak: the same plus code pages of the library as its kernels first run.
-    assert d["hwm"] <= 1.05 * budget + (8 << 20), d
+    assert d["hwm"] <= budget + (8 << 20), d

@@ -191,11 +191,11 @@ CudaExecutor::CudaExecutor(std::shared_ptr<const Model> model, std::shared_ptr<B
   OELM_CUDA_CHECK(cudaSetDevice(0));
   OELM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
-  // Weights: every tensor but the tokenizer, in one allocation (each 256-byte aligned), copied
+  // Weights: every tensor but the tokenizer and flash permutations, in one allocation (each 256-byte aligned), copied
   // as stored.
   std::vector<const TensorView*> tensors;
   for (const TensorView& t : model_->file().tensors())
-    if (t.dtype != DType::u8) tensors.push_back(&t);
+    if (t.dtype != DType::u8 && t.dtype != DType::i32) tensors.push_back(&t);
   std::unordered_map<const void*, uint8_t*> at;  // host data -> device copy
   size_t total = 0;
   for (const TensorView* t : tensors) total += (size_t(t->size) + 255) / 256 * 256;

@@ -26,6 +26,7 @@ const char* dtype_name(DType t) {
     case DType::q6: return "q6_b32r16i";
     case DType::q5: return "q5_b32r16i";
     case DType::q4k: return "q4k_b32r16i";
+    case DType::i32: return "i32";
   }
   return "?";
 }
@@ -36,6 +37,7 @@ size_t dtype_size(DType t) {
     case DType::f16: return 2;
     case DType::bf16: return 2;
     case DType::u8: return 1;
+    case DType::i32: return 4;
     case DType::q8:
     case DType::q4:
     case DType::q6:
@@ -46,7 +48,8 @@ size_t dtype_size(DType t) {
 }
 
 bool dtype_from_name(std::string_view name, DType* out) {
-  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4, DType::q6, DType::q5, DType::q4k})
+  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4, DType::q6, DType::q5,
+                  DType::q4k, DType::i32})
     if (name == dtype_name(t)) {
       *out = t;
       return true;

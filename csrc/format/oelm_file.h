@@ -16,7 +16,8 @@ namespace oelm {
 // q8, q4, q6 and q5 are the block-quantized weight types "q8_b32r16i", "q4_b32r16i", "q6_b32r16i"
 // and "q5_b32r16i" (FORMAT.md).
 // q4k is "q4k_b32r16i": 4-bit weights with 6-bit scales and minimums in super-blocks (FORMAT.md).
-enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7, q4k = 8 };
+// i32 holds a flash-layout file's neuron permutations only, never weights.
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2, u8 = 3, q8 = 4, q4 = 5, q6 = 6, q5 = 7, q4k = 8, i32 = 9 };
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types

@@ -129,7 +129,7 @@ struct QActs {
 using qmatmul_fn = void (*)(const QActs& x, int64_t T, const void* W, int64_t N, int64_t n0,
                             int64_t n1, float* y, int64_t ldy);
 
-constexpr int kNumDTypes = 9;  // DType values index the per-dtype tables below
+constexpr int kNumDTypes = 10;  // DType values (i32 included, its entries null) index the tables below
 
 struct KernelTable {
   const char* name;

@@ -15,12 +15,16 @@ namespace {
 
 }  // namespace
 
-FlashLayout parse_flash_layout(const json::Value& v, const std::vector<int64_t>& ffn_dim) {
+FlashLayout parse_flash_layout(const json::Value& v) {
   if (!v.is_object()) bad("must be an object");
   FlashLayout fl;
   const json::Value* ver = v.find("version");
   if (!ver || !ver->is_integer()) bad("\"version\" is missing or not an integer");
   fl.version = ver->as_int();
+  if (fl.version == 1)
+    throw FormatError("metadata \"flash_layout\": version 1 (the neuron permutation as JSON numbers in the "
+                      "metadata, written only by development exports) is no longer read; re-export the file with "
+                      "openelm-rt-export --flash-layout, which stores it in the tensors blk.{i}.ffn_perm");
   if (fl.version < 1)
     bad("\"version\" is " + std::to_string(fl.version) + "; versions start at 1");
   if (fl.version > kFlashLayoutVersion)
@@ -32,29 +36,23 @@ FlashLayout parse_flash_layout(const json::Value& v, const std::vector<int64_t>&
   fl.bundle_neurons = bn->as_int();
   if (fl.bundle_neurons < 32 || fl.bundle_neurons > 65536 || fl.bundle_neurons % 32 != 0)
     bad("\"bundle_neurons\" is " + std::to_string(fl.bundle_neurons) + "; it must be a multiple of 32 in [32, 65536]");
-  const json::Value* perm = v.find("perm");
-  if (!perm || !perm->is_array() || perm->items().size() != ffn_dim.size())
-    bad("\"perm\" must be a list of " + std::to_string(ffn_dim.size()) + " permutations (one per layer)");
-  fl.perm.resize(ffn_dim.size());
-  for (size_t li = 0; li < ffn_dim.size(); ++li) {
-    const json::Value& p = perm->items()[li];
-    const int64_t F = ffn_dim[li];
-    const std::string where = "\"perm\"[" + std::to_string(li) + "]";
-    if (!p.is_array() || int64_t(p.items().size()) != F)
-      bad(where + " must list the layer's " + std::to_string(F) + " neurons (ffn_dim)");
-    std::vector<char> seen(size_t(F), 0);
-    std::vector<int32_t>& out = fl.perm[li];
-    out.reserve(size_t(F));
-    for (size_t j = 0; j < p.items().size(); ++j) {
-      const json::Value& e = p.items()[j];
-      if (!e.is_integer() || e.as_int() < 0 || e.as_int() >= F)
-        bad(where + "[" + std::to_string(j) + "] is not a neuron index in [0, " + std::to_string(F) + ")");
-      if (seen[size_t(e.as_int())]++)
-        bad(where + " lists neuron " + std::to_string(e.as_int()) + " twice; it must be a permutation");
-      out.push_back(int32_t(e.as_int()));
-    }
-  }
   return fl;
+}
+
+void check_flash_perm(const uint8_t* data, int64_t F, const std::string& tensor) {
+  std::vector<char> seen(size_t(F), 0);
+  for (int64_t j = 0; j < F; ++j) {
+    const uint8_t* b = data + 4 * j;
+    const int32_t e = int32_t(uint32_t(b[0]) | uint32_t(b[1]) << 8 | uint32_t(b[2]) << 16 | uint32_t(b[3]) << 24);
+    if (e < 0 || e >= F)
+      throw FormatError("tensor '" + tensor + "': element " + std::to_string(j) + " is " + std::to_string(e) +
+                        ", not a neuron index in [0, " + std::to_string(F) +
+                        "); re-export the file with openelm-rt-export --flash-layout");
+    if (seen[size_t(e)]++)
+      throw FormatError("tensor '" + tensor + "' lists neuron " + std::to_string(e) +
+                        " twice; it must be a permutation of [0, " + std::to_string(F) +
+                        "); re-export the file with openelm-rt-export --flash-layout");
+  }
 }
 
 bool flash_bundles(DType weights, int64_t d_model, int64_t ffn_dim, int64_t bundle_neurons,

@@ -4,11 +4,12 @@
 // their down columns, so that the coldest neurons of a layer are one contiguous tail of the
 // file, read in one sequential request under a memory budget (streaming.h).
 //
-// parse_flash_layout is a pure function of the metadata's "flash_layout" value (no file, no
-// tensors), so it can be fuzzed on its own; Model::load calls it and checks the bundle tensors
-// against flash_bundles().
+// parse_flash_layout is a pure function of the metadata's "flash_layout" value, and
+// check_flash_perm of one layer's permutation tensor's elements, so each can be fuzzed on its
+// own; Model::load calls both and checks the bundle tensors against flash_bundles().
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/json.h"
@@ -16,23 +17,27 @@
 
 namespace oelm {
 
-// The layout version this reader knows; metadata "flash_layout": {"version": 1, ...}.
-constexpr int64_t kFlashLayoutVersion = 1;
+// The layout version this reader knows; metadata "flash_layout": {"version": 2, ...}.
+// Version 1 (development exports only) kept the permutation in the metadata as JSON numbers,
+// whose parsed form cost more memory than a budget allowed for; it is refused with a message
+// to re-export (FORMAT.md).
+constexpr int64_t kFlashLayoutVersion = 2;
 
 struct FlashLayout {
   int64_t version = 0;
   int64_t bundle_neurons = 0;
-  // perm[layer][p]: the checkpoint's index of the neuron stored at position p (a permutation
-  // of [0, ffn_dim[layer])). The FFN's output does not depend on neuron order; the
-  // permutation is provenance, and maps a position back to the checkpoint's neuron.
-  std::vector<std::vector<int32_t>> perm;
 };
 
-// Validates `v` (the metadata's "flash_layout" value) for a model with these FFN widths and
-// returns it; throws FormatError naming the problem (wrong version, bundle size, a permutation
-// of the wrong length, out of range or repeating an index). Bundle sizes: multiples of 32 in
-// [32, 65536] (whole quantization blocks of the down columns).
-FlashLayout parse_flash_layout(const json::Value& v, const std::vector<int64_t>& ffn_dim);
+// Validates `v` (the metadata's "flash_layout" value) and returns it; throws FormatError naming
+// the problem (a version other than 2, a bundle size out of range). Bundle sizes: multiples of
+// 32 in [32, 65536] (whole quantization blocks of the down columns).
+FlashLayout parse_flash_layout(const json::Value& v);
+
+// Checks one layer's permutation, the F little-endian int32 values at `data` (the tensor
+// blk.{i}.ffn_perm: position p holds the checkpoint's index of the neuron stored there), to be
+// a permutation of [0, F); throws FormatError naming `tensor` and the first bad element. The
+// FFN's output does not depend on neuron order: the permutation is provenance, read only here.
+void check_flash_perm(const uint8_t* data, int64_t F, const std::string& tensor);
 
 // Where bundle b of a layer sits inside its tensor blk.{i}.ffn_bundles (FORMAT.md): its
 // gate_up part, the matrix [2n, D] (n gate rows, then the n matching up rows), at `offset`;

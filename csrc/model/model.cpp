@@ -7,6 +7,10 @@
 #include <cstring>
 #include <set>
 
+#if __has_include(<malloc.h>)
+#include <malloc.h>  // mallinfo2 (glibc)
+#endif
+
 #include "common/error.h"
 
 namespace oelm {
@@ -58,7 +62,7 @@ DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallbac
   DType t;
   if (const std::string hint = legacy_dtype_hint(v->as_string()); !hint.empty())
     bad(f, std::string("metadata: ") + key + ": " + hint);
-  if (!dtype_from_name(v->as_string(), &t) || t == DType::u8)
+  if (!dtype_from_name(v->as_string(), &t) || t == DType::u8 || t == DType::i32)
     bad(f, std::string("metadata: ") + key + " \"" + v->as_string() +
                "\" is not supported (f32, f16, bf16, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade "
                "openelm_rt or re-export");
@@ -79,7 +83,29 @@ std::string_view Model::tokenizer_blob() const {
   return std::string_view(reinterpret_cast<const char*>(tokenizer_->data), tokenizer_->size);
 }
 
+namespace {
+
+// Bytes in use on the heap (glibc: every arena, and chunks served by mmap); 0 elsewhere.
+uint64_t heap_in_use() {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+  const struct mallinfo2 mi = mallinfo2();
+  return uint64_t(mi.uordblks) + uint64_t(mi.hblkhd);
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
 std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
+  const uint64_t heap0 = heap_in_use();
+  std::shared_ptr<Model> m = load_file(path, verify);
+  const uint64_t heap1 = heap_in_use();
+  m->load_heap_ = heap1 > heap0 ? heap1 - heap0 : 0;
+  return m;
+}
+
+std::shared_ptr<Model> Model::load_file(const std::string& path, bool verify) {
   std::shared_ptr<Model> m(new Model());
   m->file_ = OelmFile::open(path, verify);
   const OelmFile& f = *m->file_;
@@ -145,7 +171,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, bool verify) {
       bad(f, "metadata has \"flash_layout\" but the header says format_version " + std::to_string(f.format_version()) +
                  " (flash-layout files are version 2); the file is damaged, re-export it");
     try {
-      m->flash_ = parse_flash_layout(*fl, c.ffn_dim);
+      m->flash_ = parse_flash_layout(*fl);
     } catch (const FormatError& e) {
       bad(f, e.what());
     }
@@ -227,6 +253,14 @@ void Model::bind_weights() {
         bad(f, "tensor '" + t->name + "' starts at file offset " + std::to_string(t->offset) +
                    ", not a multiple of 4096 (flash bundles are read with direct I/O); re-export it");
       L.bundles_tensor = t;
+      // The permutation (provenance: the FFN's output does not depend on neuron order) is
+      // checked once here; its pages are part of the file the memory plan counts as resident.
+      const TensorView* perm = need(p + "ffn_perm", {L.ffn_dim}, DType::i32);
+      try {
+        check_flash_perm(perm->data, L.ffn_dim, perm->name);
+      } catch (const FormatError& e) {
+        bad(f, e.what());
+      }
       for (size_t b = 0; b < geo.size(); ++b) {
         const FlashBundleGeometry& g = geo[b];
         LayerWeights::Bundle B;

@@ -79,9 +79,14 @@ class Model {
   int64_t max_ffn_dim() const { return max_ffn_; }
   // The flash layout of the FFN weights, or nullptr for a file in the ordinary layout.
   const FlashLayout* flash() const { return flash_ ? &*flash_ : nullptr; }
+  // Heap bytes Model::load allocated and kept (parsed metadata, tokenizer, tables), measured
+  // with the allocator's statistics where it has them (glibc), else 0: the memory planner
+  // counts them (streaming.h).
+  uint64_t load_heap_bytes() const { return load_heap_; }
 
  private:
   Model() = default;
+  static std::shared_ptr<Model> load_file(const std::string& path, bool verify);
   void bind_weights();
 
   std::unique_ptr<OelmFile> file_;
@@ -95,6 +100,7 @@ class Model {
   std::string tokenizer_type_;
   int64_t max_qkv_ = 0, max_q_ = 0, max_ffn_ = 0;
   std::optional<FlashLayout> flash_;
+  uint64_t load_heap_ = 0;
 };
 
 // Called between layers; returning true aborts the evaluation with oelm::Interrupted.

@@ -71,7 +71,7 @@ std::string MemoryPlan::text() const {
        " (" + std::to_string(n_res) + " of " + std::to_string(layers.size()) + " layers whole";
   if (n_gu + n_dn) s += ", " + std::to_string(n_gu + n_dn) + " in part";
   s += ")\n  KV cache " + mib_text(kv_bytes) + ", activations and logits " + mib_text(scratch_bytes) + ", read buffers " +
-       mib_text(io_bytes) + "\n";
+       mib_text(io_bytes) + ", other (parsed metadata, tokenizer, threads) " + mib_text(other_bytes) + "\n";
   if (streams())
     s += "  streamed per forward step: " + mib_text(streamed_bytes) + " (FFN of " + std::to_string(n_both + n_gu + n_dn) +
          " layers: " + std::to_string(n_both) + " gate_up+down, " + std::to_string(n_gu) + " gate_up only, " +
@@ -96,6 +96,7 @@ namespace {
   throw InvalidArgument("memory_budget of " + mib_text(p.budget) + " is below the minimum of " + mib_text(minimum) +
                         " for this model (" + mib_text(p.resident_fixed) + " always resident: embeddings, attention, "
                         "norms; KV cache " + mib_text(p.kv_bytes) + "; activations and logits " + mib_text(p.scratch_bytes) +
+                        "; other " + mib_text(p.other_bytes) +
                         "; two read buffers for the largest streamed layer): raise memory_budget to at least " +
                         mib_text(minimum) + ", or shrink the KV cache (kv_budget, max_context)");
 }
@@ -190,7 +191,11 @@ MemoryPlan plan_memory(const Model& m, int64_t budget, int64_t kv_bytes, int64_t
   int64_t ffn_all = 0;
   for (const LayerWeights& L : layers) ffn_all += int64_t(L.ffn_bytes());
   p.resident_fixed = p.model_bytes - ffn_all;
-  const int64_t base = p.resident_fixed + kv_bytes + scratch_bytes;
+  // Rounded up to 256 KiB: the measurement varies by a few KiB between loads of one file (the
+  // first load in a process also initializes statics), the plan should not.
+  constexpr int64_t kRound = 256 * 1024;
+  p.other_bytes = (int64_t(m.load_heap_bytes()) + kRound - 1) / kRound * kRound + MemoryPlan::kOtherReserve;
+  const int64_t base = p.resident_fixed + kv_bytes + scratch_bytes + p.other_bytes;
   if (m.flash()) return plan_flash(m, p, base, ffn_all);
   // The cost of a state: memory it needs and bytes it reads per step.
   auto evaluate = [&](const std::vector<MemoryPlan::Layer>& st, int64_t* need, int64_t* streamed, int64_t* io) {

@@ -35,6 +35,10 @@ struct MemoryPlan {
   int64_t kv_bytes = 0;        // the KV cache at its configured size
   int64_t scratch_bytes = 0;   // activations, logits, RoPE tables, quantized activations
   int64_t io_bytes = 0;        // the two read buffers (0 when nothing streams)
+  // The rest the runtime allocates: what loading the model took on the heap (parsed metadata,
+  // tokenizer, tables; Model::load_heap_bytes, rounded up to 256 KiB) plus kOtherReserve for thread stacks, the
+  // allocator's per-thread arenas and small bookkeeping.
+  int64_t other_bytes = 0;
   int64_t streamed_bytes = 0;  // read from the file per forward step
   int64_t minimum = 0;         // the smallest budget that works
   int64_t model_bytes = 0;     // the file's tensors
@@ -46,7 +50,8 @@ struct MemoryPlan {
   std::vector<Layer> layers;
 
   bool streams() const { return streamed_bytes > 0; }
-  int64_t total() const { return resident_fixed + resident_ffn + kv_bytes + scratch_bytes + io_bytes; }
+  int64_t total() const { return resident_fixed + resident_ffn + kv_bytes + scratch_bytes + io_bytes + other_bytes; }
+  static constexpr int64_t kOtherReserve = int64_t(1) << 20;
   // The plan for people: what is resident, what streams, bytes per step.
   std::string text() const;
 };

@@ -95,6 +95,7 @@ py::array tensor_copy(const TensorView& t) {
     case DType::f32: dt = py::dtype::of<float>(); break;
     case DType::f16: dt = py::dtype("float16"); break;
     case DType::bf16: dt = py::dtype::of<uint16_t>(); break;
+    case DType::i32: dt = py::dtype::of<int32_t>(); break;
     case DType::u8:
     case DType::q8:
     case DType::q4:
@@ -113,7 +114,7 @@ TensorView weight_view(const py::array_t<uint8_t, py::array::c_style>& w, const 
                        int64_t K) {
   TensorView v;
   v.name = "(test matrix)";
-  if (!dtype_from_name(dtype, &v.dtype) || v.dtype == DType::u8)
+  if (!dtype_from_name(dtype, &v.dtype) || v.dtype == DType::u8 || v.dtype == DType::i32)
     throw InvalidArgument("unknown weight dtype '" + dtype + "'");
   v.shape = {N, K};
   uint64_t want = 0;
@@ -466,6 +467,7 @@ PYBIND11_MODULE(_core, m) {
         d["kv_bytes"] = p->kv_bytes;
         d["scratch_bytes"] = p->scratch_bytes;
         d["io_bytes"] = p->io_bytes;
+        d["other_bytes"] = p->other_bytes;
         d["streamed_bytes_per_step"] = p->streamed_bytes;
         d["total"] = p->total();
         d["minimum"] = p->minimum;

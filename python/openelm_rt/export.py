@@ -47,7 +47,7 @@ ALIGNMENT = 4096  # the page size: tensors can be mapped and read with large ali
 _HEADER = struct.Struct("<8sIIQQQQIIQ")
 assert _HEADER.size == HEADER_SIZE
 _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"),
-          "u8": np.dtype("u1")}
+          "u8": np.dtype("u1"), "i32": np.dtype("<i4")}
 _FROM_SAFETENSORS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
 # --dtype names; the file records the q types by their dtype ids (quant.Q8, quant.Q4).
 WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4", "q4k")
@@ -513,8 +513,13 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             raise ExportError("give flash_calibration (a text file) or flash_calibration_ids, not both")
         plain = out.parent / f".{out.name}.calibration-{os.getpid()}.oelm"
         try:
-            export_checkpoint(src, plain, dtype=dtype, tokenizer=tokenizer, progress=progress,
-                              embedding_dtype=embedding_dtype, with_tokenizer=with_tokenizer)
+            # Ranked on a cheap temporary: block-quantized targets on bf16 (a rounding, no
+            # quantizer search; the activation counts that rank the neurons are the same to
+            # within the quantization noise, README "Running with less memory than the model").
+            rank_dtype = "bf16" if FILE_DTYPE.get(dtype, dtype) in quant.QUANT_DTYPES else dtype
+            export_checkpoint(src, plain, dtype=rank_dtype, tokenizer=tokenizer, progress=progress,
+                              embedding_dtype=None if rank_dtype == "bf16" else embedding_dtype,
+                              with_tokenizer=with_tokenizer)
             if flash_calibration_ids is None:
                 from . import _core
                 ranking_ids = flash.calibration_tokens(
@@ -556,6 +561,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 bundle_src[name] = (t.hf_name, dn, layer)
                 nbytes = flash.bundles_nbytes(wdtype, spec.d_model, spec.ffn_dim[layer], bundle_neurons)
                 entries.append(_Entry(name, "u8", (nbytes,)))
+                entries.append(_Entry(f"blk.{layer}.ffn_perm", "i32", (spec.ffn_dim[layer],)))
                 continue
             entries.append(_Entry(t.oelm_name, dtype_of(t), t.shape, hf_name=t.hf_name))
         imp = _importance_stats(src, tok, entries, imatrix, calibration, calibration_ctx, imatrix_out,
@@ -586,8 +592,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
             meta["source"]["importance"] = {"tokens": int(imp[imatrix_mod.TOKENS_KEY])}
         if order is not None:
             meta["flash_layout"] = {"version": flash.VERSION, "bundle_neurons": bundle_neurons,
-                                    "calibration": {"source": source, "tokens": seen},
-                                    "perm": [[int(j) for j in o] for o in order]}
+                                    "calibration": {"source": source, "tokens": seen}}
         # The CRCs are only known after the data is written, so reserve room for the metadata
         # with every crc32 at its widest (10 digits), write the data, then the real metadata
         # (never longer) at offset 64; the rest of the reserved room stays zero padding.
@@ -608,7 +613,9 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
                 try:
                     for e in entries:
                         f.seek(data_offset + e.offset)  # skipped bytes read back as zeros
-                        if e.name in bundle_src:
+                        if e.name.endswith(".ffn_perm"):
+                            chunks = [np.asarray(order[int(e.name.split(".")[1])], dtype="<i4")]
+                        elif e.name in bundle_src:
                             gu, dn, layer = bundle_src[e.name]
                             chunks = _bundle_chunks(gu, dn, ckpt, order[layer], bundle_neurons, wdtype,
                                                     e.name, bundle_imp.get(layer, (None, None)))
@@ -663,7 +670,7 @@ class OelmFile:
         return list(self._tensors)
 
     def tensor(self, name: str) -> np.ndarray:
-        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8; the
+        """Read-only view: f32 float32, f16 float16, bf16 uint16 bits, u8 uint8, i32 int32; the
         block-quantized types as their raw bytes (1-D uint8; decode with quant.dequantize)."""
         t = self._tensors[name]
         begin = self.header["data_offset"] + t["offset"]

@@ -19,7 +19,8 @@ import numpy as np
 from . import quant
 from .hf_config import ExportError
 
-VERSION = 1          # metadata "flash_layout" version this writer produces
+VERSION = 2          # metadata "flash_layout" version this writer produces (2: the permutation
+                     # in the tensors blk.{i}.ffn_perm; 1 kept it in the metadata, no longer read)
 BUNDLE_ALIGN = 4096  # each part of a bundle is padded to this (direct I/O reads whole pages)
 DEFAULT_BUNDLE_NEURONS = 256
 DEFAULT_CALIBRATION_TOKENS = 1024

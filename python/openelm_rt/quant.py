@@ -69,7 +69,7 @@ _RANGE = {Q8: (-127, 127), Q6: (-32, 31), Q5: (-16, 15), Q4: (-8, 7)}
 _PER_PANEL_COL = {Q8: 17, Q6: 13, Q5: 11, Q4: 9}
 # The layout before scales moved next to their blocks (FORMAT.md): no longer read or written.
 LEGACY_QUANT_DTYPES = ("q8_b32r16", "q4_b32r16")
-_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1}
+_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1, "i32": 4}
 
 # m in d = max / -m (module docstring). The first, 8, is llama.cpp Q4_0's rule.
 Q4_CANDIDATES = (8.0, 7.5, 7.75, 8.25, 8.5, 8.75, 9.0, 9.25)

@@ -1,23 +1,24 @@
 // libFuzzer target: the flash-layout section of the .oelm format (docs/FORMAT.md "Flash
-// layout", csrc/model/flash_layout.h). The input is JSON text, either
-//   * a whole metadata object (as a file stores it, e.g. a flash export's): its "flash_layout"
-//     value goes to parse_flash_layout with the model's "ffn_dim" list, checked first as the
-//     loader checks it (a list of at most 4096 integers in [1, 2^20]; else the loader stops
-//     before the flash layout and so does this target), and the bundle geometry uses its
-//     "d_model"; or
-//   * any other value, taken as the "flash_layout" value itself, with the FFN widths derived
-//     from its "perm": each layer as wide as its list (1 for an empty list or a non-list, 2^20
-//     at most), so that well-formed permutations get past the length checks to the elements;
-//     d_model derived from the input's length.
-// parse_flash_layout must return a layout or throw FormatError naming "flash_layout";
-// anything else (a crash, another exception, a sanitizer report) is a finding, and so is a
-// returned layout that is not what the JSON says or not valid (version, bundle size, each perm
-// a permutation of [0, F)). Every layout returned is then cut into bundles (flash_bundles)
-// for every weights dtype, whose geometry must tile the tensor as FORMAT.md says.
+// layout", csrc/model/flash_layout.h). The input is taken two ways:
+//   * as JSON text, either a whole metadata object (as a file stores it, e.g. a flash export's):
+//     its "flash_layout" value goes to parse_flash_layout, and the model's "ffn_dim" list,
+//     checked first as the loader checks it (a list of at most 4096 integers in [1, 2^20]; else
+//     the loader stops before the flash layout and so does this target), and "d_model" give
+//     the bundle geometry; or any other value, taken as the "flash_layout" value itself, with
+//     one layer whose width and d_model derive from the input's length.
+//     parse_flash_layout must return a layout or throw FormatError naming "flash_layout";
+//     anything else (a crash, another exception, a sanitizer report) is a finding, and so is a
+//     returned layout that is not what the JSON says or not valid (version, bundle size).
+//     Every layout returned is then cut into bundles (flash_bundles) for every weights dtype,
+//     whose geometry must tile the tensor as FORMAT.md says;
+//   * as the bytes of a blk.{i}.ffn_perm tensor (int32 little-endian, F = size / 4):
+//     check_flash_perm must accept it exactly when it is a permutation of [0, F), and
+//     otherwise throw FormatError naming the tensor.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <string_view>
@@ -85,30 +86,43 @@ void check_layout(const oelm::FlashLayout& fl, const oelm::json::Value& v, const
                   int64_t d_model) {
   if (fl.version != v.find("version")->as_int() || fl.bundle_neurons != v.find("bundle_neurons")->as_int())
     finding("the returned version / bundle_neurons differ from the JSON's");
-  if (fl.version < 1 || fl.version > oelm::kFlashLayoutVersion) finding("accepted version " + std::to_string(fl.version));
+  if (fl.version != oelm::kFlashLayoutVersion) finding("accepted version " + std::to_string(fl.version));
   if (fl.bundle_neurons < 32 || fl.bundle_neurons > 65536 || fl.bundle_neurons % 32)
     finding("accepted bundle_neurons " + std::to_string(fl.bundle_neurons));
-  if (fl.perm.size() != ffn_dim.size()) finding("perm has the wrong number of layers");
-  const auto& lists = v.find("perm")->items();
-  for (size_t li = 0; li < ffn_dim.size(); ++li) {
-    const std::vector<int32_t>& p = fl.perm[li];
-    if (int64_t(p.size()) != ffn_dim[li]) finding("perm[" + std::to_string(li) + "] has the wrong length");
-    std::vector<char> seen(p.size(), 0);
-    for (size_t j = 0; j < p.size(); ++j) {
-      if (p[j] < 0 || size_t(p[j]) >= p.size() || seen[size_t(p[j])]++)
-        finding("perm[" + std::to_string(li) + "] is not a permutation");
-      if (p[j] != lists[li].items()[j].as_int()) finding("perm[" + std::to_string(li) + "] differs from the JSON's");
-    }
-  }
   static const oelm::DType kWeights[] = {oelm::DType::f32, oelm::DType::f16, oelm::DType::bf16, oelm::DType::q8,
                                          oelm::DType::q6,  oelm::DType::q5,  oelm::DType::q4};
   for (size_t li = 0; li < ffn_dim.size(); ++li)
     for (oelm::DType dt : kWeights) check_bundles(dt, d_model, ffn_dim[li], fl.bundle_neurons);
 }
 
+// The input's bytes as a permutation tensor: accepted exactly when they are one.
+void check_perm(const uint8_t* data, size_t size) {
+  const int64_t F = int64_t(size / 4);
+  if (F == 0) return;
+  std::vector<char> seen(size_t(F), 0);
+  bool valid = true;
+  for (int64_t j = 0; j < F && valid; ++j) {
+    int32_t e;
+    std::memcpy(&e, data + 4 * j, 4);  // little-endian hosts (the loader's assumption)
+    valid = e >= 0 && e < F && !seen[size_t(e)]++;
+  }
+  bool accepted = true;
+  try {
+    oelm::check_flash_perm(data, F, "blk.0.ffn_perm");
+  } catch (const oelm::FormatError& e) {
+    if (std::string_view(e.what()).find("blk.0.ffn_perm") == std::string_view::npos)
+      finding(std::string("a FormatError that does not name the tensor: ") + e.what());
+    accepted = false;
+  } catch (const std::exception& e) {
+    finding(std::string("check_flash_perm threw something other than FormatError: ") + e.what());
+  }
+  if (accepted != valid) finding(valid ? "a permutation was refused" : "a non-permutation was accepted");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  check_perm(data, size);
   oelm::json::Value doc;
   try {
     doc = oelm::json::parse(std::string_view(reinterpret_cast<const char*>(data), size));
@@ -124,16 +138,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const oelm::json::Value* model = doc.find("model");
     const oelm::json::Value* d = model->find("d_model");
     if (d && d->is_integer() && d->as_int() >= 1 && d->as_int() <= kMaxDModel) d_model = d->as_int();
-  } else if (fl->is_object() && fl->find("perm") && fl->find("perm")->is_array()) {
-    for (const oelm::json::Value& p : fl->find("perm")->items())
-      ffn_dim.push_back(p.is_array() ? std::clamp<int64_t>(int64_t(p.items().size()), 1, kMaxFfn) : 1);
   } else {
-    ffn_dim.push_back(1 + int64_t(size % 97));
+    ffn_dim.push_back(1 + int64_t(size % 997));
   }
 
   oelm::FlashLayout layout;
   try {
-    layout = oelm::parse_flash_layout(*fl, ffn_dim);
+    layout = oelm::parse_flash_layout(*fl);
   } catch (const oelm::FormatError& e) {
     if (std::string_view(e.what()).find("flash_layout") == std::string_view::npos)
       finding(std::string("a FormatError that does not name \"flash_layout\": ") + e.what());

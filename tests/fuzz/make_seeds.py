@@ -14,7 +14,7 @@ FFN matrices, where 1 or 2 layers stream nothing); and two flash-layout files of
 (format_version 2, FORMAT.md "Flash layout"; f32 in bundles of 32 neurons, q8 in bundles of
 64, so one bundle is partial), which need alignment 4096 (their bundles are read with direct
 I/O): 160 and 120 KB.
-DIR/flash/ holds fuzz_flash's seeds: those files' metadata and bare "flash_layout" values,
+DIR/flash/ holds fuzz_flash's seeds: those files' metadata, bare "flash_layout" values and permutation tensors,
 valid and each broken in one way.
 """
 from __future__ import annotations
@@ -63,19 +63,24 @@ FLASH_SHAPE = dict(num_transformer_layers=3, model_dim=32, head_dim=8, vocab_siz
                    ffn_multipliers=[1.0, 2.0])
 FLASH_EXPORTS = [("f32", 32), ("q8", 64)]  # (dtype, bundle_neurons)
 
-# Bare "flash_layout" values for fuzz_flash (FFN widths from the lengths of "perm"'s lists):
-# valid, then each of FORMAT.md's rules broken once.
+# Bare "flash_layout" values for fuzz_flash: valid, then each of FORMAT.md's rules broken once;
+# and permutation tensors (int32 little-endian: the input's bytes as blk.0.ffn_perm), valid and not.
 FLASH_TEXTS = [
-    b'{"version": 1, "bundle_neurons": 32, "calibration": {"source": "ids", "tokens": 64}, '
-    b'"perm": [[2, 0, 1], [0], [3, 1, 0, 2]]}',
-    b'{"version": 1, "bundle_neurons": 65536, "perm": []}',
-    b'{"version": 2, "bundle_neurons": 32, "perm": [[0]]}',
-    b'{"version": 0, "bundle_neurons": 32, "perm": [[0]]}',
-    b'{"version": 1.0, "bundle_neurons": 48, "perm": [[0]]}',
-    b'{"version": 1, "bundle_neurons": 65568, "perm": [[0]]}',
-    b'{"version": 1, "bundle_neurons": 32, "perm": [[0, 0], [1, 2], [-1], [0.5], {}]}',
-    b'{"version": 1, "bundle_neurons": 32, "perm": {"0": [0]}}',
-    b'[1, 32, [[0]]]',
+    b'{"version": 2, "bundle_neurons": 32, "calibration": {"source": "ids", "tokens": 64}}',
+    b'{"version": 2, "bundle_neurons": 65536}',
+    b'{"version": 1, "bundle_neurons": 32, "perm": [[0]]}',
+    b'{"version": 3, "bundle_neurons": 32}',
+    b'{"version": 0, "bundle_neurons": 32}',
+    b'{"version": 2.0, "bundle_neurons": 48}',
+    b'{"version": 2, "bundle_neurons": 65568}',
+    b'{"version": 2}',
+    b'[2, 32]',
+]
+FLASH_PERMS = [
+    struct.pack("<4i", 2, 0, 3, 1),
+    struct.pack("<4i", 2, 0, 2, 1),
+    struct.pack("<3i", 0, 1, -1),
+    struct.pack("<2i", 0, 7),
 ]
 
 
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
         (dirs["json"] / f"syntax{i}.json").write_bytes(t)
     for i, t in enumerate(FLASH_TEXTS):
         (dirs["flash"] / f"layout{i}.json").write_bytes(t)
+    for i, t in enumerate(FLASH_PERMS):
+        (dirs["flash"] / f"perm{i}.bin").write_bytes(t)
     for i, t in enumerate(TEXTS):
         (dirs["tokenizer"] / f"text{i}.txt").write_bytes(t)
     for t, d in dirs.items():
