@@ -247,15 +247,31 @@ void check_matmul(Report& rep, const std::string& name, const KernelTable& v, co
           if (N >= 3) matmul_case(rep, key, v, ref, dt, W.data(), K, x.data(), T, 1, N - 1, N, what + " rows 1..N-1");
         }
       }
-    // Longer prefills over several row blocks.
-    for (int64_t T : {33, 64}) {
-      const int64_t N = 40, K = 1000;
-      std::vector<uint8_t> W(static_cast<size_t>(N * K) * dtype_bytes(dt));
-      fill_rows(r, dt, W.data(), K, 0, N);
-      std::vector<float> x(static_cast<size_t>(T * K));
-      for (float& e : x) e = r.uniform(-1.0f, 1.0f);
-      matmul_case(rep, key, v, ref, dt, W.data(), K, x.data(), T, 0, N, N, fmt("N=40 K=1000 T=%" PRId64, T));
-    }
+    // Longer prefills over several row blocks (16 rows; 64 for f32 with 512-bit vectors, whose
+    // block's last tile prefetches the next token group): N = 150 ends in a part block with
+    // lone rows, T ends on a full group (12, 66), one token past it (13) or a part group (33,
+    // 64); a sub-range of rows, as a thread gets. Then token by token, one row at a time:
+    // bitwise the batched result (decode = prefill).
+    for (int64_t N : {40, 150})
+      for (int64_t T : {12, 13, 33, 64, 66}) {
+        const int64_t K = N == 40 ? 1000 : 576, n0 = N == 40 ? 0 : 3;
+        std::vector<uint8_t> W(static_cast<size_t>(N * K) * dtype_bytes(dt));
+        fill_rows(r, dt, W.data(), K, 0, N);
+        std::vector<float> x(static_cast<size_t>(T * K));
+        for (float& e : x) e = r.uniform(-1.0f, 1.0f);
+        const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64 " rows %" PRId64 "..N", N, K, T, n0);
+        matmul_case(rep, key, v, ref, dt, W.data(), K, x.data(), T, n0, N, N, what);
+        std::vector<float> batched(static_cast<size_t>(T * N), kSentinel), y1(static_cast<size_t>(N), kSentinel);
+        v.matmul[dt](x.data(), T, K, W.data(), n0, N, batched.data(), N);
+        std::vector<float> one, got;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t n = n0; n < N; ++n) {
+            v.matmul[dt](x.data() + t * K, 1, K, W.data(), n, n + 1, y1.data(), N);
+            one.push_back(y1[size_t(n)]);
+            got.push_back(batched[size_t(t * N + n)]);
+          }
+        rep.compare(key + " (decode = prefill, bitwise)", what, one.data(), got.data(), nullptr, int64_t(one.size()));
+      }
     // Every OpenELM matrix shape, with its full K: the first and the last 16 rows (how a
     // thread's share of rows is passed), one decode token and a 5-token prefill.
     for (const Shape& s : kOpenElmShapes) {
