@@ -195,7 +195,7 @@ CudaExecutor::CudaExecutor(std::shared_ptr<const Model> model, std::shared_ptr<B
   // as stored.
   std::vector<const TensorView*> tensors;
   for (const TensorView& t : model_->file().tensors())
-    if (t.dtype != DType::u8 && t.dtype != DType::i32) tensors.push_back(&t);
+    if (dtype_is_weight(t.dtype)) tensors.push_back(&t);
   std::unordered_map<const void*, uint8_t*> at;  // host data -> device copy
   size_t total = 0;
   for (const TensorView* t : tensors) total += (size_t(t->size) + 255) / 256 * 256;

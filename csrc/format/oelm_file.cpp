@@ -57,6 +57,8 @@ bool dtype_from_name(std::string_view name, DType* out) {
   return false;
 }
 
+bool dtype_is_weight(DType t) { return t != DType::u8 && t != DType::i32; }
+
 bool dtype_is_quantized(DType t) {
   return t == DType::q8 || t == DType::q4 || t == DType::q6 || t == DType::q5 || t == DType::q4k;
 }

@@ -23,6 +23,8 @@ const char* dtype_name(DType t);
 size_t dtype_size(DType t);  // bytes per element; 0 for the block-quantized types
 // The DType whose dtype_name() is `name`; false if there is none.
 bool dtype_from_name(std::string_view name, DType* out);
+// A dtype weights may have: not u8 (bytes: tokenizer, flash bundles) nor i32 (flash permutations).
+bool dtype_is_weight(DType t);
 bool dtype_is_quantized(DType t);  // q8, q4, q6, q5, q4k: 2-D only, sized by tensor_bytes()
 // For "q8_b32r16" / "q4_b32r16", the quantized layout of older files that this reader no
 // longer accepts: what happened and the fix. Empty for any other name.

@@ -62,7 +62,7 @@ DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallbac
   DType t;
   if (const std::string hint = legacy_dtype_hint(v->as_string()); !hint.empty())
     bad(f, std::string("metadata: ") + key + ": " + hint);
-  if (!dtype_from_name(v->as_string(), &t) || t == DType::u8 || t == DType::i32)
+  if (!dtype_from_name(v->as_string(), &t) || !dtype_is_weight(t))
     bad(f, std::string("metadata: ") + key + " \"" + v->as_string() +
                "\" is not supported (f32, f16, bf16, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade "
                "openelm_rt or re-export");
@@ -152,7 +152,7 @@ std::shared_ptr<Model> Model::load_file(const std::string& path, bool verify) {
     if (!td->is_object()) bad(f, "metadata: \"tensor_dtypes\" must be an object of tensor name -> dtype");
     for (const auto& [name, v] : td->members()) {
       DType t;
-      if (!v.is_string() || !dtype_from_name(v.as_string(), &t) || t == DType::u8)
+      if (!v.is_string() || !dtype_from_name(v.as_string(), &t) || !dtype_is_weight(t))
         bad(f, "metadata: tensor_dtypes: \"" + name + "\" has no supported dtype (f32, f16, bf16, q8_b32r16i, "
                "q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade openelm_rt or re-export");
       c.tensor_dtypes[name] = t;

@@ -114,7 +114,7 @@ TensorView weight_view(const py::array_t<uint8_t, py::array::c_style>& w, const 
                        int64_t K) {
   TensorView v;
   v.name = "(test matrix)";
-  if (!dtype_from_name(dtype, &v.dtype) || v.dtype == DType::u8 || v.dtype == DType::i32)
+  if (!dtype_from_name(dtype, &v.dtype) || !dtype_is_weight(v.dtype))
     throw InvalidArgument("unknown weight dtype '" + dtype + "'");
   v.shape = {N, K};
   uint64_t want = 0;
