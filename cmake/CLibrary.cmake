@@ -13,7 +13,7 @@ target_include_directories(openelm_rt PUBLIC
 target_link_libraries(openelm_rt PRIVATE openelm_rt_core)
 target_compile_definitions(openelm_rt PRIVATE OPENELM_RT_BUILDING)
 # Only what the header marks OELM_API is exported. While the version is 0.x the
-# minor number is the ABI, hence SOVERSION 0.2 (libopenelm_rt.so.0.2).
+# minor number is the ABI, hence SOVERSION 0.3 (libopenelm_rt.so.0.3).
 set_target_properties(openelm_rt PROPERTIES
   CXX_VISIBILITY_PRESET hidden
   VISIBILITY_INLINES_HIDDEN ON

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,20 @@ def test_info_prints_stored_config_and_verifies(session_f32, tiny_f32, tmp_path)
     bad.write_bytes(bytes(data))
     p = _run(RT[0].values[0], "info", bad, "--verify")
     assert p.returncode == 2 and "checksum" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_versions_agree():
+    """One version everywhere: the package, its native core, pyproject.toml and the C header
+    (CMake refuses to configure when the header and CMakeLists.txt differ)."""
+    import openelm_rt
+    from openelm_rt import _core
+    root = Path(__file__).resolve().parents[1]
+    project = re.search(r'^version = "([^"]+)"', (root / "pyproject.toml").read_text(), re.M).group(1)
+    header = (root / "csrc/include/openelm_rt/openelm_rt.h").read_text()
+    macros = ".".join(re.search(rf"#define OELM_VERSION_{k} (\d+)", header).group(1)
+                      for k in ("MAJOR", "MINOR", "PATCH"))
+    assert openelm_rt.__version__ == _core.VERSION == project == macros, \
+        (openelm_rt.__version__, _core.VERSION, project, macros)
 
 
 def test_version_names_the_format_versions():

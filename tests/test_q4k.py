@@ -7,6 +7,8 @@ Tolerances are stated where they are used, with what they protect.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -329,7 +331,18 @@ def test_old_reader_refuses_q4k_by_name(ort, q4k_export, tmp_path):
     from test_loader import OelmImage, _expect_format_error
     img = OelmImage.load(q4k_export)
     img.tensor("blk.0.attn_qkv")["dtype"] = "q4k_b32r16j"
-    _expect_format_error(ort, img.write(tmp_path / "old.oelm"), r"blk\.0\.attn_qkv", "unknown dtype", "upgrade")
+    # The message lists what this reader knows (from its dtype table, i32 included), names this
+    # reader's version and the file's writer (printable, cut short: it is untrusted).
+    img.meta["writer"] = "openelm-rt-export 9.9.9\n" + "x" * 200
+    msg = _expect_format_error(ort, img.write(tmp_path / "old.oelm"), r"blk\.0\.attn_qkv", "unknown dtype",
+                               "upgrade", r"q4k_b32r16i, i32\)", f"this is openelm_rt {re.escape(ort.__version__)}",
+                               r"written by openelm-rt-export 9\.9\.9\?x+\.\.\.;")
+    assert "x" * 81 not in msg and "\n" not in msg, msg
+    # In metadata (weights_dtype), the list is of the weight dtypes only.
+    img = OelmImage.load(q4k_export)
+    img.meta["weights_dtype"] = "q3_x"
+    msg = _expect_format_error(ort, img.write(tmp_path / "old2.oelm"), "weights_dtype", "q3_x", "upgrade",
+                               r"\(f32, f16, bf16, q8_b32r16i, q4_b32r16i, q6_b32r16i, q5_b32r16i, q4k_b32r16i\)")
 
 
 def test_cuda_refuses_q4k_and_mixed_files_by_name(ort, q4k_export, mixed_export):

@@ -47,14 +47,44 @@ size_t dtype_size(DType t) {
   return 0;
 }
 
+namespace {
+constexpr DType kAllDTypes[] = {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8,
+                                DType::q4,  DType::q6,  DType::q5,   DType::q4k, DType::i32};
+}  // namespace
+
 bool dtype_from_name(std::string_view name, DType* out) {
-  for (DType t : {DType::f32, DType::f16, DType::bf16, DType::u8, DType::q8, DType::q4, DType::q6, DType::q5,
-                  DType::q4k, DType::i32})
+  for (DType t : kAllDTypes)
     if (name == dtype_name(t)) {
       *out = t;
       return true;
     }
   return false;
+}
+
+std::string dtype_names(bool weights_only) {
+  std::string s;
+  for (DType t : kAllDTypes)
+    if (!weights_only || dtype_is_weight(t)) s += (s.empty() ? "" : ", ") + std::string(dtype_name(t));
+  return s;
+}
+
+const char* reader_version() {
+#ifdef OPENELM_RT_VERSION_STRING
+  return OPENELM_RT_VERSION_STRING;
+#else
+  return "(unknown version)";
+#endif
+}
+
+std::string upgrade_advice(const json::Value& metadata) {
+  std::string writer;
+  if (const json::Value* w = metadata.is_object() ? metadata.find("writer") : nullptr; w && w->is_string()) {
+    for (char c : w->as_string().substr(0, 80)) writer += (c >= 0x20 && c < 0x7F) ? c : '?';
+    if (w->as_string().size() > 80) writer += "...";
+  }
+  return std::string("this is openelm_rt ") + reader_version() +
+         (writer.empty() ? "" : ", the file was written by " + writer) +
+         "; upgrade openelm_rt, or re-export the model with the installed openelm-rt-export";
 }
 
 bool dtype_is_weight(DType t) { return t != DType::u8 && t != DType::i32; }
@@ -240,8 +270,7 @@ void OelmFile::validate_and_index(bool verify) {
                    std::to_string(format_version_) + " / names_version " +
                    std::to_string(names_version_) + ", this reader supports up to format_version " +
                    std::to_string(kFormatVersion) + " / names_version " +
-                   std::to_string(kNamesVersion) +
-                   "; upgrade openelm_rt, or re-export the model with the installed openelm-rt-export");
+                   std::to_string(kNamesVersion) + " (" + upgrade_advice(json::Value()) + ")");
   const uint64_t meta_off = read_le<uint64_t>(h + 16);
   const uint64_t meta_size = read_le<uint64_t>(h + 24);
   const uint64_t data_off = read_le<uint64_t>(h + 32);
@@ -312,9 +341,8 @@ void OelmFile::validate_and_index(bool verify) {
     const std::string& d = dt->as_string();
     if (const std::string hint = legacy_dtype_hint(d); !hint.empty()) bad(path_, "tensor '" + nm + "': " + hint);
     if (!dtype_from_name(d, &tv.dtype))
-      bad(path_, "tensor '" + nm + "': unknown dtype \"" + d +
-                     "\" (this reader knows f32, f16, bf16, u8, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade "
-                     "openelm_rt or re-export");
+      bad(path_, "tensor '" + nm + "': unknown dtype \"" + d + "\" (this reader knows " + dtype_names(false) +
+                     "); " + upgrade_advice(meta_));
     const json::Value* shape = t.find("shape");
     if (!shape || !shape->is_array() || shape->items().empty() || shape->items().size() > 4)
       bad(path_, "tensor '" + nm + "': \"shape\" must be an array of 1 to 4 dimensions");

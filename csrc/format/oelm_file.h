@@ -26,6 +26,13 @@ bool dtype_from_name(std::string_view name, DType* out);
 // A dtype weights may have: not u8 (bytes: tokenizer, flash bundles) nor i32 (flash permutations).
 bool dtype_is_weight(DType t);
 bool dtype_is_quantized(DType t);  // q8, q4, q6, q5, q4k: 2-D only, sized by tensor_bytes()
+// The names of every dtype this reader knows ("f32, f16, ..."), or only of those weights may have.
+std::string dtype_names(bool weights_only);
+// The version of this openelm_rt ("0.3.1"), which error messages name.
+const char* reader_version();
+// The end of a message refusing something a newer openelm_rt wrote: this reader's version, the
+// file's "writer" metadata (if any, made printable and cut short: it is untrusted), and the fix.
+std::string upgrade_advice(const json::Value& metadata);
 // For "q8_b32r16" / "q4_b32r16", the quantized layout of older files that this reader no
 // longer accepts: what happened and the fix. Empty for any other name.
 std::string legacy_dtype_hint(std::string_view name);

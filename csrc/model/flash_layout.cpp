@@ -30,7 +30,7 @@ FlashLayout parse_flash_layout(const json::Value& v) {
   if (fl.version > kFlashLayoutVersion)
     throw FormatError("metadata \"flash_layout\": version " + std::to_string(fl.version) +
                       " is newer than this openelm_rt reads (up to " + std::to_string(kFlashLayoutVersion) +
-                      "); upgrade openelm_rt, or re-export the file with the installed version");
+                      "; " + upgrade_advice(json::Value()) + ")");
   const json::Value* bn = v.find("bundle_neurons");
   if (!bn || !bn->is_integer()) bad("\"bundle_neurons\" is missing or not an integer");
   fl.bundle_neurons = bn->as_int();

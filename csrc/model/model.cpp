@@ -63,9 +63,8 @@ DType get_weights_dtype(const OelmFile& f, const char* key, const DType* fallbac
   if (const std::string hint = legacy_dtype_hint(v->as_string()); !hint.empty())
     bad(f, std::string("metadata: ") + key + ": " + hint);
   if (!dtype_from_name(v->as_string(), &t) || !dtype_is_weight(t))
-    bad(f, std::string("metadata: ") + key + " \"" + v->as_string() +
-               "\" is not supported (f32, f16, bf16, q8_b32r16i, q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade "
-               "openelm_rt or re-export");
+    bad(f, std::string("metadata: ") + key + " \"" + v->as_string() + "\" is not supported (" + dtype_names(true) +
+               "); " + upgrade_advice(f.metadata()));
   return t;
 }
 
@@ -153,8 +152,8 @@ std::shared_ptr<Model> Model::load_file(const std::string& path, bool verify) {
     for (const auto& [name, v] : td->members()) {
       DType t;
       if (!v.is_string() || !dtype_from_name(v.as_string(), &t) || !dtype_is_weight(t))
-        bad(f, "metadata: tensor_dtypes: \"" + name + "\" has no supported dtype (f32, f16, bf16, q8_b32r16i, "
-               "q6_b32r16i, q5_b32r16i, q4_b32r16i, q4k_b32r16i); upgrade openelm_rt or re-export");
+        bad(f, "metadata: tensor_dtypes: \"" + name + "\" has no supported dtype (" + dtype_names(true) + "); " +
+                   upgrade_advice(f.metadata()));
       c.tensor_dtypes[name] = t;
     }
   }

@@ -727,6 +727,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
         "The exact distribution the sampler draws from (for tests).");
 
+  m.attr("VERSION") = reader_version();  // the core's; must equal openelm_rt.__version__
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("NAMES_VERSION") = kNamesVersion;
 }

@@ -83,7 +83,7 @@ extern "C" {
 
 #define OELM_VERSION_MAJOR 0
 #define OELM_VERSION_MINOR 3
-#define OELM_VERSION_PATCH 0
+#define OELM_VERSION_PATCH 1
 
 /* The library's version, "MAJOR.MINOR.PATCH" (that of the library actually loaded,
  * which may differ from the OELM_VERSION_* macros a program was compiled with). */
