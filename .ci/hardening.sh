@@ -2,7 +2,8 @@
 # Hardening checks, called from .ci/run after the package is installed (issue 19):
 #   1. one clang build with AddressSanitizer + UndefinedBehaviorSanitizer (every report fatal)
 #      and libFuzzer coverage: the C API tests (ctest, the fixtures of tests/cpp; stress_engine
-#      included), kernel_check (the fastest variant and the reference), the five fuzz
+#      included), kernel_check (the fastest variant, the only x86 one compiled in, and the
+#      reference, on every 8th OpenELM shape), the five fuzz
 #      targets of tests/fuzz, and the Python extension: a subset of the Python tests (loader,
 #      tokenizer, session errors, non-finite logits, server request fuzzing) with the ASan
 #      runtime preloaded into python3;
@@ -13,9 +14,9 @@
 #      how to replay it.
 # Installs Debian's clang 14 and its runtimes when missing. Needs python3 that can import
 # openelm_rt (fixtures and seeds), cmake and ninja. Long campaigns: tests/fuzz/README.md.
-# Measured on the 2-core dev machine (the steps run one by one): ASan build 240 s, ctest 7 s,
-# fuzzing 62 s (before fuzz_flash, which adds its 30 s), TSan build 78 s, stress_engine 2 s, the Python extension under ASan ~50 s and
-# its test subset 60 s; plus the clang install, fixtures, seeds and kernel_check.
+# Measured on the 2-core dev machine on 2026-12-03 (before the kernel_check stride): 719 s in
+# all: ASan build 256 s (one x86 variant; 524 s with all four), ASan tests 307 s (kernel_check
+# ~200 s of it), TSan build 59 s, stress_engine 3 s, fuzzing 94 s; plus the clang install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -44,10 +45,18 @@ echo "-- fixtures and seed corpora"
 python3 tests/cpp/make_fixtures.py "$work/data" >/dev/null
 python3 tests/fuzz/make_seeds.py "$work/seeds"
 
+# The sanitizer builds compile in only the x86 kernel variant this CPU runs (the fastest it
+# supports, which the installed package reports): clang 14 with ASan + UBSan takes ~4 minutes of
+# CPU per AVX-512 variant, and .ci/neon.sh checks every variant natively.
+x86=$(python3 -c 'import openelm_rt._core as c; print(c.Backend.kernel_variants()[0])')
+case $x86 in avx2 | avx512 | avx512vnni | avx512bf16) ;; *) x86="" ;; esac
+echo "-- x86 kernel variant in the sanitizer builds: ${x86:-none (ref only)}"
+
 echo "-- ASan + UBSan build (clang $CLANG_VERSION): C API tests, kernel_check, fuzz targets, Python extension"
 python3 -m pybind11 --cmakedir >/dev/null 2>&1 || python3 -m pip install --quiet --root-user-action=ignore pybind11
 asan=build/ci-asan
 CC=$cc CXX=$cxx cmake -S . -B "$asan" "${gen[@]}" -DOPENELM_RT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DOPENELM_RT_X86_KERNELS="$x86" \
   -DOPENELM_RT_PYTHON=ON -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
   -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_FUZZ=ON \
   -DOPENELM_RT_SANITIZE=address,undefined >/dev/null
@@ -62,10 +71,11 @@ if ! out=$(cd "$asan" && OELM_TEST_DATA="$work/data" ctest -j "$jobs" --output-o
   exit 1
 fi
 grep "tests passed" <<<"$out"
-# The fastest variant this CPU runs and the reference (every variant would take ~4 min under
-# ASan; .ci/neon.sh checks them all natively).
-echo "-- kernel_check under ASan + UBSan (OPENELM_RT_KERNELS=auto)"
-OPENELM_RT_KERNELS=auto "$asan/kernel_check" | tail -n 1
+# The fastest variant this CPU runs (the only one compiled in) and the reference, on every 8th
+# OpenELM shape and all the small and odd ones: the instrumented harness takes ~200 s for all
+# 211 shapes, ~60 s for these; .ci/neon.sh checks every variant on every shape natively.
+echo "-- kernel_check under ASan + UBSan (OPENELM_RT_KERNELS=auto, --shape-stride 8)"
+OPENELM_RT_KERNELS=auto "$asan/kernel_check" --shape-stride 8 | tail -n 1
 
 # The Python extension (built above from the same objects: only module.cpp is new), loaded into the stock
 # interpreter with the ASan runtime preloaded (the interpreter itself is not instrumented, so
@@ -92,6 +102,7 @@ ran_asan=$SECONDS
 echo "-- ThreadSanitizer build: stress_engine (engine thread, submitters, cancellers, pollers)"
 tsan=build/ci-tsan
 CC=$cc CXX=$cxx cmake -S . -B "$tsan" "${gen[@]}" -DOPENELM_RT_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPENELM_RT_PYTHON=OFF \
+  -DOPENELM_RT_X86_KERNELS="$x86" \
   -DOPENELM_RT_C_LIBRARY=ON -DOPENELM_RT_TESTS=ON -DOPENELM_RT_SANITIZE=thread >/dev/null
 cmake --build "$tsan" --target stress_engine -j "$jobs" >/dev/null
 built_tsan=$SECONDS

@@ -29,17 +29,18 @@ bool cpuid_f16c() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
 }
+// (maybe_unused: a build may leave variants out, see OPENELM_RT_X86_KERNELS.)
 // __builtin_cpu_supports("avx2") also checks that the OS saves the YMM registers (XGETBV),
 // which F16C needs as well.
-bool has_avx2() {
+[[maybe_unused]] bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpuid_f16c();
 }
-bool has_avx512() {
+[[maybe_unused]] bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
-bool has_avx512bf16() { return has_avx512vnni() && __builtin_cpu_supports("avx512bf16"); }
+[[maybe_unused]] bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+[[maybe_unused]] bool has_avx512bf16() { return has_avx512vnni() && __builtin_cpu_supports("avx512bf16"); }
 #endif
 
 #if defined(__aarch64__)
@@ -64,10 +65,17 @@ std::string join_names(const std::vector<std::string>& v) {
 
 const std::vector<KernelVariant>& compiled_kernel_variants() {
   static const std::vector<KernelVariant> v = {
-#if defined(OELM_HAVE_X86_KERNELS)
+// Fastest first; each x86 variant only where CMake compiled it in (OPENELM_RT_X86_KERNELS).
+#if defined(OELM_HAVE_X86_AVX512BF16)
       {"avx512bf16", avx512bf16_kernels, has_avx512bf16},
+#endif
+#if defined(OELM_HAVE_X86_AVX512VNNI)
       {"avx512vnni", avx512vnni_kernels, has_avx512vnni},
+#endif
+#if defined(OELM_HAVE_X86_AVX512)
       {"avx512", avx512_kernels, has_avx512},
+#endif
+#if defined(OELM_HAVE_X86_AVX2)
       {"avx2", avx2_kernels, has_avx2},
 #endif
 #if defined(OELM_HAVE_NEON_KERNELS)

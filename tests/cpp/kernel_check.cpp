@@ -7,6 +7,8 @@
 //
 //   kernel_check                          check every supported variant except ref
 //   OPENELM_RT_KERNELS=neon kernel_check  check that variant only ("ref": the FORMAT.md checks)
+//   kernel_check --shape-stride 8         every 8th OpenELM shape only (and the last)
+//   kernel_check --dispatch-only          what dispatch picks, nothing checked
 //
 // Prints one line per variant and kernel (cases, failures, worst error / tolerance), then
 // "N passed, N failed"; exits 1 if any check failed, 2 if the forced variant cannot run.
@@ -20,6 +22,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -186,9 +189,11 @@ struct Shape {
   int64_t N, K;
   const char* matrices;
 };
-const Shape kOpenElmShapes[] = {
+const Shape kAllOpenElmShapes[] = {
 #include "openelm_shapes.inc"
 };
+// The OpenELM shapes checked: all of them, or with --shape-stride N every N-th and the last.
+std::vector<Shape> kOpenElmShapes(std::begin(kAllOpenElmShapes), std::end(kAllOpenElmShapes));
 
 // ----------------------------------------------------------------------------- matmul (f32, f16, bf16)
 
@@ -973,7 +978,35 @@ void check_f32_to_f16(Report& rep) {
   rep.expect("f32_to_f16 round to nearest even", "every binary16, its neighbours' midpoints, overflow", bad == 0);
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // --dispatch-only: report the variants and what select_kernels() picks, check nothing else (for
+  // a CPU whose only variant is ref, already checked on one that has more: .ci/neon.sh's cortex-a53).
+  // --shape-stride N: of the OpenELM shapes, every N-th and the last (the sanitizer run in
+  // .ci/hardening.sh, where the instrumented harness is ~8x slower; the native run checks all).
+  bool dispatch_only = false;
+  long stride = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    char* end = nullptr;
+    if (a == "--dispatch-only") {
+      dispatch_only = true;
+    } else if (a == "--shape-stride" && i + 1 < argc && (stride = std::strtol(argv[i + 1], &end, 10)) >= 1 &&
+               *end == '\0') {
+      ++i;
+    } else {
+      std::fprintf(stderr, "usage: kernel_check [--dispatch-only] [--shape-stride N>=1]  "
+                           "(OPENELM_RT_KERNELS=<variant> checks one variant)\n");
+      return 2;
+    }
+  }
+  if (stride > 1) {
+    std::vector<Shape> some;
+    for (size_t i = 0; i < kOpenElmShapes.size(); i += size_t(stride)) some.push_back(kOpenElmShapes[i]);
+    if ((kOpenElmShapes.size() - 1) % size_t(stride) != 0) some.push_back(kOpenElmShapes.back());
+    std::printf("kernel_check: %zu of the %zu OpenELM shapes (--shape-stride %ld)\n", some.size(),
+                kOpenElmShapes.size(), stride);
+    kOpenElmShapes = some;
+  }
   const std::vector<KernelVariant>& compiled = compiled_kernel_variants();
   std::string names;
   for (const KernelVariant& k : compiled) names += std::string(names.empty() ? "" : ", ") + k.name;
@@ -988,6 +1021,7 @@ int main() {
   try {
     const KernelTable& chosen = select_kernels();  // auto, or the variant OPENELM_RT_KERNELS forces
     std::printf("kernel_check: select_kernels() picks %s\n", chosen.name);
+    if (dispatch_only) return 0;
     if (env && *env) {
       tables.push_back(&chosen);
     } else {

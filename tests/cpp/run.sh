@@ -20,6 +20,9 @@ if ! command -v cmake >/dev/null 2>&1; then
 fi
 generator=()
 if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
+# A build directory made before (by .ci/neon.sh's native kernel_check, or an earlier run)
+# keeps the generator it was made with.
+if [ -f "$build/CMakeCache.txt" ]; then generator=(); fi
 
 echo "== build libopenelm_rt (plain CMake, Release) =="
 cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release >/dev/null
