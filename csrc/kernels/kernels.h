@@ -15,6 +15,16 @@ namespace oelm {
 using matmul_fn = void (*)(const float* x, int64_t T, int64_t K, const void* W, int64_t n0,
                            int64_t n1, float* y, int64_t ldy);
 
+// f32 weights against many tokens, where a variant has a faster form of matmul[f32] that wants
+// the activations repacked once per product (x86 with 512-bit vectors; nullptr elsewhere):
+// pack_f32 packs token groups [g0, g1) of kF32Group tokens of x [T, K] (K a multiple of 16)
+// into xp (kF32Group * K floats per group, T / kF32Group groups; the caller may split the groups
+// among threads), then matmul_f32_packed(x, xp, ...) gives matmul[f32]'s result bit for bit.
+constexpr int64_t kF32Group = 12;
+using pack_f32_fn = void (*)(const float* x, int64_t K, int64_t g0, int64_t g1, float* xp);
+using matmul_f32_packed_fn = void (*)(const float* x, const float* xp, int64_t T, int64_t K, const void* W,
+                                      int64_t n0, int64_t n1, float* y, int64_t ldy);
+
 // The same product for 16-bit float weights with the activations given as bfloat16 (x rounded to
 // bf16 by the caller, [T, K] row-major): y = sum_k bf16(x)[k] * w[k], every product exact in f32,
 // the sums in f32 in any order (as matmul_fn). Where the CPU has bf16 dot-product instructions
@@ -143,6 +153,8 @@ struct KernelTable {
   attention_fn attention;
   attention_tile_fn attention_tile;
   swiglu_fn swiglu;
+  pack_f32_fn pack_f32;                  // nullptr: no packed f32 form (see pack_f32_fn)
+  matmul_f32_packed_fn matmul_f32_packed;
 };
 
 // The scalar reference kernels.

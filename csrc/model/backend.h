@@ -61,6 +61,10 @@ class Backend {
   std::function<void(int64_t, int64_t)> prepare_matmul(const float* x, int64_t T, const TensorView& W, float* y,
                                                        int64_t ldy);
 
+  // Whether a matmul of T tokens with these weights takes the packed f32 path (pack_f32 and
+  // matmul_f32_packed: the same bits as matmul[f32], faster from three token groups on).
+  bool packs_f32(const TensorView& W, int64_t T) const;
+
   // Row chunk size multiple for splitting a matmul with these weights across threads.
   static int64_t row_align(DType t);
   // How many chunks per thread a matmul over T tokens is split into.
@@ -78,6 +82,7 @@ class Backend {
   std::vector<int32_t> act_s_;
   bool exact_;
   std::vector<uint16_t> act_bf16_;  // [T][K] activations rounded to bf16 (matmul_xbf16)
+  std::vector<float> act_f32_;  // activations packed by pack_f32 (matmul_f32_packed)
 };
 
 }  // namespace oelm

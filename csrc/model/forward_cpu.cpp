@@ -354,12 +354,13 @@ int64_t kv_block_bytes(const ModelConfig& c, int64_t block_size, KvType type) {
 
 int64_t cpu_scratch_bytes(const Model& m, int64_t max_context, int64_t max_step_tokens) {
   // What the constructor allocates (x, h, tmp, qkv, attn, ffn, act; RoPE tables) and what the
-  // backend's matmuls add (activations quantized to int8 or rounded to bf16), in bytes.
+  // backend's matmuls add (activations quantized to int8, rounded to bf16 or packed for f32
+  // weights), in bytes.
   const ModelConfig& c = m.config();
   const int64_t T = max_step_tokens, K = std::max({c.d_model, m.max_q_dim(), m.max_ffn_dim()});
   const int64_t floats = T * (3 * c.d_model + m.max_qkv_dim() + m.max_q_dim() + 3 * m.max_ffn_dim()) +
                          max_context * c.head_dim;
-  const int64_t quantized = T * (K + 32) + 2 * T * (K / 32 + 1) * 4 + T * K * 2;
+  const int64_t quantized = T * (K + 32) + 2 * T * (K / 32 + 1) * 4 + T * K * 2 + T * K * 4;
   const int64_t flash = m.flash() ? T * c.d_model : 0;  // part_
   return (floats + flash) * 4 + quantized;
 }

@@ -294,6 +294,57 @@ void check_matmul(Report& rep, const std::string& name, const KernelTable& v, co
   }
 }
 
+// pack_f32 + matmul_f32_packed (f32 weights, many tokens): against the reference with matmul's
+// tolerance, and bitwise against the variant's own matmul[f32] (the contract: the same bits, so
+// prefill and decode agree whichever path a product takes). T: one group and a token past it, three
+// groups, three and a part (the tokens past the last whole group take matmul[f32] itself), more;
+// N: one register tile of 32 rows and less, 16-row halves, blocks ending in part tiles; row ranges
+// not on tile boundaries (how a thread's chunk is passed); K from one lane step to a long row.
+void check_matmul_f32_packed(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref,
+                             Rng& r) {
+  const int dt = int(DType::f32);
+  if (!v.pack_f32 || !v.matmul_f32_packed) return;
+  const std::string key = name + " matmul_f32_packed";
+  struct Case {
+    int64_t N, K, n0, n1;
+  };
+  for (const Case c : {Case{1, 16, 0, 1}, Case{17, 48, 0, 17}, Case{40, 576, 3, 40}, Case{150, 576, 32, 150},
+                       Case{64, 1536, 16, 64}, Case{700, 64, 0, 700}, Case{96, 2048, 5, 91}})
+    for (int64_t T : {12, 13, 36, 41, 66}) {
+      const int64_t N = c.N, K = c.K, ldy = N + 3;
+      std::vector<uint8_t> W(static_cast<size_t>(N * K) * 4);
+      fill_rows(r, dt, W.data(), K, 0, N);
+      std::vector<float> x(static_cast<size_t>(T * K));
+      for (float& e : x) e = r.uniform(-1.0f, 1.0f);
+      if (T > 13) x[size_t(13 * K)] = -0.0f;  // a zero row: sums of +-0
+      const int64_t G = T / kF32Group;
+      std::vector<float> xp(static_cast<size_t>(G * kF32Group * K), kSentinel);
+      v.pack_f32(x.data(), K, 0, G / 2, xp.data());  // in two calls, as threads split the groups
+      v.pack_f32(x.data(), K, G / 2, G, xp.data());
+      std::vector<float> yp(static_cast<size_t>(T * ldy), kSentinel), yv(yp.size(), kSentinel), yr(yp.size(), kSentinel);
+      v.matmul_f32_packed(x.data(), xp.data(), T, K, W.data(), c.n0, c.n1, yp.data(), ldy);
+      v.matmul[dt](x.data(), T, K, W.data(), c.n0, c.n1, yv.data(), ldy);
+      ref.matmul[dt](x.data(), T, K, W.data(), c.n0, c.n1, yr.data(), ldy);
+      const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64 " rows %" PRId64 "..%" PRId64, N, K, T,
+                                   c.n0, c.n1);
+      std::vector<float> got, want, same;
+      std::vector<double> tol;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = c.n0; n < c.n1; ++n) {
+          double mag = 0;
+          for (int64_t k = 0; k < K; ++k)
+            mag += std::fabs(double(x[size_t(t * K + k)]) * double(widen(dt, W.data(), n * K + k)));
+          got.push_back(yp[size_t(t * ldy + n)]);
+          want.push_back(yr[size_t(t * ldy + n)]);
+          same.push_back(yv[size_t(t * ldy + n)]);
+          tol.push_back(16 * kU * mag);
+        }
+      rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
+      rep.compare(key + " (= matmul_f32, bitwise)", what, got.data(), same.data(), nullptr, int64_t(got.size()));
+      check_untouched(rep, key, what, yp, T, ldy, c.n0, c.n1);
+    }
+}
+
 // matmul_xbf16 (bf16 activations, bf16 weights): against the reference with matmul's tolerance (the
 // products are exact; only the order of the f32 sums differs), and every output bitwise the same
 // whatever T and the row range are (decode = one token of a prefill). The activations are the
@@ -1047,6 +1098,7 @@ int main(int argc, char** argv) {
     if (&v != &ref) {
       check_matmul(rep, name, v, ref, r);
       check_matmul_xbf16(rep, name, v, ref, r);
+      check_matmul_f32_packed(rep, name, v, ref, r);
       check_ops(rep, name, v, ref, r);
     }
     check_qmatmul(rep, name, v, ref, r);

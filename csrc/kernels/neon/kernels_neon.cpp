@@ -797,6 +797,8 @@ const KernelTable& neon_kernels() {
       attention_neon,
       attention_tile_neon,
       swiglu_neon,
+      nullptr,  // pack_f32: matmul[f32] only
+      nullptr,
   };
   return table;
 }

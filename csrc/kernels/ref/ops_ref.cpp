@@ -125,6 +125,8 @@ const KernelTable& ref_kernels() {
       attention_ref,
       attention_tile_ref,
       swiglu_ref,
+      nullptr,  // pack_f32: matmul[f32] only
+      nullptr,
   };
   return table;
 }
