@@ -117,11 +117,12 @@ def test_session_budget_as_percentage_generates_the_same(ort, exports):
     path = str(exports["f32"])
     with ort.Session(path, max_context=64) as s:
         want = s.generate(prompt_ids(12), max_new_tokens=10).token_ids
-    # 75 % of the file: the KV cache (one sequence of 64), scratch and the runtime's other
-    # allocations (1.4 MiB, a large share of this small file) take their share.
-    with ort.Session(path, max_context=64, memory_budget="75%", max_batch=1) as s:
+    # 80 % of the file: the KV cache (one sequence of 64), scratch (with the packed f32 path's
+    # weight panels in each thread) and the runtime's other allocations (1.4 MiB) take a large
+    # share of this small file.
+    with ort.Session(path, max_context=64, memory_budget="80%", max_batch=1) as s:
         plan = s.memory_plan
-        assert plan["budget"] == int(os.path.getsize(path) * 0.75)
+        assert plan["budget"] == int(os.path.getsize(path) * 0.80)
         assert plan["streamed_bytes_per_step"] > 0, plan["text"]
         assert s.generate(prompt_ids(12), max_new_tokens=10).token_ids == want
         assert s.stream_stats["bytes_read"] > 0
@@ -137,7 +138,7 @@ def test_cli_memory_budget_prints_the_plan(exports):
     run = lambda *a: subprocess.run([sys.executable, "-m", "openelm_rt.cli", "generate", "--model", path, "--prompt", "Hello",
                                      "--max-new-tokens", "4", "--max-context", "64", *a],
                                     capture_output=True, text=True, env=env_with_pythonpath(), timeout=120)
-    ok, base = run("--memory-budget", "70%"), run()
+    ok, base = run("--memory-budget", "80%"), run()
     assert ok.returncode == 0, ok.stderr
     assert "memory plan: budget" in ok.stderr and "streamed per forward step" in ok.stderr
     assert ok.stdout == base.stdout

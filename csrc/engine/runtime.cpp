@@ -16,6 +16,22 @@
 namespace oelm {
 
 namespace {
+// What one thread's packed f32 path keeps for the f32 matrices of this model (Backend::
+// f32_pack_thread_bytes: panels of at most a block of rows, and of no more rows than a matrix
+// has, rounded up to 32); 0 if the model has no f32 matrix.
+int64_t f32_pack_bytes(const Model& m, const Backend& b) {
+  const ModelConfig& c = m.config();
+  const bool body = c.weights_dtype == DType::f32, vocab = c.embedding_dtype == DType::f32;
+  bool listed = false;
+  for (const auto& [name, t] : c.tensor_dtypes) listed = listed || t == DType::f32;
+  if (!body && !vocab && !listed) return 0;
+  const int64_t K = std::max({c.d_model, m.max_q_dim(), m.max_ffn_dim()});
+  const int64_t rows = std::max({c.d_model, m.max_qkv_dim(), 2 * m.max_ffn_dim(), vocab ? c.vocab_size : 0});
+  return std::min(b.f32_pack_thread_bytes(K), (rows + 31) / 32 * 32 * K * 4);
+}
+}  // namespace
+
+namespace {
 
 void check_tokens(const int32_t* ids, int64_t n, int64_t vocab, const char* what) {
   for (int64_t i = 0; i < n; ++i)
@@ -93,9 +109,11 @@ Runtime::Runtime(std::shared_ptr<const Model> model, std::shared_ptr<Backend> ba
     if (backend_->is_cuda())
       throw InvalidArgument("memory_budget streams weights from the file into host memory: it is for the CPU "
                             "backend; leave it unset with the CUDA backend");
-    // Scratch: the executor's, plus logits of a full step (scoring) and of a batch (engine).
+    // Scratch: the executor's, plus logits of a full step (scoring) and of a batch (engine), plus
+    // the packed f32 path's weight panels in every thread where some matrix is f32.
     const int64_t scratch = cpu_scratch_bytes(*model_, max_ctx, step_tokens) +
-                            (step_tokens + std::max<int64_t>(o.budget_sequences, 1)) * c.vocab_size * 4;
+                            (step_tokens + std::max<int64_t>(o.budget_sequences, 1)) * c.vocab_size * 4 +
+                            backend_->threads() * f32_pack_bytes(*model_, *backend_);
     plan_ = plan_memory(*model_, o.memory_budget_bytes, n_blocks * block_bytes, scratch);
     if (plan_->streams()) stream_ = std::make_shared<WeightStreamer>(model_, *plan_, o.stream);
   }

@@ -21,6 +21,10 @@ using matmul_fn = void (*)(const float* x, int64_t T, int64_t K, const void* W, 
 // into xp (kF32Group * K floats per group, T / kF32Group groups; the caller may split the groups
 // among threads), then matmul_f32_packed(x, xp, ...) gives matmul[f32]'s result bit for bit.
 constexpr int64_t kF32Group = 12;
+// matmul_f32_packed repacks W in blocks of rows whose panels take at most this many bytes (or one
+// 32-row panel where a row is longer), into a buffer each calling thread keeps: at most
+// kF32PanelBlockBytes + 32 * K * 4 bytes per thread (Backend::f32_pack_thread_bytes).
+constexpr int64_t kF32PanelBlockBytes = 768 * 1024;
 using pack_f32_fn = void (*)(const float* x, int64_t K, int64_t g0, int64_t g1, float* xp);
 using matmul_f32_packed_fn = void (*)(const float* x, const float* xp, int64_t T, int64_t K, const void* W,
                                       int64_t n0, int64_t n1, float* y, int64_t ldy);

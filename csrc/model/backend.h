@@ -54,6 +54,12 @@ class Backend {
   bool rounds_activations(DType t) const {
     return !exact_ && k_ != &ref_kernels() && k_->matmul_xbf16[int(t)] != nullptr;
   }
+  // Bytes the packed f32 path keeps in each thread (its weight panels: kernels.h,
+  // kF32PanelBlockBytes) once it has multiplied f32 weights with rows of up to K floats; 0 with
+  // kernels that have no such path. The memory planner counts it.
+  int64_t f32_pack_thread_bytes(int64_t K) const {
+    return k_->matmul_f32_packed && k_->pack_f32 ? kF32PanelBlockBytes + 32 * K * 4 : 0;
+  }
 
  private:
   // Checks W's dtype, quantizes x if W is block-quantized, and returns the function that
