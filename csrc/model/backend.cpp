@@ -111,8 +111,7 @@ void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, i
   // Chunks start at multiples of row_align(): each thread streams whole (groups of) panels
   // of quantized W, and slices of float W that are contiguous and cache-line aligned (packed
   // f32: whole 32-row register tiles).
-  const int64_t align = packs_f32(W, T) ? 2 * kQRows : row_align(W.dtype);
-  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), align, chunks_per_thread(T));
+  pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), row_align(W, T), chunks_per_thread(T));
 }
 
 bool Backend::packs_f32(const TensorView& W, int64_t T) const {
@@ -132,11 +131,12 @@ int Backend::chunks_per_thread(int64_t T) {
   return T == 1 ? 2 : 4;
 }
 
-int64_t Backend::row_align(DType t) {
+int64_t Backend::row_align(const TensorView& W, int64_t T) const {
   // Quantized chunks of four whole panels: prefill's tiles take panels in pairs. Decode
   // (a panel at a time) measured the same with 16- and 64-row chunks (two threads, 270M
-  // and 1.1B, q8 and q4, interleaved runs).
-  return dtype_is_quantized(t) ? 4 * kQRows : kQRows;
+  // and 1.1B, q8 and q4, interleaved runs). Packed f32: whole 32-row register tiles.
+  if (packs_f32(W, T)) return 2 * kQRows;
+  return dtype_is_quantized(W.dtype) ? 4 * kQRows : kQRows;
 }
 
 void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up, float* gu, float* act) {
@@ -144,7 +144,7 @@ void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up
   const auto rows = prepare_matmul(x, T, gate_up, gu, 2 * F);
   swiglu_fn swiglu = k_->swiglu;
   if (F % kQRows != 0) {  // the up half would not start on a panel: no fusion
-    pool_.parallel_for(2 * F, rows, row_align(gate_up.dtype), chunks_per_thread(T));
+    pool_.parallel_for(2 * F, rows, row_align(gate_up, T), chunks_per_thread(T));
     pool_.parallel_for(T, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) swiglu(gu + t * 2 * F, gu + t * 2 * F + F, F, act + t * F);
     });
@@ -156,7 +156,7 @@ void Backend::matmul_swiglu(const float* x, int64_t T, const TensorView& gate_up
     rows(f0, f1);
     rows(F + f0, F + f1);
     for (int64_t t = 0; t < T; ++t) swiglu(gu + t * 2 * F + f0, gu + t * 2 * F + F + f0, f1 - f0, act + t * F + f0);
-  }, packs_f32(gate_up, T) ? 2 * kQRows : row_align(gate_up.dtype), chunks_per_thread(T));
+  }, row_align(gate_up, T), chunks_per_thread(T));
 }
 
 }  // namespace oelm

@@ -71,8 +71,8 @@ class Backend {
   // matmul_f32_packed: the same bits as matmul[f32], faster from three token groups on).
   bool packs_f32(const TensorView& W, int64_t T) const;
 
-  // Row chunk size multiple for splitting a matmul with these weights across threads.
-  static int64_t row_align(DType t);
+  // Row chunk size multiple for splitting a matmul of T tokens with these weights across threads.
+  int64_t row_align(const TensorView& W, int64_t T) const;
   // How many chunks per thread a matmul over T tokens is split into.
   static int chunks_per_thread(int64_t T);
 
