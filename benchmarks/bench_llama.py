@@ -305,8 +305,8 @@ def matmul_flops_per_token(hf_cfg: dict) -> int:
 
 def speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes, hf_cfg):
     flops = matmul_flops_per_token(hf_cfg)
-    backends = {t: _core.Backend("cpu", t) for t in args.threads}
-    kernels = next(iter(backends.values())).kernels
+    backends = {t: _core.Backend("cpu", t, "", args.exact) for t in args.threads}
+    kernels = next(iter(backends.values())).kernels + (", exact=True" if args.exact else "")
     d["speed"] = {}
     tg = f"tg{args.tg}"
     rep.add(f"\nSpeed (tokens/s, medians of {args.repeats} interleaved repeats; our kernels '{kernels}'; "
@@ -350,6 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 270M, 1 repeat, pp128, tg32, 2×64 quality tokens")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--exact", action="store_true",
+                   help="time our side with Backend(exact=True): bf16 weights times f32 activations instead "
+                        "of bf16-rounded ones (the default where the CPU has bf16 dot products)")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--quality-seqs", type=int, default=None, help="sequences for KL/top-1 (default 4)")
     p.add_argument("--quality-len", type=int, default=None, help="tokens per sequence (default 128)")

@@ -261,16 +261,20 @@ def test_logits_input_validation(session_f32):
         s.logits([1, -1])
 
 
-@pytest.mark.parametrize("which", ["f32", "f16", "bf16"])
-def test_batched_and_single_token_paths_bitwise_equal(ort, tiny_f32, tiny_f32_export, which):
-    """Prefill (a batch of tokens) and decode (one token) take different matmul paths for
-    16-bit weights (widen a block once vs. widen inside the dot product); both promise the
-    same arithmetic in the same order, so their logits must agree to the last bit."""
-    path = tiny_f32.oelm if which == "f32" else tiny_f32_export[which]
+@pytest.mark.parametrize("n", [9, 40])
+@pytest.mark.parametrize("which", ["f32", "f16", "bf16", "bf16-exact"])
+def test_batched_and_single_token_paths_bitwise_equal(ort, tiny_f32, tiny_f32_export, which, n):
+    """Prefill (a batch of tokens) and decode (one token) take different matmul paths (with 36
+    tokens or more, on x86 with 512-bit vectors, weights repacked into lane panels, 16-bit ones
+    widened as they are packed; the bf16 default with bf16 activations where the CPU has bf16 dot
+    products, `-exact` with f32 ones); all promise the same arithmetic in the same order, so
+    their logits must agree to the last bit."""
+    path = tiny_f32.oelm if which == "f32" else tiny_f32_export[which.split("-")[0]]
     s = ort.Session(str(path))
-    ids = prompt_ids(9, s.vocab_size, seed=5)
-    batched = ort._core.Context(s._model, 16).eval(ids, True)
-    ctx = ort._core.Context(s._model, 16)
+    ids = prompt_ids(n, s.vocab_size, seed=5)
+    backend = lambda: ort._core.Backend("cpu", 0, "", which.endswith("-exact"))  # noqa: E731
+    batched = ort._core.Context(s._model, 64, backend()).eval(ids, True)
+    ctx = ort._core.Context(s._model, 64, backend())
     single = np.concatenate([ctx.eval([t], False) for t in ids])
     assert np.array_equal(batched, single), np.abs(batched - single).max()
 

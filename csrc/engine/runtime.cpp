@@ -16,14 +16,14 @@
 namespace oelm {
 
 namespace {
-// What one thread's packed f32 path keeps for the f32 matrices of this model (Backend::
-// f32_pack_thread_bytes: panels of at most a block of rows, and of no more rows than a matrix
-// has, rounded up to 32); 0 if the model has no f32 matrix.
+// What one thread's packed f32 path keeps for the matrices of this model that take it (f32, and
+// f16 / bf16 widened into f32 panels; Backend::f32_pack_thread_bytes: panels of at most a block of
+// rows, and of no more rows than a matrix has, rounded up to 32); 0 if no matrix takes it.
 int64_t f32_pack_bytes(const Model& m, const Backend& b) {
   const ModelConfig& c = m.config();
-  const bool body = c.weights_dtype == DType::f32, vocab = c.embedding_dtype == DType::f32;
+  const bool body = b.packs_dtype(c.weights_dtype), vocab = b.packs_dtype(c.embedding_dtype);
   bool listed = false;
-  for (const auto& [name, t] : c.tensor_dtypes) listed = listed || t == DType::f32;
+  for (const auto& [name, t] : c.tensor_dtypes) listed = listed || b.packs_dtype(t);
   if (!body && !vocab && !listed) return 0;
   const int64_t K = std::max({c.d_model, m.max_q_dim(), m.max_ffn_dim()});
   const int64_t rows = std::max({c.d_model, m.max_qkv_dim(), 2 * m.max_ffn_dim(), vocab ? c.vocab_size : 0});

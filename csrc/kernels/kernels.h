@@ -25,6 +25,8 @@ constexpr int64_t kF32Group = 12;
 // 32-row panel where a row is longer), into a buffer each calling thread keeps: at most
 // kF32PanelBlockBytes + 32 * K * 4 bytes per thread (Backend::f32_pack_thread_bytes).
 constexpr int64_t kF32PanelBlockBytes = 768 * 1024;
+// The same for f16 and bf16 weights (matmul_packed[f16 / bf16]): the panels are the weights widened
+// to f32 (exact), so the result is matmul[f16 / bf16]'s bit for bit, and the panel buffer the same.
 using pack_f32_fn = void (*)(const float* x, int64_t K, int64_t g0, int64_t g1, float* xp);
 using matmul_f32_packed_fn = void (*)(const float* x, const float* xp, int64_t T, int64_t K, const void* W,
                                       int64_t n0, int64_t n1, float* y, int64_t ldy);
@@ -36,6 +38,13 @@ using matmul_f32_packed_fn = void (*)(const float* x, const float* xp, int64_t T
 // fast path for bf16 weights; the rounding of x is its only cost in accuracy (Backend chooses).
 using matmul_xbf16_fn = void (*)(const uint16_t* x, int64_t T, int64_t K, const void* W, int64_t n0,
                                  int64_t n1, float* y, int64_t ldy);
+// Its form for many tokens, as matmul_f32_packed is matmul[f32]'s: xp holds x's token groups packed
+// by pack_f32 with x's bf16 pairs as K / 2 32-bit words (pack_f32 only moves words:
+// pack_f32(reinterpret_cast<const float*>(x), K / 2, ...)), and the result is matmul_xbf16's bit for
+// bit (K a multiple of 32 for the packed groups; other K, and the tokens past the last whole group,
+// take matmul_xbf16 itself). The same per-thread weight panel buffer as matmul_f32_packed.
+using matmul_xbf16_packed_fn = void (*)(const uint16_t* x, const float* xp, int64_t T, int64_t K, const void* W,
+                                        int64_t n0, int64_t n1, float* y, int64_t ldy);
 
 // y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], i in [0, n). y may alias x.
 using rmsnorm_fn = void (*)(const float* x, const float* w, int64_t n, float eps, float* y);
@@ -158,7 +167,8 @@ struct KernelTable {
   attention_tile_fn attention_tile;
   swiglu_fn swiglu;
   pack_f32_fn pack_f32;                  // nullptr: no packed f32 form (see pack_f32_fn)
-  matmul_f32_packed_fn matmul_f32_packed;
+  matmul_f32_packed_fn matmul_packed[kNumDTypes];  // f32, f16, bf16 weights (nullptr: no packed form)
+  matmul_xbf16_packed_fn matmul_xbf16_packed[kNumDTypes];  // bf16 weights (nullptr: no packed form)
 };
 
 // The scalar reference kernels.

@@ -71,16 +71,26 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
     };
     if (T == 1) round_rows(0, 1);
     else pool_.parallel_for(T, round_rows);
+    if (packs(W, T)) {  // and pack its bf16 pairs as 32-bit words (kernels.h, matmul_xbf16_packed_fn)
+      const int64_t G = T / kF32Group;
+      if (act_f32_.size() < size_t(G * kF32Group * K / 2)) act_f32_.resize(size_t(G * kF32Group * K / 2));
+      float* xp = act_f32_.data();
+      pack_f32_fn pack = k_->pack_f32;
+      const float* words = reinterpret_cast<const float*>(xb);
+      pool_.parallel_for(G, [&](int64_t g0, int64_t g1) { pack(words, K / 2, g0, g1, xp); });
+      matmul_xbf16_packed_fn fn = k_->matmul_xbf16_packed[int(W.dtype)];
+      return [=](int64_t n0, int64_t n1) { fn(xb, xp, T, K, W.data, n0, n1, y, ldy); };
+    }
     matmul_xbf16_fn fn = k_->matmul_xbf16[int(W.dtype)];
     return [=](int64_t n0, int64_t n1) { fn(xb, T, K, W.data, n0, n1, y, ldy); };
   }
-  if (packs_f32(W, T)) {  // pack the activations once; every row chunk reuses them
+  if (packs(W, T)) {  // pack the activations once; every row chunk reuses them
     const int64_t G = T / kF32Group;
     if (act_f32_.size() < size_t(G * kF32Group * K)) act_f32_.resize(size_t(G * kF32Group * K));
     float* xp = act_f32_.data();
     pack_f32_fn pack = k_->pack_f32;
     pool_.parallel_for(G, [&](int64_t g0, int64_t g1) { pack(x, K, g0, g1, xp); });
-    matmul_f32_packed_fn fn = k_->matmul_f32_packed;
+    matmul_f32_packed_fn fn = k_->matmul_packed[int(W.dtype)];
     return [=](int64_t n0, int64_t n1) { fn(x, xp, T, K, W.data, n0, n1, y, ldy); };
   }
   if (!dtype_is_quantized(W.dtype)) {
@@ -114,11 +124,14 @@ void Backend::matmul(const float* x, int64_t T, const TensorView& W, float* y, i
   pool_.parallel_for(W.rows(), prepare_matmul(x, T, W, y, ldy), row_align(W, T), chunks_per_thread(T));
 }
 
-bool Backend::packs_f32(const TensorView& W, int64_t T) const {
+bool Backend::packs(const TensorView& W, int64_t T) const {
   // From three token groups on: with fewer, repacking W costs about what the tiles save (one
   // core, f32 [960, 576] / [3072, 576] / [576, 1536]: T = 24 slower, 36 on a par or faster).
-  return W.dtype == DType::f32 && k_->matmul_f32_packed != nullptr && k_->pack_f32 != nullptr &&
-         W.cols() % 16 == 0 && T >= 3 * kF32Group;
+  // f16 / bf16 weights multiplied exactly take matmul_packed, bf16 weights times bf16-rounded
+  // activations matmul_xbf16_packed (pairs of columns: K a multiple of 32).
+  if (T < 3 * kF32Group || k_->pack_f32 == nullptr) return false;
+  if (rounds_activations(W.dtype)) return k_->matmul_xbf16_packed[int(W.dtype)] != nullptr && W.cols() % 32 == 0;
+  return k_->matmul_packed[int(W.dtype)] != nullptr && W.cols() % 16 == 0;
 }
 
 int Backend::chunks_per_thread(int64_t T) {
@@ -135,7 +148,7 @@ int64_t Backend::row_align(const TensorView& W, int64_t T) const {
   // Quantized chunks of four whole panels: prefill's tiles take panels in pairs. Decode
   // (a panel at a time) measured the same with 16- and 64-row chunks (two threads, 270M
   // and 1.1B, q8 and q4, interleaved runs). Packed f32: whole 32-row register tiles.
-  if (packs_f32(W, T)) return 2 * kQRows;
+  if (packs(W, T)) return 2 * kQRows;
   return dtype_is_quantized(W.dtype) ? 4 * kQRows : kQRows;
 }
 

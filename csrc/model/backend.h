@@ -54,11 +54,16 @@ class Backend {
   bool rounds_activations(DType t) const {
     return !exact_ && k_ != &ref_kernels() && k_->matmul_xbf16[int(t)] != nullptr;
   }
+  // Whether the kernels have a packed path (pack_f32 and matmul_packed or matmul_xbf16_packed) for
+  // weights of this dtype (f32; f16 and bf16 widened into f32 panels; bf16 pairs for bf16 x bf16).
+  bool packs_dtype(DType t) const {
+    return k_->pack_f32 != nullptr && (k_->matmul_packed[int(t)] != nullptr || k_->matmul_xbf16_packed[int(t)] != nullptr);
+  }
   // Bytes the packed f32 path keeps in each thread (its weight panels: kernels.h,
-  // kF32PanelBlockBytes) once it has multiplied f32 weights with rows of up to K floats; 0 with
+  // kF32PanelBlockBytes) once it has multiplied weights with rows of up to K values; 0 with
   // kernels that have no such path. The memory planner counts it.
   int64_t f32_pack_thread_bytes(int64_t K) const {
-    return k_->matmul_f32_packed && k_->pack_f32 ? kF32PanelBlockBytes + 32 * K * 4 : 0;
+    return packs_dtype(DType::f32) ? kF32PanelBlockBytes + 32 * K * 4 : 0;
   }
 
  private:
@@ -67,9 +72,10 @@ class Backend {
   std::function<void(int64_t, int64_t)> prepare_matmul(const float* x, int64_t T, const TensorView& W, float* y,
                                                        int64_t ldy);
 
-  // Whether a matmul of T tokens with these weights takes the packed f32 path (pack_f32 and
-  // matmul_f32_packed: the same bits as matmul[f32], faster from three token groups on).
-  bool packs_f32(const TensorView& W, int64_t T) const;
+  // Whether a matmul of T tokens with these weights takes a packed path (pack_f32 and
+  // matmul_packed or matmul_xbf16_packed: the same bits as matmul[dtype] or matmul_xbf16[dtype],
+  // faster from three token groups on).
+  bool packs(const TensorView& W, int64_t T) const;
 
   // Row chunk size multiple for splitting a matmul of T tokens with these weights across threads.
   int64_t row_align(const TensorView& W, int64_t T) const;
@@ -88,7 +94,7 @@ class Backend {
   std::vector<int32_t> act_s_;
   bool exact_;
   std::vector<uint16_t> act_bf16_;  // [T][K] activations rounded to bf16 (matmul_xbf16)
-  std::vector<float> act_f32_;  // activations packed by pack_f32 (matmul_f32_packed)
+  std::vector<float> act_f32_;  // activations packed by pack_f32 (matmul_packed)
 };
 
 }  // namespace oelm

@@ -294,17 +294,38 @@ void check_matmul(Report& rep, const std::string& name, const KernelTable& v, co
   }
 }
 
-// pack_f32 + matmul_f32_packed (f32 weights, many tokens): against the reference with matmul's
-// tolerance, and bitwise against the variant's own matmul[f32] (the contract: the same bits, so
+// A packed product's outputs yp: against the reference's yr with matmul's tolerance (x as floats),
+// and bitwise against the variant's unpacked yv (named `same`).
+void compare_packed(Report& rep, const std::string& key, const std::string& same, int dt, const uint8_t* W,
+                    const float* x, int64_t T, int64_t K, int64_t n0, int64_t n1, int64_t N, int64_t ldy,
+                    const std::vector<float>& yp, const std::vector<float>& yv, const std::vector<float>& yr) {
+  const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64 " rows %" PRId64 "..%" PRId64, N, K, T, n0, n1);
+  std::vector<float> got, want, unpacked;
+  std::vector<double> tol;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = n0; n < n1; ++n) {
+      double mag = 0;
+      for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[t * K + k]) * double(widen(dt, W, n * K + k)));
+      got.push_back(yp[size_t(t * ldy + n)]);
+      want.push_back(yr[size_t(t * ldy + n)]);
+      unpacked.push_back(yv[size_t(t * ldy + n)]);
+      tol.push_back(16 * kU * mag);
+    }
+  rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
+  rep.compare(key + " (= " + same + ", bitwise)", what, got.data(), unpacked.data(), nullptr, int64_t(got.size()));
+  check_untouched(rep, key, what, yp, T, ldy, n0, n1);
+}
+
+// pack_f32 + matmul_packed (f32, f16 and bf16 weights, many tokens): against the reference with matmul's
+// tolerance, and bitwise against the variant's own matmul[dtype] (the contract: the same bits, so
 // prefill and decode agree whichever path a product takes). T: one group and a token past it, three
 // groups, three and a part (the tokens past the last whole group take matmul[f32] itself), more;
 // N: one register tile of 32 rows and less, 16-row halves, blocks ending in part tiles; row ranges
 // not on tile boundaries (how a thread's chunk is passed); K from one lane step to a long row.
-void check_matmul_f32_packed(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref,
-                             Rng& r) {
-  const int dt = int(DType::f32);
-  if (!v.pack_f32 || !v.matmul_f32_packed) return;
-  const std::string key = name + " matmul_f32_packed";
+void check_matmul_packed_type(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref,
+                              Rng& r, int dt) {
+  if (!v.pack_f32 || !v.matmul_packed[dt]) return;
+  const std::string key = name + " matmul_packed_" + kDtypeNames[dt];
   struct Case {
     int64_t N, K, n0, n1;
   };
@@ -312,7 +333,7 @@ void check_matmul_f32_packed(Report& rep, const std::string& name, const KernelT
                        Case{64, 1536, 16, 64}, Case{700, 64, 0, 700}, Case{96, 2048, 5, 91}})
     for (int64_t T : {12, 13, 36, 41, 66}) {
       const int64_t N = c.N, K = c.K, ldy = N + 3;
-      std::vector<uint8_t> W(static_cast<size_t>(N * K) * 4);
+      std::vector<uint8_t> W(static_cast<size_t>(N * K) * dtype_bytes(dt));
       fill_rows(r, dt, W.data(), K, 0, N);
       std::vector<float> x(static_cast<size_t>(T * K));
       for (float& e : x) e = r.uniform(-1.0f, 1.0f);
@@ -322,26 +343,56 @@ void check_matmul_f32_packed(Report& rep, const std::string& name, const KernelT
       v.pack_f32(x.data(), K, 0, G / 2, xp.data());  // in two calls, as threads split the groups
       v.pack_f32(x.data(), K, G / 2, G, xp.data());
       std::vector<float> yp(static_cast<size_t>(T * ldy), kSentinel), yv(yp.size(), kSentinel), yr(yp.size(), kSentinel);
-      v.matmul_f32_packed(x.data(), xp.data(), T, K, W.data(), c.n0, c.n1, yp.data(), ldy);
+      v.matmul_packed[dt](x.data(), xp.data(), T, K, W.data(), c.n0, c.n1, yp.data(), ldy);
       v.matmul[dt](x.data(), T, K, W.data(), c.n0, c.n1, yv.data(), ldy);
       ref.matmul[dt](x.data(), T, K, W.data(), c.n0, c.n1, yr.data(), ldy);
-      const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64 " rows %" PRId64 "..%" PRId64, N, K, T,
-                                   c.n0, c.n1);
-      std::vector<float> got, want, same;
-      std::vector<double> tol;
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t n = c.n0; n < c.n1; ++n) {
-          double mag = 0;
-          for (int64_t k = 0; k < K; ++k)
-            mag += std::fabs(double(x[size_t(t * K + k)]) * double(widen(dt, W.data(), n * K + k)));
-          got.push_back(yp[size_t(t * ldy + n)]);
-          want.push_back(yr[size_t(t * ldy + n)]);
-          same.push_back(yv[size_t(t * ldy + n)]);
-          tol.push_back(16 * kU * mag);
-        }
-      rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
-      rep.compare(key + " (= matmul_f32, bitwise)", what, got.data(), same.data(), nullptr, int64_t(got.size()));
-      check_untouched(rep, key, what, yp, T, ldy, c.n0, c.n1);
+      compare_packed(rep, key, std::string("matmul_") + kDtypeNames[dt], dt, W.data(), x.data(), T, K, c.n0, c.n1, N,
+                     ldy, yp, yv, yr);
+    }
+}
+
+void check_matmul_packed(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref, Rng& r) {
+  for (const int dt : {int(DType::f32), int(DType::f16), int(DType::bf16)})
+    check_matmul_packed_type(rep, name, v, ref, r, dt);
+}
+
+// matmul_xbf16_packed (bf16 weights times bf16 activations, many tokens; the activations' bf16 pairs
+// packed by pack_f32 as 32-bit words): against the reference with matmul's tolerance, and bitwise
+// against the variant's own matmul_xbf16 (the contract). K a multiple of 32 takes the panels (the
+// rest, and K = 48 or 1000 here, matmul_xbf16 itself); the other sizes as check_matmul_packed's.
+void check_matmul_xbf16_packed(Report& rep, const std::string& name, const KernelTable& v, const KernelTable& ref,
+                               Rng& r) {
+  const int dt = int(DType::bf16);
+  if (!v.pack_f32 || !v.matmul_xbf16_packed[dt] || !v.matmul_xbf16[dt] || !ref.matmul_xbf16[dt]) return;
+  const std::string key = name + " matmul_xbf16_packed_bf16";
+  struct Case {
+    int64_t N, K, n0, n1;
+  };
+  for (const Case c : {Case{1, 32, 0, 1}, Case{17, 48, 0, 17}, Case{40, 576, 3, 40}, Case{150, 576, 32, 150},
+                       Case{64, 1536, 16, 64}, Case{700, 64, 0, 700}, Case{96, 2048, 5, 91}, Case{20, 1000, 0, 20}})
+    for (int64_t T : {12, 13, 36, 41, 66}) {
+      const int64_t N = c.N, K = c.K, ldy = N + 3;
+      std::vector<uint8_t> W(static_cast<size_t>(N * K) * 2);
+      fill_rows(r, dt, W.data(), K, 0, N);
+      std::vector<uint16_t> x(static_cast<size_t>(T * K));
+      std::vector<float> xf(x.size());
+      for (size_t i = 0; i < x.size(); ++i) {
+        x[i] = f32_to_bf16(r.uniform(-1.0f, 1.0f));
+        if (T > 13 && i / size_t(K) == 13) x[i] = 0x8000;  // a zero row (-0): sums of +-0
+        xf[i] = bf16_to_f32(x[i]);
+      }
+      const int64_t G = T / kF32Group;
+      std::vector<float> xp(static_cast<size_t>(G * kF32Group * K / 2), kSentinel);
+      const float* words = reinterpret_cast<const float*>(x.data());
+      if (K % 32 == 0) {  // as the Backend packs (other K take matmul_xbf16 whole)
+        v.pack_f32(words, K / 2, 0, G / 2, xp.data());  // in two calls, as threads split the groups
+        v.pack_f32(words, K / 2, G / 2, G, xp.data());
+      }
+      std::vector<float> yp(static_cast<size_t>(T * ldy), kSentinel), yv(yp.size(), kSentinel), yr(yp.size(), kSentinel);
+      v.matmul_xbf16_packed[dt](x.data(), xp.data(), T, K, W.data(), c.n0, c.n1, yp.data(), ldy);
+      v.matmul_xbf16[dt](x.data(), T, K, W.data(), c.n0, c.n1, yv.data(), ldy);
+      ref.matmul_xbf16[dt](x.data(), T, K, W.data(), c.n0, c.n1, yr.data(), ldy);
+      compare_packed(rep, key, "matmul_xbf16", dt, W.data(), xf.data(), T, K, c.n0, c.n1, N, ldy, yp, yv, yr);
     }
 }
 
@@ -1098,7 +1149,8 @@ int main(int argc, char** argv) {
     if (&v != &ref) {
       check_matmul(rep, name, v, ref, r);
       check_matmul_xbf16(rep, name, v, ref, r);
-      check_matmul_f32_packed(rep, name, v, ref, r);
+      check_matmul_packed(rep, name, v, ref, r);
+      check_matmul_xbf16_packed(rep, name, v, ref, r);
       check_ops(rep, name, v, ref, r);
     }
     check_qmatmul(rep, name, v, ref, r);

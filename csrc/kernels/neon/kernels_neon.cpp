@@ -797,8 +797,9 @@ const KernelTable& neon_kernels() {
       attention_neon,
       attention_tile_neon,
       swiglu_neon,
-      nullptr,  // pack_f32: matmul[f32] only
-      nullptr,
+      nullptr,  // pack_f32: matmul[f32 / f16 / bf16] only
+      {},       // matmul_packed
+      {},       // matmul_xbf16_packed
   };
   return table;
 }

@@ -125,8 +125,9 @@ const KernelTable& ref_kernels() {
       attention_ref,
       attention_tile_ref,
       swiglu_ref,
-      nullptr,  // pack_f32: matmul[f32] only
-      nullptr,
+      nullptr,  // pack_f32: matmul[f32 / f16 / bf16] only
+      {},       // matmul_packed
+      {},       // matmul_xbf16_packed
   };
   return table;
 }
