@@ -29,8 +29,17 @@ class ThreadPool {
   // multiples of `align`, and there are at most chunks_per_thread * size() of them
   // (more balance the load when a thread is slow; fewer give each thread longer
   // contiguous runs). Rethrows the first exception a chunk threw.
+  // Schedule::guided ignores chunks_per_thread: chunks shrink as the work runs out (each a
+  // quarter of what is left per thread pair, down to one `align` unit), so the threads start
+  // on long runs and finish within about one unit of each other.
+  enum class Schedule { even, guided };
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t align = 1,
-                    int chunks_per_thread = 4);
+                    int chunks_per_thread = 4, Schedule schedule = Schedule::even);
+
+  // The chunk boundaries parallel_for(n, .., align, chunks_per_thread, schedule) uses with
+  // `threads` threads, into *out: [0, b1, .., n].
+  static void chunk_bounds(int64_t n, int64_t align, int chunks_per_thread, Schedule schedule, int threads,
+                           std::vector<int64_t>* out);
 
  private:
   void worker();
@@ -43,7 +52,7 @@ class ThreadPool {
   // The current job. Written by the caller before the generation is published;
   // stays valid while any claimed chunk of it is unfinished.
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0, chunk_ = 0;
+  std::vector<int64_t> bounds_;  // chunk i is [bounds_[i], bounds_[i + 1])
   std::atomic<uint32_t> n_chunks_{0};
 
   // (generation << 32) | next chunk index. Claiming a chunk is a CAS on this word,

@@ -33,7 +33,11 @@ class Backend {
   // For block-quantized W the T activation rows are first quantized (kernels.h, QActs)
   // into scratch owned by this Backend, so one Backend runs one matmul at a time (as its
   // thread pool already requires).
-  void matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy);
+  // epilogue (optional): called as epilogue(n0, n1) by the thread that computed output rows
+  // [n0, n1) for all T tokens, right after them (e.g. to add them to a residual while they are
+  // in its cache), instead of in a pass of its own after the product.
+  void matmul(const float* x, int64_t T, const TensorView& W, float* y, int64_t ldy,
+              const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
 
   // SwiGLU feed-forward input: gu[t, 0:2F] = x[t] . gate_up (rows [0, F) gate, [F, 2F) up)
   // and act[t*F + j] = silu(gu[t, j]) * gu[t, F + j], fused so each thread applies SwiGLU
@@ -79,8 +83,9 @@ class Backend {
 
   // Row chunk size multiple for splitting a matmul of T tokens with these weights across threads.
   int64_t row_align(const TensorView& W, int64_t T) const;
-  // How many chunks per thread a matmul over T tokens is split into.
+  // How many chunks per thread a matmul over T tokens is split into, and how they are sized.
   static int chunks_per_thread(int64_t T);
+  static ThreadPool::Schedule schedule(int64_t T);
 
   Backend(std::string name, const KernelTable* k, int threads)
       : name_(std::move(name)), k_(k), pool_(threads), exact_(name_ == "ref") {}

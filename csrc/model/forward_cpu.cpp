@@ -221,6 +221,11 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
     for (int64_t t0 = 0; t0 < s.n_new; t0 += kAttnTokens)
       items_.push_back({int32_t(si), int32_t(t0), int32_t(std::min(kAttnTokens, s.n_new - t0))});
   }
+  // Costliest first (rows x keys they see), so that the last items the threads claim are
+  // short ones and neither waits long for the other at the end of the layer's attention.
+  auto cost = [&](const AttnItem& a) { return int64_t(a.nt) * (st.seqs[a.seq].n_past + a.t0 + a.nt); };
+  std::stable_sort(items_.begin(), items_.end(),
+                   [&](const AttnItem& a, const AttnItem& b) { return cost(a) > cost(b); });
 
   // x[T, D] = E[ids]
   const TensorView& E = model_->token_embd();
@@ -278,8 +283,12 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
                          scale, attn_.data() + r0 * nq * hd + kvh * group * hd, nq * hd);
       }
     }, 1, int(std::max<int64_t>(1, std::min<int64_t>(per_thread, 1 << 20))));
-    backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D);  // [T, D]
-    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
+    // x += attn @ W_o^T: each thread adds the output columns it has just computed.
+    const std::function<void(int64_t, int64_t)> add_to_x = [&](int64_t n0, int64_t n1) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = t * D + n0; i < t * D + n1; ++i) x[i] += tmp[i];
+    };
+    backend_->matmul(attn_.data(), T, *L.attn_out, tmp, D, add_to_x);  // [T, D]
 
     // --- feed-forward (SwiGLU) ---
     // Under a memory budget the matrices may be a streamed copy (same bytes, same kernels).
@@ -290,7 +299,7 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
     if (!ffn.bundles) {
       backend_->matmul_swiglu(h, T, *ffn.gate_up, ffn_.data(), act_.data());  // [T, 2F] -> [T, F]
       if (probe_) record_ffn(li, T, L.ffn_dim);
-      backend_->matmul(act_.data(), T, *ffn.down, tmp, D);  // [T, D]
+      backend_->matmul(act_.data(), T, *ffn.down, tmp, D, add_to_x);  // x += act @ W_down^T
     } else {
       // Flash layout: bundle by bundle in stored order, their shares of the output summed in
       // that order; resident and streamed bundles are the same bytes, so the arithmetic is
@@ -302,9 +311,9 @@ void CpuExecutor::forward(const Step& st, float* logits, const InterruptFn& inte
         if (b)
           for (int64_t i = 0; i < T * D; ++i) tmp[i] += part_[size_t(i)];
       }
+      for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
     }
     if (stream_) stream_->release(li);
-    for (int64_t i = 0; i < T * D; ++i) x[i] += tmp[i];
   }
 
   const int64_t rows = st.n_logit_rows;

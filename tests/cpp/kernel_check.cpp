@@ -28,6 +28,7 @@
 
 #include "common/error.h"
 #include "common/half.h"
+#include "common/thread_pool.h"
 #include "kernels/dispatch.h"
 #include "kernels/kernels.h"
 #include "rng.h"
@@ -1026,6 +1027,22 @@ void check_ops(Report& rep, const std::string& name, const KernelTable& v, const
                                 " pos0=%" PRId64,
                                 kt == KvType::f32 ? "f32" : "f16", block, hd, n_grp, n_tok, pos0),
                             ov.data(), orf.data(), tol.data(), int64_t(ov.size()));
+                // Each token's rows alone (a tile of one token at its position): bitwise the same
+                // (kernels.h: a row's result does not depend on the other rows of its tile).
+                if (n_tok > 1) {
+                  std::vector<float> one(static_cast<size_t>(ldo), kSentinel), whole(static_cast<size_t>(n_tok * ldo));
+                  std::vector<float> alone(whole.size(), kSentinel);
+                  for (int64_t t = 0; t < n_tok; ++t) {
+                    v.attention_tile(q.data() + t * ldq, ldq, 1, n_grp, pos0 + t, kv, hd, scale, one.data(), ldo);
+                    std::copy(one.begin(), one.end(), alone.begin() + t * ldo);
+                  }
+                  std::vector<double> zero(alone.size(), 0.0);
+                  rep.compare(name + " attention_tile rows alone",
+                              fmt("%s block=%" PRId64 " hd=%" PRId64 " n_grp=%" PRId64 " n_tok=%" PRId64
+                                  " pos0=%" PRId64,
+                                  kt == KvType::f32 ? "f32" : "f16", block, hd, n_grp, n_tok, pos0),
+                              alone.data(), ov.data(), zero.data(), int64_t(alone.size()));
+                }
               }
 
   // swiglu: out = g / (1 + exp(-g)) * up in the same order; only exp may differ: a vector
@@ -1058,6 +1075,43 @@ void check_ops(Report& rep, const std::string& name, const KernelTable& v, const
 // f32_to_f16 (half.h, the KV cache's f16 rows) rounds to nearest, ties to even: every binary16
 // round-trips; the midpoint between two neighbours goes to the even one and the floats just
 // below / above it to the lower / upper; overflow gives infinity; NaN stays NaN.
+// ThreadPool::parallel_for's chunks: both schedules cover [0, n) once, in chunks that start at
+// multiples of align; guided chunks never grow and end with single units; every index is run
+// exactly once by a pool of 2 and of 3 threads.
+void check_thread_pool(Report& rep) {
+  for (auto sched : {ThreadPool::Schedule::even, ThreadPool::Schedule::guided})
+    for (int threads : {1, 2, 3, 8})
+      for (int64_t n : {1, 5, 31, 32, 33, 960, 1536, 3072, 49152})
+        for (int64_t align : {1, 16, 32, 64}) {
+          std::vector<int64_t> b;
+          ThreadPool::chunk_bounds(n, align, 4, sched, threads, &b);
+          bool ok = b.front() == 0 && b.back() == n && b.size() >= 2;
+          for (size_t i = 1; ok && i < b.size(); ++i) {
+            ok = b[i] > b[i - 1] && (b[i] == n || b[i] % align == 0);
+            if (sched == ThreadPool::Schedule::guided && i + 1 < b.size() && b[i + 1] < n)
+              ok = ok && b[i + 1] - b[i] <= b[i] - b[i - 1];
+          }
+          if (ok && sched == ThreadPool::Schedule::guided && n > align)
+            ok = b[b.size() - 1] - b[b.size() - 2] <= align;
+          if (ok && sched == ThreadPool::Schedule::even)
+            ok = int64_t(b.size() - 1) <= std::max<int64_t>(1, int64_t(threads) * 4);
+          rep.expect("thread_pool chunk_bounds",
+                     fmt("%s threads=%d n=%" PRId64 " align=%" PRId64,
+                         sched == ThreadPool::Schedule::guided ? "guided" : "even", threads, n, align),
+                     ok);
+        }
+  for (int threads : {2, 3})
+    for (auto sched : {ThreadPool::Schedule::even, ThreadPool::Schedule::guided}) {
+      ThreadPool pool(threads);
+      const int64_t n = 10007;
+      std::vector<int> hits(static_cast<size_t>(n), 0);
+      pool.parallel_for(n, [&](int64_t b, int64_t e) { for (int64_t i = b; i < e; ++i) ++hits[size_t(i)]; }, 7, 4, sched);
+      rep.expect("thread_pool parallel_for",
+                 fmt("%s threads=%d: every index once", sched == ThreadPool::Schedule::guided ? "guided" : "even", threads),
+                 std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }));
+    }
+}
+
 void check_f32_to_f16(Report& rep) {
   int64_t bad = 0;
   for (uint32_t h = 0; h < 0x10000u; ++h) {
@@ -1159,6 +1213,7 @@ int main(int argc, char** argv) {
     check_row_to_f32_q4k(rep, name, v, r);
   }
   check_f32_to_f16(rep);
+  check_thread_pool(rep);
   if (tables.size() == 1 && !(env && *env))
     std::printf("kernel_check: no SIMD variant compiled in that this CPU supports; only the reference's "
                 "block-quantized kernels were checked (against FORMAT.md)\n");
