@@ -49,7 +49,7 @@ class Backend {
 
   // bf16 weights: false (the default for "cpu") multiplies them by activations rounded to bf16
   // where the kernels have bf16 dot products (matmul_xbf16; AVX-512 BF16), true always by the
-  // exact f32 activations (f32 FMAs). "ref" is always exact. README: the cost in KL, measured.
+  // exact f32 activations (f32 FMAs). "ref" is always exact. docs/WEIGHT_TYPES.md: the cost in KL, measured.
   void set_exact(bool exact) { exact_ = exact || name_ == "ref"; }
   bool exact() const { return exact_; }
   // Whether matmuls with weights of this dtype round their activations (bf16 dot products).

@@ -8,7 +8,7 @@
 // the budget holds (largest first: every byte kept resident is a byte not read per step).
 // Streamed layers are read in the order the forward pass uses them, by a prefetch thread into
 // two buffers: layer i+1's FFN is read while layer i computes (and the next step's first layer
-// while the caller samples). README, "Running with less memory than the model".
+// while the caller samples). docs/MEMORY.md.
 #pragma once
 #include <atomic>
 #include <condition_variable>

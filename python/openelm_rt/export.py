@@ -515,7 +515,7 @@ def export_checkpoint(src_dir, out_path, dtype: str = "auto", tokenizer=None,
         try:
             # Ranked on a cheap temporary: block-quantized targets on bf16 (a rounding, no
             # quantizer search; the activation counts that rank the neurons are the same to
-            # within the quantization noise, README "Running with less memory than the model").
+            # within the quantization noise, docs/MEMORY.md).
             rank_dtype = "bf16" if FILE_DTYPE.get(dtype, dtype) in quant.QUANT_DTYPES else dtype
             export_checkpoint(src, plain, dtype=rank_dtype, tokenizer=tokenizer, progress=progress,
                               embedding_dtype=None if rank_dtype == "bf16" else embedding_dtype,
@@ -752,8 +752,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="store each layer's FFN neurons hottest-first in bundles (gate row, up row "
                         "and down column together) for running under a memory budget: the "
                         "neurons that do not fit are then one sequential read per layer. Hotness "
-                        "is measured on calibration text (format_version 2; README, \"Running "
-                        "with less memory than the model\")")
+                        "is measured on calibration text (format_version 2; docs/MEMORY.md)")
     p.add_argument("--bundle-neurons", type=int, default=flash.DEFAULT_BUNDLE_NEURONS, metavar="N",
                    help="neurons per bundle with --flash-layout, a multiple of 32 (default: %(default)s)")
     p.add_argument("--flash-calibration", metavar="TEXT",

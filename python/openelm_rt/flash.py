@@ -3,7 +3,7 @@
 `openelm-rt-export --flash-layout` stores each layer's FFN neurons hottest-first, in bundles
 of `bundle_neurons` neurons (gate rows, up rows and down columns together), so that under a
 memory budget the neurons that do not fit are one contiguous tail of the file, read in one
-sequential request per layer (README, "Running with less memory than the model").
+sequential request per layer (docs/MEMORY.md).
 
 Hotness is measured on calibration text (by default the corpus the project ships,
 openelm_rt/data/corpus.txt): the model in the ordinary layout runs it with the core's FFN

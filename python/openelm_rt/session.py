@@ -174,7 +174,7 @@ class Session:
         kv_block_size: positions per KV block (a multiple of 16); default 16.
         exact: bf16 weights only. False (default): where the CPU has AVX-512 BF16 dot products,
             the activations entering bf16 matmuls are rounded to bf16 (twice the arithmetic
-            rate; README gives the measured cost in KL); True: exact f32 activations (f32 FMAs).
+            rate; docs/WEIGHT_TYPES.md gives the measured cost in KL); True: exact f32 activations (f32 FMAs).
             "ref" is always exact.
         memory_budget: run the model in at most this much memory (bytes, a size such as
             "1.2GiB", or a percentage of the model file such as "50%"): resident weights, the
@@ -521,7 +521,7 @@ class Session:
         may be iterated alternately: they run batched. A model without a tokenizer takes
         token ids only and returns `.text` None (no stream, no stop strings).
 
-        Speculative generation (README, "Speculative generation"): `prompt_lookup_num_tokens=N`
+        Speculative generation (docs/SPECULATIVE.md): `prompt_lookup_num_tokens=N`
         proposes continuations of an earlier occurrence of the last `max_matching_ngram_size`
         tokens (Hugging Face's prompt lookup); `assistant_model` (alias `assistant`: a Session
         or an .oelm path of a model with the same tokenizer) proposes its own continuation,
@@ -660,7 +660,7 @@ class Session:
         with stream=True a BatchStream iterating (index, text piece) pairs as they arrive, whose
         `.results` is set once it is exhausted.
 
-        Speculative generation (README, "Speculative generation"): `prompt_lookup_num_tokens`,
+        Speculative generation (docs/SPECULATIVE.md): `prompt_lookup_num_tokens`,
         `max_matching_ngram_size`, `ngram_cache`, `ngram_corpus`, `ngram_num_tokens` and
         `speculation` as in `generate` (one value for all prompts): every row proposes its own
         tokens and one batched step checks them all (in the adaptive mode, as many per row as

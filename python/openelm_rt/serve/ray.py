@@ -17,7 +17,7 @@ Offline generation and scoring (one Session per actor, `map_batches`):
     out.take_all()  # each row gains "generated_text", "finish_reason", "generated_tokens"
 
 Needs the optional extra `pip install "openelm_rt[ray]"`. Commands for one machine and a
-cluster: README, "Serving".
+cluster: docs/SERVING.md.
 """
 from __future__ import annotations
 
