@@ -144,8 +144,12 @@ def test_closed_session_refuses_work(ort, tiny_f32):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 _CTRL_C_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import openelm_rt
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: install it, so that the test
+    # checks the runtime and not how the test run was launched.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     s = openelm_rt.Session(sys.argv[1], threads=1, backend="ref")
     stream = sys.argv[2] == "stream"
     # one long C++ call: the prefill of a prompt as long as the context allows (a new one
