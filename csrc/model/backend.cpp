@@ -57,6 +57,15 @@ bool Backend::supports(DType t) const {
          k_->row_to_f32[i] != nullptr;
 }
 
+const float* Backend::pack_token_groups(const float* x, int64_t T, int64_t K) {
+  const int64_t G = T / kF32Group;
+  if (act_f32_.size() < size_t(G * kF32Group * K)) act_f32_.resize(size_t(G * kF32Group * K));
+  float* xp = act_f32_.data();
+  pack_f32_fn pack = k_->pack_f32;
+  pool_.parallel_for(G, [&](int64_t g0, int64_t g1) { pack(x, K, g0, g1, xp); }, 1, 4, ThreadPool::Schedule::guided);
+  return xp;
+}
+
 std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, int64_t T, const TensorView& W,
                                                              float* y, int64_t ldy) {
   const int64_t N = W.rows(), K = W.cols();
@@ -72,13 +81,7 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
     if (T == 1) round_rows(0, 1);
     else pool_.parallel_for(T, round_rows);
     if (packs(W, T)) {  // and pack its bf16 pairs as 32-bit words (kernels.h, matmul_xbf16_packed_fn)
-      const int64_t G = T / kF32Group;
-      if (act_f32_.size() < size_t(G * kF32Group * K / 2)) act_f32_.resize(size_t(G * kF32Group * K / 2));
-      float* xp = act_f32_.data();
-      pack_f32_fn pack = k_->pack_f32;
-      const float* words = reinterpret_cast<const float*>(xb);
-      pool_.parallel_for(G, [&](int64_t g0, int64_t g1) { pack(words, K / 2, g0, g1, xp); }, 1, 4,
-                         ThreadPool::Schedule::guided);
+      const float* xp = pack_token_groups(reinterpret_cast<const float*>(xb), T, K / 2);
       matmul_xbf16_packed_fn fn = k_->matmul_xbf16_packed[int(W.dtype)];
       return [=](int64_t n0, int64_t n1) { fn(xb, xp, T, K, W.data, n0, n1, y, ldy); };
     }
@@ -86,12 +89,7 @@ std::function<void(int64_t, int64_t)> Backend::prepare_matmul(const float* x, in
     return [=](int64_t n0, int64_t n1) { fn(xb, T, K, W.data, n0, n1, y, ldy); };
   }
   if (packs(W, T)) {  // pack the activations once; every row chunk reuses them
-    const int64_t G = T / kF32Group;
-    if (act_f32_.size() < size_t(G * kF32Group * K)) act_f32_.resize(size_t(G * kF32Group * K));
-    float* xp = act_f32_.data();
-    pack_f32_fn pack = k_->pack_f32;
-    pool_.parallel_for(G, [&](int64_t g0, int64_t g1) { pack(x, K, g0, g1, xp); }, 1, 4,
-                       ThreadPool::Schedule::guided);
+    const float* xp = pack_token_groups(x, T, K);
     matmul_f32_packed_fn fn = k_->matmul_packed[int(W.dtype)];
     return [=](int64_t n0, int64_t n1) { fn(x, xp, T, K, W.data, n0, n1, y, ldy); };
   }

@@ -76,6 +76,10 @@ class Backend {
   std::function<void(int64_t, int64_t)> prepare_matmul(const float* x, int64_t T, const TensorView& W, float* y,
                                                        int64_t ldy);
 
+  // The first T / kF32Group token groups of x (T rows of K 32-bit words: floats, or bf16 pairs)
+  // packed by pack_f32 into act_f32_, across the pool; returns act_f32_'s data.
+  const float* pack_token_groups(const float* x, int64_t T, int64_t K);
+
   // Whether a matmul of T tokens with these weights takes a packed path (pack_f32 and
   // matmul_packed or matmul_xbf16_packed: the same bits as matmul[dtype] or matmul_xbf16[dtype],
   // faster from three token groups on).
