@@ -205,22 +205,35 @@ const char* kDtypeNames[kNumDTypes] = {"f32", "f16", "bf16", "u8", "q8", "q4", "
 // with random signs the difference stays near u * sum|x w| / sqrt(lanes) whatever K is,
 // so 16u leaves a wide margin, while one dropped or doubled term (~ sum|x w| / K, K up to
 // 24576: >= 680u) or a wrong tail is far outside it.
+// Output rows [n0, n1) of every token of y (tokens ldy apart), token by token.
+std::vector<float> rows_of(const std::vector<float>& y, int64_t T, int64_t ldy, int64_t n0, int64_t n1) {
+  std::vector<float> out;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = n0; n < n1; ++n) out.push_back(y[size_t(t * ldy + n)]);
+  return out;
+}
+
+// The tolerance above for each of those outputs of x [T, K] times rows [n0, n1) of W.
+std::vector<double> matmul_tolerance(int dt, const uint8_t* W, const float* x, int64_t T, int64_t K, int64_t n0,
+                                     int64_t n1) {
+  std::vector<double> tol;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = n0; n < n1; ++n) {
+      double mag = 0;
+      for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[t * K + k]) * double(widen(dt, W, n * K + k)));
+      tol.push_back(16 * kU * mag);
+    }
+  return tol;
+}
+
 void matmul_case(Report& rep, const std::string& key, const KernelTable& v, const KernelTable& ref, int dt,
                  const uint8_t* W, int64_t K, const float* x, int64_t T, int64_t n0, int64_t n1, int64_t ldy,
                  const std::string& what) {
   std::vector<float> yv(static_cast<size_t>(T * ldy), kSentinel), yr(static_cast<size_t>(T * ldy), kSentinel);
   v.matmul[dt](x, T, K, W, n0, n1, yv.data(), ldy);
   ref.matmul[dt](x, T, K, W, n0, n1, yr.data(), ldy);
-  std::vector<float> got, want;
-  std::vector<double> tol;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = n0; n < n1; ++n) {
-      double mag = 0;
-      for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[t * K + k]) * double(widen(dt, W, n * K + k)));
-      got.push_back(yv[size_t(t * ldy + n)]);
-      want.push_back(yr[size_t(t * ldy + n)]);
-      tol.push_back(16 * kU * mag);
-    }
+  const std::vector<float> got = rows_of(yv, T, ldy, n0, n1), want = rows_of(yr, T, ldy, n0, n1);
+  const std::vector<double> tol = matmul_tolerance(dt, W, x, T, K, n0, n1);
   rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
   check_untouched(rep, key, what, yv, T, ldy, n0, n1);
 }
@@ -301,17 +314,9 @@ void compare_packed(Report& rep, const std::string& key, const std::string& same
                     const float* x, int64_t T, int64_t K, int64_t n0, int64_t n1, int64_t N, int64_t ldy,
                     const std::vector<float>& yp, const std::vector<float>& yv, const std::vector<float>& yr) {
   const std::string what = fmt("N=%" PRId64 " K=%" PRId64 " T=%" PRId64 " rows %" PRId64 "..%" PRId64, N, K, T, n0, n1);
-  std::vector<float> got, want, unpacked;
-  std::vector<double> tol;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = n0; n < n1; ++n) {
-      double mag = 0;
-      for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[t * K + k]) * double(widen(dt, W, n * K + k)));
-      got.push_back(yp[size_t(t * ldy + n)]);
-      want.push_back(yr[size_t(t * ldy + n)]);
-      unpacked.push_back(yv[size_t(t * ldy + n)]);
-      tol.push_back(16 * kU * mag);
-    }
+  const std::vector<float> got = rows_of(yp, T, ldy, n0, n1), want = rows_of(yr, T, ldy, n0, n1),
+                           unpacked = rows_of(yv, T, ldy, n0, n1);
+  const std::vector<double> tol = matmul_tolerance(dt, W, x, T, K, n0, n1);
   rep.compare(key, what, got.data(), want.data(), tol.data(), int64_t(got.size()));
   rep.compare(key + " (= " + same + ", bitwise)", what, got.data(), unpacked.data(), nullptr, int64_t(got.size()));
   check_untouched(rep, key, what, yp, T, ldy, n0, n1);
