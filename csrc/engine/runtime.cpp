@@ -371,7 +371,10 @@ void Runtime::eval_steps(const std::vector<EvalEntry>& entries, float* out, cons
 std::vector<ScoreResult> Runtime::score_batch(
     const std::vector<std::pair<std::vector<int32_t>, std::vector<int32_t>>>& pairs, const InterruptFn& interrupt,
     ScoreStats* stats) {
-  const int64_t V = model_->config().vocab_size, budget = max_step_tokens();
+  // Steps of whole token groups (kernels.h, kF32Group) where the step allows: a full step's
+  // products then leave no tokens to the slower single-token-group tail of the packed f32 path.
+  const int64_t V = model_->config().vocab_size, step = max_step_tokens();
+  const int64_t budget = step >= kF32Group ? step / kF32Group * kF32Group : step;
   const size_t P = pairs.size();
   // Request i forwards full_i = context + continuation[:-1] (L_i tokens); the logits of rows
   // c_i - 1 .. L_i - 1 give the continuation's log-probabilities.
