@@ -342,6 +342,28 @@ def test_score_batch_shares_prefixes(session_f32, tiny_f32):
     assert stats["tokens_requested"] > 3 * stats["tokens_forwarded"], stats
 
 
+def test_score_batch_runs_questions_of_a_shared_prefix_together(session_f32):
+    """Eight questions after one few-shot prefix, four choices each (MMLU's shape): a question's
+    choices wait for its context, but the next questions need only the prefix, so they start
+    meanwhile from whichever sequence already holds it. A few full steps, not one step per
+    question; every result bitwise that of scoring the pair alone."""
+    s = session_f32
+    shots = prompt_ids(60, 1024, seed=50)
+    pairs = []
+    for q in range(8):
+        ctx = shots + prompt_ids(15, 1024, seed=60 + q, bos=False)
+        pairs += [(ctx, [100 + c]) for c in range(4)]
+    batch = s.score_batch(pairs)
+    stats = s.last_score_stats
+    for (ctx, cont), r in zip(pairs, batch):
+        alone = s.score(ctx, cont)
+        assert r.logprobs == alone.logprobs and r.is_greedy == alone.is_greedy
+    # the prefix and the first question; the other questions with the first one's choices;
+    # the other choices. Started strictly one after another, each question took a step.
+    assert stats["steps"] <= 4, stats
+    assert stats["tokens_forwarded"] == 60 + 8 * 15 + 8 * 3, stats
+
+
 def test_score_errors(session_f32):
     s = session_f32
     with pytest.raises(ValueError, match="context is empty"):

@@ -405,12 +405,12 @@ std::vector<ScoreResult> Runtime::score_batch(
   std::iota(order.begin(), order.end(), size_t(0));
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return full[a] < full[b]; });
   std::vector<int64_t> keep(P, 0);  // positions request order[k] takes from its predecessor
+  std::vector<int64_t> lcp(P, 0);   // tokens request order[k] shares with its predecessor
   for (size_t k = 1; k < P; ++k) {
     const auto& a = full[order[k - 1]];
     const auto& b = full[order[k]];
-    const int64_t lcp = std::mismatch(a.begin(), a.begin() + int64_t(std::min(a.size(), b.size())), b.begin()).first -
-                        a.begin();
-    keep[k] = std::min<int64_t>(lcp, int64_t(pairs[order[k]].first.size()) - 1);  // recompute row c-1
+    lcp[k] = std::mismatch(a.begin(), a.begin() + int64_t(std::min(a.size(), b.size())), b.begin()).first - a.begin();
+    keep[k] = std::min<int64_t>(lcp[k], int64_t(pairs[order[k]].first.size()) - 1);  // recompute row c-1
   }
 
   struct Active {
@@ -418,44 +418,69 @@ std::vector<ScoreResult> Runtime::score_batch(
     int32_t seq;
     bool finished;
   };
-  constexpr size_t kMaxActive = 32;
-  std::vector<Active> active;
-  size_t next = 0;             // next request (index into order) to start
-  int32_t retained = -1;       // a finished request's sequence kept for its successor to fork
-  std::vector<int32_t> seq_of(P, -1);
+  // Requests start in order, up to kMaxActive at a time, but not strictly one after another: a
+  // request whose prefix no live sequence holds yet (its predecessor is still computing it) waits,
+  // and later ones within kWindow start meanwhile (e.g. the next question of a shared few-shot
+  // prefix while the previous question's choices wait for its context), so steps stay full.
+  constexpr size_t kMaxActive = 32, kWindow = 64;
+  std::vector<Active> active;  // in order of k: earlier requests first in each step
+  size_t next = 0;             // the first request (index into order) not started yet
+  std::vector<uint8_t> started(P, 0);
+  // Finished requests whose sequence is kept until their successor has started: it forks from
+  // them (or from a sequence that holds the same prefix).
+  std::vector<size_t> retained;
+  std::vector<int32_t> seq_of(P, -1);  // each request's live sequence, -1 once freed
   std::vector<int32_t> tokens, rows;
   std::vector<StepSeq> steps;
   std::vector<std::pair<size_t, int64_t>> row_req;  // (request k, position) of each logit row
   std::vector<size_t> in_step;
   auto cleanup = [&] {
     for (const Active& a : active) seq_free(a.seq);
-    if (retained >= 0) seq_free(retained);
+    for (size_t j : retained) seq_free(seq_of[order[j]]);
     active.clear();
-    retained = -1;
+    retained.clear();
+  };
+  // A live sequence that holds request k's first keep[k] tokens: the nearest earlier request whose
+  // tokens begin with them (every one back along a chain of LCPs >= keep[k]; sorted order puts
+  // them right before k) and whose sequence has got that far; -1 if none has yet.
+  auto source = [&](size_t k) -> int32_t {
+    int64_t m = lcp[k];
+    for (size_t j = k; j-- > 0 && m >= keep[k] && k - j <= kWindow;) {
+      const int32_t s = seq_of[order[j]];
+      if (s >= 0 && seq_len(s) >= keep[k]) return s;
+      m = std::min(m, lcp[j]);
+    }
+    return -1;
   };
   try {
     while (next < P || !active.empty()) {
-      // Start requests in order while their predecessor holds the shared prefix.
-      while (next < P && active.size() < kMaxActive) {
-        const size_t k = next;
+      for (size_t k = next; k < P && k < next + kWindow && active.size() < kMaxActive; ++k) {
+        if (started[k]) continue;
         const int64_t need = int64_t(full[order[k]].size()) - keep[k];
         int32_t src = -1;
         if (keep[k] > 0) {
-          src = seq_of[order[k - 1]];
-          if (src < 0 || seq_len(src) < keep[k]) break;  // the predecessor has not got that far yet
+          src = source(k);
+          if (src < 0) continue;  // its prefix is still being computed (its predecessor holds it later)
         }
         const int64_t blocks = (need + kv_->block_size() - 1) / kv_->block_size() + 1;
         if (!active.empty() && blocks > kv_->n_free()) break;  // wait for memory to come back
         const int32_t id = src >= 0 ? seq_fork(src, keep[k]) : seq_new();
         seq_of[order[k]] = id;
-        if (retained >= 0 && retained == src) {  // its only user has forked it
-          seq_free(retained);
-          retained = -1;
-          for (size_t j = 0; j < P; ++j)
-            if (seq_of[j] == src) seq_of[j] = -1;
+        started[k] = 1;
+        auto at = std::find_if(active.begin(), active.end(), [&](const Active& a) { return a.k > k; });
+        active.insert(at, {k, id, false});
+      }
+      while (next < P && started[next]) ++next;
+      // Kept sequences whose successor has started: no request needs them any more.
+      for (size_t i = 0; i < retained.size();) {
+        const size_t j = retained[i];
+        if (j + 1 < P && !started[j + 1]) {
+          ++i;
+          continue;
         }
-        active.push_back({k, id, false});
-        ++next;
+        seq_free(seq_of[order[j]]);
+        seq_of[order[j]] = -1;
+        retained.erase(retained.begin() + int64_t(i));
       }
       // One step: earlier requests first (their successors wait on them).
       tokens.clear();
@@ -531,9 +556,8 @@ std::vector<ScoreResult> Runtime::score_batch(
         }
         const size_t k = active[ai].k;
         const int32_t id = active[ai].seq;
-        if (next < P && k + 1 == next && keep[next] > 0) {
-          if (retained >= 0) seq_free(retained);
-          retained = id;  // seq_of still points at it for the successor
+        if (k + 1 < P && !started[k + 1] && keep[k + 1] > 0) {
+          retained.push_back(k);  // seq_of still points at it for the successor
         } else {
           seq_free(id);
           seq_of[order[k]] = -1;

@@ -106,8 +106,10 @@ class Runtime {
   void eval(const std::vector<EvalEntry>& entries, float* out, const InterruptFn& interrupt = {});
 
   // Log-probabilities of each continuation given its context (log-softmax in float64).
-  // Pairs sharing a prefix compute it once: requests run in lexicographic order on parallel
-  // lanes (sequences), each keeping what the previous request of its lane shares with it.
+  // Pairs sharing a prefix compute it once: requests start in lexicographic order, up to 32 at a
+  // time, each forking its shared prefix from a live sequence that holds it (its predecessor's,
+  // or an earlier one's while the predecessor has not got that far: then later requests do not
+  // wait for it), and run in batched steps of whole 12-token groups.
   std::vector<ScoreResult> score_batch(const std::vector<std::pair<std::vector<int32_t>, std::vector<int32_t>>>& pairs,
                                        const InterruptFn& interrupt = {}, ScoreStats* stats = nullptr);
 
