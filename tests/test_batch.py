@@ -364,6 +364,21 @@ def test_score_batch_runs_questions_of_a_shared_prefix_together(session_f32):
     assert stats["tokens_forwarded"] == 60 + 8 * 15 + 8 * 3, stats
 
 
+def test_score_batch_under_a_small_kv_budget(ort, exports):
+    """Many requests after a shared prefix, with room for only a few at a time: they start as
+    memory allows (none is left unable to finish), and the results are those of an ample budget."""
+    shots = prompt_ids(40, 1024, seed=70)
+    pairs = []
+    for q in range(6):
+        ctx = shots + prompt_ids(30, 1024, seed=80 + q, bos=False)
+        pairs += [(ctx, prompt_ids(20, 1024, seed=90 + 4 * q + c, bos=False)) for c in range(4)]
+    with ort.Session(str(exports["q8"]), prefix_cache=0) as s:
+        want = s.score_batch(pairs)
+    with ort.Session(str(exports["q8"]), kv_budget=14 * 14 * 1024, prefix_cache=0) as s:  # 14 blocks
+        got = s.score_batch(pairs)
+    assert [(r.logprobs, r.is_greedy) for r in got] == [(r.logprobs, r.is_greedy) for r in want]
+
+
 def test_score_errors(session_f32):
     s = session_f32
     with pytest.raises(ValueError, match="context is empty"):

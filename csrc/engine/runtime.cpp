@@ -453,7 +453,14 @@ std::vector<ScoreResult> Runtime::score_batch(
     return -1;
   };
   try {
+    const int64_t bs = kv_->block_size();
     while (next < P || !active.empty()) {
+      // Blocks the running requests may still take (the rest of their tokens, and a block copied
+      // where a fork shares a partly filled one): a request starts only if these and its own fit
+      // in what is free, so those that run can always finish and give theirs back.
+      int64_t pending = 0;
+      for (const Active& a : active)
+        pending += (int64_t(full[order[a.k]].size()) - seq_len(a.seq) + bs - 1) / bs + 1;
       for (size_t k = next; k < P && k < next + kWindow && active.size() < kMaxActive; ++k) {
         if (started[k]) continue;
         const int64_t need = int64_t(full[order[k]].size()) - keep[k];
@@ -462,8 +469,9 @@ std::vector<ScoreResult> Runtime::score_batch(
           src = source(k);
           if (src < 0) continue;  // its prefix is still being computed (its predecessor holds it later)
         }
-        const int64_t blocks = (need + kv_->block_size() - 1) / kv_->block_size() + 1;
-        if (!active.empty() && blocks > kv_->n_free()) break;  // wait for memory to come back
+        const int64_t blocks = (need + bs - 1) / bs + 1;
+        if (!active.empty() && pending + blocks > kv_->n_free()) break;  // wait for memory to come back
+        pending += blocks;
         const int32_t id = src >= 0 ? seq_fork(src, keep[k]) : seq_new();
         seq_of[order[k]] = id;
         started[k] = 1;
