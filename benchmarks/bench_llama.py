@@ -182,7 +182,8 @@ def speed(model_path: str, gguf: str, worker, args, backends) -> dict:
             settle()
             r[f"llama_tg{args.tg}"].append(worker.call("tg", n=args.tg, threads=t, seed=seed)["tok_s"])
         log(f"  repeat {rep + 1}/{args.repeats} done")
-    return {t: {k: statistics.median(v) for k, v in r.items()} for t, r in res.items()}
+    # Medians, and every repeat's figure under "runs" (the JSON keeps them: ratios per repeat, spread).
+    return {t: {**{k: statistics.median(v) for k, v in r.items()}, "runs": r} for t, r in res.items()}
 
 
 # ----------------------------------------------------------------------------- report
