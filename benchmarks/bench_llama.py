@@ -182,7 +182,8 @@ def speed(model_path: str, gguf: str, worker, args, backends) -> dict:
             settle()
             r[f"llama_tg{args.tg}"].append(worker.call("tg", n=args.tg, threads=t, seed=seed)["tok_s"])
         log(f"  repeat {rep + 1}/{args.repeats} done")
-    return {t: {k: statistics.median(v) for k, v in r.items()} for t, r in res.items()}
+    # Medians, and every repeat's figure under "runs" (the JSON keeps them: ratios per repeat, spread).
+    return {t: {**{k: statistics.median(v) for k, v in r.items()}, "runs": r} for t, r in res.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -305,8 +306,8 @@ def matmul_flops_per_token(hf_cfg: dict) -> int:
 
 def speed_section(args, rep, d, worker, ours, ggufs, our_bytes, summ, dtypes, hf_cfg):
     flops = matmul_flops_per_token(hf_cfg)
-    backends = {t: _core.Backend("cpu", t, "", args.exact) for t in args.threads}
-    kernels = next(iter(backends.values())).kernels + (", exact=True" if args.exact else "")
+    backends = {t: _core.Backend("cpu", t, "", not args.bf16_activations) for t in args.threads}
+    kernels = next(iter(backends.values())).kernels + (", exact=False" if args.bf16_activations else "")
     d["speed"] = {}
     tg = f"tg{args.tg}"
     rep.add(f"\nSpeed (tokens/s, medians of {args.repeats} interleaved repeats; our kernels '{kernels}'; "
@@ -350,9 +351,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 270M, 1 repeat, pp128, tg32, 2×64 quality tokens")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--bf16-activations", action="store_true",
+                   help="time our side with Backend(exact=False): bf16 weights times activations rounded to bf16 "
+                        "(bf16 dot products where the CPU has them) instead of exact f32 ones (the default)")
     p.add_argument("--exact", action="store_true",
-                   help="time our side with Backend(exact=True): bf16 weights times f32 activations instead "
-                        "of bf16-rounded ones (the default where the CPU has bf16 dot products)")
+                   help="exact f32 activations for bf16 weights: the default now (up to 0.3.1 it was not); accepted "
+                        "for old command lines")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--quality-seqs", type=int, default=None, help="sequences for KL/top-1 (default 4)")
     p.add_argument("--quality-len", type=int, default=None, help="tokens per sequence (default 128)")
@@ -365,6 +369,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--out", default=None, help="write PATH.json and PATH.md (PATH may end in .json)")
     args = p.parse_args(argv)
+    if args.exact and args.bf16_activations:
+        p.error("--exact and --bf16-activations contradict each other; give one")
     q = args.quick
     args.models = args.models or (["270M"] if q else ["270M", "1_1B"])
     args.repeats = args.repeats or (1 if q else 5)

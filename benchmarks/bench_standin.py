@@ -47,9 +47,10 @@ from bench_cpu import time_decode, time_prefill
 import llama_side
 import standin
 
-# "bf16": bf16 weights times bf16-rounded activations (AVX-512 BF16 dot products, the default
-# where the CPU has them); "bf16-exact": the same file with Session(exact=True), f32 activations.
-OURS = ("f32", "f16", "bf16", "bf16-exact", "q8", "q4")
+# "bf16": bf16 weights times exact f32 activations (the default, Session(exact=True)); "bf16-rounded":
+# the same file with Session(exact=False), activations rounded to bf16 for AVX-512 BF16 dot products
+# where the CPU has them (the default up to 0.3.1). "bf16-exact" is accepted as "bf16".
+OURS = ("f32", "f16", "bf16", "bf16-rounded", "q8", "q4")
 LLAMA = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 
 
@@ -79,7 +80,7 @@ def llama_bits(worker, path: str) -> tuple[int, dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ours", nargs="+", default=list(OURS),
-                   help="our types: bf16-exact, or standin.py's DTYPE[/HEAD][+im] (q4/q6+im: q4 weights, q6 "
+                   help="our types: bf16-rounded, or standin.py's DTYPE[/HEAD][+im] (q4/q6+im: q4 weights, q6 "
                         "head, importance-weighted scales)")
     p.add_argument("--llama", nargs="+", default=list(LLAMA), choices=LLAMA)
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     s.oelm.update({d: s.oelm[d.split("-")[0]] for d in args.ours})
 
     def backend(label: str, threads: int):
-        return _core.Backend("cpu", threads, "", label.endswith("-exact"))
+        return _core.Backend("cpu", threads, "", not label.endswith("-rounded"))
 
     lines: list[str] = []
     data: dict = {"setup": vars(args), "ours": {}, "llama": {}}

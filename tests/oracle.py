@@ -77,7 +77,7 @@ def attention_core(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- forward
 
 # A test-only config key: "bf16" rounds the input of every matrix product to bfloat16 (through
-# float32), what the runtime's fast path for bf16 weights computes (Backend exact=False).
+# float32), what the runtime computes for bf16 weights with Backend(exact=False), the opt-in.
 ROUND_MATMUL_INPUTS = "_oracle_round_matmul_inputs"
 
 

@@ -152,6 +152,23 @@ def test_info_prints_stored_config_and_verifies(session_f32, tiny_f32, tmp_path)
     assert p.returncode == 2 and "checksum" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+def test_info_and_generate_bf16_activations(tiny_bf16):
+    """bf16 files: info says exact activations are the default and what --bf16-activations does
+    on this CPU; generate takes the flag (greedy text as Session(exact=False) gives it)."""
+    ort = pytest.importorskip("openelm_rt")
+    p = _run(RT[0].values[0], "info", tiny_bf16.oelm)
+    assert p.returncode == 0, p.stderr
+    line = next(l for l in p.stdout.splitlines() if l.startswith("bf16 matmuls:"))
+    assert "exact f32 activations (default)" in line and "--bf16-activations" in line, line
+    with ort.Session(str(tiny_bf16.oelm), exact=False) as s:
+        assert ("bf16 dot products" in line) == s._backend.rounds_activations("bf16"), line
+        want = s.generate(PROMPT, max_new_tokens=8).text
+    p = _run(RT[0].values[0], "generate", "--model", tiny_bf16.oelm, "--prompt", PROMPT, "--max-new-tokens", 8,
+             "--bf16-activations")
+    assert p.returncode == 0, p.stderr
+    assert want.strip() and want in p.stdout, (p.stdout, want)
+
+
 def test_versions_agree():
     """One version everywhere: the package, its native core, pyproject.toml and the C header
     (CMake refuses to configure when the header and CMakeLists.txt differ)."""

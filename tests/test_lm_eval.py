@@ -337,6 +337,9 @@ def test_constructor_errors(ole, tiny_f32, tmp_path):
     lm = ole.OpenELMLM(pretrained=str(tiny_f32.oelm), batch_size=1, max_batch_size=None, device="cuda:0",
                        trust_remote_code=True, add_bos_token="True", tokenizer="meta-llama/Llama-2-7b-hf")
     assert lm.add_bos_token is True
+    # bf16 weights: exact f32 activations unless exact=False asks for bf16-rounded ones.
+    assert lm.session._backend.exact is True
+    assert ole.OpenELMLM(pretrained=str(tiny_f32.oelm), exact="false").session._backend.exact is False
     from lm_eval.api.instance import Instance
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([Instance("generate_until", {}, ("a", {"until": ["\n"], "num_beams": 4}), 0)],

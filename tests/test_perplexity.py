@@ -86,6 +86,27 @@ def test_cli_ids_and_json(ort, tiny_noqk, tmp_path):
     assert got["kl_max"] == pytest.approx(0, abs=1e-9)
 
 
+def test_cli_bf16_activations_measures_the_rounding(ort, tiny_bf16, tmp_path):
+    """--bf16-activations applies to MODEL only: against the same file as --kl-base (exact by
+    default), KL is 0 without it and is what Session(exact=False) gives with it."""
+    ids = prompt_ids(40, tiny_bf16.cfg["vocab_size"], bos=False)
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(map(str, ids)))
+    cmd = [sys.executable, "-m", "openelm_rt", "perplexity", str(tiny_bf16.oelm), "--ids", str(f), "--ctx", "20",
+           "--kl-base", str(tiny_bf16.oelm), "--json"]
+    runs = [subprocess.run(cmd + extra, capture_output=True, text=True, env=env_with_pythonpath(), timeout=120)
+            for extra in ([], ["--bf16-activations"])]
+    assert all(o.returncode == 0 for o in runs), [o.stderr for o in runs]
+    plain, rounded = (json.loads(o.stdout) for o in runs)
+    assert plain["kl_max"] == pytest.approx(0, abs=1e-9)
+    with ort.Session(str(tiny_bf16.oelm), exact=False) as s:
+        want = ort.perplexity(s, ids=ids, ctx=20, kl_base=str(tiny_bf16.oelm))
+        rounds = s._backend.rounds_activations("bf16")
+    assert rounded["ppl"] == pytest.approx(want.ppl, rel=1e-12)
+    assert rounded["kl_mean"] == pytest.approx(want.kl_mean, rel=1e-9, abs=1e-12)
+    assert (rounded["kl_mean"] > 1e-9) == rounds
+
+
 def test_errors(ort, tiny_noqk, tiny_f32, tmp_path):
     with pytest.raises(ValueError, match="exactly one of text= and ids="):
         ort.perplexity(str(tiny_f32.oelm))

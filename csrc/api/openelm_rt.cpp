@@ -319,7 +319,7 @@ oelm_status oelm_session_new(const oelm_model* model, oelm_session** out_session
     ro.budget_sequences = o.max_batch > 0 ? o.max_batch : 16;
     const bool cuda = o.backend == OELM_BACKEND_CUDA || (o.backend == OELM_BACKEND_AUTO && oelm::cuda_available());
     std::shared_ptr<oelm::Backend> backend = oelm::Backend::create(cuda ? "cuda" : "cpu", o.n_threads);
-    backend->set_exact(o.exact != 0 || cuda);
+    backend->set_exact(o.exact >= 0 || cuda);  // 0 (default) and positive: exact; negative: rounded
     s->rt = std::make_shared<oelm::Runtime>(s->model, std::move(backend), ro);
     oelm::EngineOptions eo;
     eo.max_batch = o.max_batch > 0 ? std::min<int32_t>(o.max_batch, int32_t(s->rt->max_step_tokens())) : 16;

@@ -47,9 +47,10 @@ class Backend {
   // True if the kernel table has a matmul and a row lookup for this weight dtype.
   bool supports(DType t) const;
 
-  // bf16 weights: false (the default for "cpu") multiplies them by activations rounded to bf16
-  // where the kernels have bf16 dot products (matmul_xbf16; AVX-512 BF16), true always by the
-  // exact f32 activations (f32 FMAs). "ref" is always exact. docs/WEIGHT_TYPES.md: the cost in KL, measured.
+  // bf16 weights: true (the default) multiplies them by the exact f32 activations (f32 FMAs),
+  // false by activations rounded to bf16 where the kernels have bf16 dot products (matmul_xbf16;
+  // AVX-512 BF16). "ref" is always exact. docs/WEIGHT_TYPES.md: the cost in KL and the speed of
+  // each, measured, and why exact is the default.
   void set_exact(bool exact) { exact_ = exact || name_ == "ref"; }
   bool exact() const { return exact_; }
   // Whether matmuls with weights of this dtype round their activations (bf16 dot products).
@@ -92,7 +93,7 @@ class Backend {
   static ThreadPool::Schedule schedule(int64_t T);
 
   Backend(std::string name, const KernelTable* k, int threads)
-      : name_(std::move(name)), k_(k), pool_(threads), exact_(name_ == "ref") {}
+      : name_(std::move(name)), k_(k), pool_(threads), exact_(true) {}
   std::string name_;
   const KernelTable* k_;
   ThreadPool pool_;

@@ -294,7 +294,9 @@ PYBIND11_MODULE(_core, m) {
              b->set_exact(exact);
              return b;
            }),
-           py::arg("name") = "cpu", py::arg("threads") = 0, py::arg("kernels") = "", py::arg("exact") = false)
+           py::arg("name") = "cpu", py::arg("threads") = 0, py::arg("kernels") = "", py::arg("exact") = true,
+           "exact (default True): bf16 weights times exact f32 activations; False: times activations rounded\n"
+           "to bf16 where the kernels have bf16 dot products (AVX-512 BF16). docs/WEIGHT_TYPES.md.")
       .def_property_readonly("exact", &Backend::exact)
       .def("rounds_activations", [](const Backend& b, const std::string& dtype) {
         DType t;

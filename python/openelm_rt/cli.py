@@ -193,7 +193,8 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UsageError(str(e).replace("memory_budget", "--memory-budget")) from None
     with Session(args.model, threads=args.threads, max_context=args.max_context, backend=args.backend,
-                 kv_budget=args.kv_budget, kv_dtype=args.kv_dtype, memory_budget=args.memory_budget) as s:
+                 kv_budget=args.kv_budget, kv_dtype=args.kv_dtype, memory_budget=args.memory_budget,
+                 exact=not args.bf16_activations) as s:
         if s.memory_plan is not None:
             print(s.memory_plan["text"], file=sys.stderr, flush=True)
         if args.chat:
@@ -230,6 +231,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+BF16_ACTIVATIONS_HELP = ("bf16 weights: multiply them by activations rounded to bf16 with the CPU's bf16 dot "
+                         "products where it has them (AVX-512 BF16): about twice the KL to f32, faster only where "
+                         "those outrun f32 FMAs (docs/WEIGHT_TYPES.md); default: exact f32 activations")
+
+
 def cmd_info(args) -> int:
     from . import _core
 
@@ -247,6 +253,12 @@ def cmd_info(args) -> int:
     print(f"tokens:        bos {c['bos_token_id']}   eos {c['eos_token_id']}   tied head {c['tied_embeddings']}"
           f"   q/k norm {c.get('qk_norm', True)}")
     print(f"tokenizer:     {'sentencepiece' if m.has_tokenizer else 'none (token ids only)'}")
+    if "bf16" in (m.weights_dtype, m.embedding_dtype):
+        b = _core.Backend("cpu", 1, "", False)
+        rounded = ("activations rounded to bf16, bf16 dot products (kernels " + b.kernels + ")"
+                   if b.rounds_activations("bf16") else "exact too: this CPU's kernels (" + b.kernels
+                   + ") have no bf16 dot products")
+        print(f"bf16 matmuls:  exact f32 activations (default); --bf16-activations / exact=False: {rounded}")
     if args.verify:
         print("checksums:     all tensors verified")
     return 0
@@ -270,8 +282,18 @@ def cmd_perplexity(args) -> int:
         if not os.path.isfile(args.ids):
             raise UsageError(f"--ids {args.ids}: no such file")
         kw["ids"] = _read_ids(args.ids)
-    r = perplexity(args.model, ctx=args.ctx, kl_base=args.kl_base, threads=args.threads,
-                   add_bos=False if args.no_bos else None, **kw)
+    model = args.model
+    if args.bf16_activations:
+        from .autoexport import resolve_model
+        from .session import Session
+
+        model = Session(resolve_model(args.model), threads=args.threads, exact=False)
+    try:
+        r = perplexity(model, ctx=args.ctx, kl_base=args.kl_base, threads=args.threads,
+                       add_bos=False if args.no_bos else None, **kw)
+    finally:
+        if model is not args.model:
+            model.close()
     print(json.dumps(r.as_dict()) if args.json else str(r))
     return 0
 
@@ -372,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights that do not fit are read from the file every token, same output; prints the plan")
     g.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
                    help="KV cache element type: f32 (exact, default) or f16 (half the memory)")
+    g.add_argument("--bf16-activations", action="store_true", help=BF16_ACTIVATIONS_HELP)
     g.add_argument("--backend", choices=("cpu", "cuda", "auto", "ref"), default="cpu",
                    help="cpu (default); cuda: the GPU (a CUDA build, see `python -c 'import openelm_rt; "
                         "print(openelm_rt.cuda_info())'`); auto: cuda when available, else cpu")
@@ -426,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--kl-base", metavar="BASE.oelm", default=None,
                     help="reference model (e.g. the f32 export) for KL divergence and top-1 agreement")
     pp.add_argument("--no-bos", action="store_true", help="with --text: do not start each window with BOS")
+    pp.add_argument("--bf16-activations", action="store_true",
+                    help=BF16_ACTIVATIONS_HELP + " (MODEL only, not --kl-base: measures what the rounding costs)")
     pp.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pp.set_defaults(func=cmd_perplexity)

@@ -85,7 +85,8 @@ class OpenELMLM(TemplateLM):
             the model card's `tokenizer=meta-llama/Llama-2-7b-hf` is accepted and means the
             tokenizer stored in the model (OpenELM's is Llama-2's).
         max_gen_toks: default most tokens to generate (256, as `hf`).
-        kv_budget, kv_dtype, exact: passed to the Session.
+        kv_budget, kv_dtype, exact: passed to the Session (exact: default True, exact f32
+            activations for bf16 weights; exact=False rounds them to bf16 for bf16 dot products).
         seed: base seed for sampled generation (do_sample=True tasks).
         batch_size, max_batch_size, device, trust_remote_code: accepted for the CLI's and the
             card's command lines; the runtime schedules its own batches on the CPU.
@@ -93,7 +94,7 @@ class OpenELMLM(TemplateLM):
 
     def __init__(self, pretrained=None, threads=None, max_length=None, add_bos_token=True, rolling_bos="hf",
                  prefix_reuse=True, dtype="auto", tokenizer=None, max_gen_toks=256, kv_budget=None,
-                 kv_dtype="f32", exact=False, seed=1234, batch_size=None, max_batch_size=None, device=None,
+                 kv_dtype="f32", exact=True, seed=1234, batch_size=None, max_batch_size=None, device=None,
                  trust_remote_code=None, **unknown):
         super().__init__()
         if unknown:

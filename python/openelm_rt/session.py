@@ -172,10 +172,10 @@ class Session:
         prefix_cache: finished sequences kept so that a prompt extending one of them (a
             chat's next turn, a shared system prompt) evaluates only its new tokens; 0: off.
         kv_block_size: positions per KV block (a multiple of 16); default 16.
-        exact: bf16 weights only. False (default): where the CPU has AVX-512 BF16 dot products,
-            the activations entering bf16 matmuls are rounded to bf16 (twice the arithmetic
-            rate; docs/WEIGHT_TYPES.md gives the measured cost in KL); True: exact f32 activations (f32 FMAs).
-            "ref" is always exact.
+        exact: bf16 weights only. True (default): exact f32 activations (f32 FMAs). False: where
+            the CPU has AVX-512 BF16 dot products, the activations entering bf16 matmuls are
+            rounded to bf16 (about twice the KL to f32; faster only where `vdpbf16ps` outruns f32
+            FMAs: docs/WEIGHT_TYPES.md has both, measured). "ref" and "cuda" are always exact.
         memory_budget: run the model in at most this much memory (bytes, a size such as
             "1.2GiB", or a percentage of the model file such as "50%"): resident weights, the
             KV cache (default under a budget: one sequence of max_context), activations and
@@ -196,7 +196,7 @@ class Session:
     """
 
     def __init__(self, path, threads=None, max_context=None, verify=False, backend="cpu", kv_budget=None,
-                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=False,
+                 kv_dtype="f32", max_batch=16, prefix_cache=16, kv_block_size=None, exact=True,
                  memory_budget=None, stream_io="direct", prefetch=True, prefill_chunk=None):
         path = os.fspath(path)
         if not os.path.exists(path):

@@ -121,6 +121,13 @@ def main(argv=None) -> int:
     with openelm_rt.Session(noqk.oelm) as s:
         prompt = prompt_ids(9, s.vocab_size, seed=3)
         (out / "noqk.bin").write_bytes(_ids(prompt) + _ids(s.generate(prompt, max_new_tokens=16).token_ids))
+    # bf16 weights: logits with exact f32 activations (the default) and rounded to bf16 (exact=False).
+    bf16 = export.export_checkpoint(model.ckpt_dir, out / "model_bf16.oelm", dtype="bf16", tokenizer=tok)
+    with openelm_rt.Session(bf16, threads=1) as e, openelm_rt.Session(bf16, threads=1, exact=False) as r:
+        ids = prompt_ids(40, e.vocab_size, seed=5)
+        (out / "bf16.bin").write_bytes(
+            _ids(ids) + struct.pack("<Ii", e.vocab_size, int(r._backend.rounds_activations("bf16")))
+            + e.logits(ids).astype("<f4").tobytes() + r.logits(ids).astype("<f4").tobytes())
     untied = build_model(out, tok, "untied", seed=3, config_overrides={"share_input_output_layers": False})
     q8 = export.export_checkpoint(untied.ckpt_dir, out / "untied_q8.oelm", dtype="q8", embedding_dtype="f32",
                                   tokenizer=tok)

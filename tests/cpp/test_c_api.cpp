@@ -1175,6 +1175,39 @@ TEST(token_id_only_model) {
   CHECK_EQ(oelm_model_has_tokenizer(load(1).get()), 1);
 }
 
+// bf16 weights: options.exact 0 (the default) and positive multiply them by exact f32
+// activations, negative by activations rounded to bf16 (bf16 dot products where the CPU has them;
+// the default up to 0.3.1). Each must equal what the Python Session computes with the same
+// setting on one thread (make_fixtures.py: bf16.bin).
+TEST(bf16_activations_exact_by_default) {
+  Reader r(data_dir() + "/bf16.bin");
+  const std::vector<int32_t> ids = r.ids();
+  const size_t V = r.get<uint32_t>();
+  const bool rounds = r.get<int32_t>() != 0;
+  std::vector<float> want_exact(ids.size() * V), want_rounded(ids.size() * V);
+  for (float& x : want_exact) x = r.get<float>();
+  for (float& x : want_rounded) x = r.get<float>();
+  auto logits = [&](int32_t exact) {
+    oelm_model_options o = oelm_model_options_default();
+    o.n_threads = 1;
+    o.exact = exact;
+    oelm_model* m = nullptr;
+    CHECK_OK(oelm_model_load((data_dir() + "/model_bf16.oelm").c_str(), &o, &m));
+    ModelPtr model(m);
+    SessionPtr s = new_session(m);
+    std::vector<float> got(ids.size() * V);
+    CHECK_OK(oelm_session_eval(s.get(), ids.data(), ids.size(), got.data()));
+    return got;
+  };
+  CHECK_EQ(oelm_model_options_default().exact, 0);
+  const std::vector<float> dflt = logits(0);
+  CHECK(dflt == want_exact);  // same core, kernels and thread count: the same bits
+  CHECK(logits(1) == want_exact);
+  CHECK(logits(-1) == want_rounded);
+  // And the two settings differ where the kernels round (else the checks above prove nothing).
+  CHECK_EQ(want_exact != want_rounded, rounds);
+}
+
 // A corrupt file (tensor data with NaN; CRCs are checked only with verify): evaluating or
 // generating from a prompt with the poisoned token is OELM_FORMAT_ERROR naming the check, the
 // session unchanged; other prompts run. Under UBSan this also covers quantizing NaN

@@ -148,9 +148,11 @@ typedef struct oelm_model_options {
   int32_t kv_block_size; /* positions per KV block, a multiple of 16; 0 = the default (16) */
   int32_t max_batch;     /* engine: sequences generating at once; 0 = 16 */
   int32_t prefix_cache;  /* finished sequences kept for prefix reuse; 0 = 16, -1 = none */
-  int32_t exact;         /* bf16 weights: 0 = activations rounded to bf16 for the CPU's bf16 dot
-                            products where it has them (AVX-512 BF16; faster), nonzero = exact
-                            f32 activations (as openelm_rt.Session's `exact`) */
+  int32_t exact;         /* bf16 weights: 0 (default) or positive = exact f32 activations (f32
+                            FMAs); negative = activations rounded to bf16 for the CPU's bf16 dot
+                            products where it has them (AVX-512 BF16: about twice the KL, faster
+                            only where those run faster than f32 FMAs; docs/WEIGHT_TYPES.md).
+                            As openelm_rt.Session's `exact`. Up to 0.3.1, 0 rounded them */
   int64_t memory_budget_mib; /* cap on the memory a session takes for the model (resident
                             weights, KV cache, activations, read buffers), in MiB; 0 = none (all
                             weights resident). Under a cap the KV cache defaults to one sequence
@@ -161,7 +163,7 @@ typedef struct oelm_model_options {
   int32_t backend;       /* oelm_backend; n_threads is then the host threads around the GPU */
 } oelm_model_options;
 
-/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0). */
+/* n_threads 0, max_context 0, verify 0, kv_type OELM_KV_F32, the rest 0 (defaults; exact 0: exact). */
 OELM_API oelm_model_options oelm_model_options_default(void);
 
 /* Maps and validates an .oelm file (written by openelm-rt-export). options may be NULL
