@@ -282,18 +282,8 @@ def cmd_perplexity(args) -> int:
         if not os.path.isfile(args.ids):
             raise UsageError(f"--ids {args.ids}: no such file")
         kw["ids"] = _read_ids(args.ids)
-    model = args.model
-    if args.bf16_activations:
-        from .autoexport import resolve_model
-        from .session import Session
-
-        model = Session(resolve_model(args.model), threads=args.threads, exact=False)
-    try:
-        r = perplexity(model, ctx=args.ctx, kl_base=args.kl_base, threads=args.threads,
-                       add_bos=False if args.no_bos else None, **kw)
-    finally:
-        if model is not args.model:
-            model.close()
+    r = perplexity(args.model, ctx=args.ctx, kl_base=args.kl_base, threads=args.threads,
+                   add_bos=False if args.no_bos else None, exact=not args.bf16_activations, **kw)
     print(json.dumps(r.as_dict()) if args.json else str(r))
     return 0
 

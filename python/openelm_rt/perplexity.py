@@ -107,12 +107,12 @@ def score_windows(logits, base_logits, wins, ctx: int, show: bool = False) -> Pe
     return r
 
 
-def _session(model, threads):
+def _session(model, threads, exact=True):
     from .session import Session
 
     if isinstance(model, Session):
         return model, False
-    return Session(os.fspath(model), threads=threads), True
+    return Session(os.fspath(model), threads=threads, exact=exact), True
 
 
 def _read_ids(path) -> list:
@@ -131,17 +131,19 @@ def _read_ids(path) -> list:
 
 def perplexity(model, text: Optional[str] = None, ids: Optional[Sequence[int]] = None, ctx: int = 512,
                kl_base=None, threads: Optional[int] = None, add_bos: Optional[bool] = None,
-               progress: Union[bool, None] = None) -> PerplexityResult:
+               progress: Union[bool, None] = None, exact: bool = True) -> PerplexityResult:
     """Perplexity of `model` (a path or Session) on `text` or token `ids` (one of the two), and
     with kl_base (path or Session of the reference model, same vocabulary) the KL divergence,
     top-1 agreement and ΔPPL against it. Windows of `ctx` tokens (module docstring).
     add_bos: prepend BOS to each window; default True for text, False for ids. progress: a line
-    on stderr per window (None: only when stderr is a terminal)."""
+    on stderr per window (None: only when stderr is a terminal). exact: the Session opened for a
+    `model` path (not kl_base) multiplies bf16 weights by exact f32 activations; False rounds them
+    to bf16 (Session's `exact`), so KL against an exact base measures what the rounding costs."""
     if (text is None) == (ids is None):
         raise ValueError("pass exactly one of text= and ids=")
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
         raise ValueError(f"ctx must be an integer >= 2, got {ctx!r}")
-    sess, own = _session(model, threads)
+    sess, own = _session(model, threads, exact)
     base, own_base = _session(kl_base, threads) if kl_base is not None else (None, False)
     try:
         if base is not None and base.vocab_size != sess.vocab_size:
