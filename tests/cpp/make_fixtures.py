@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     with openelm_rt.Session(bf16, threads=1) as e, openelm_rt.Session(bf16, threads=1, exact=False) as r:
         ids = prompt_ids(40, e.vocab_size, seed=5)
         (out / "bf16.bin").write_bytes(
-            _ids(ids) + struct.pack("<Ii", e.vocab_size, int(r._backend.rounds_activations("bf16")))
+            _ids(ids) + _str(e.kernels) + struct.pack("<Ii", e.vocab_size, int(r._backend.rounds_activations("bf16")))
             + e.logits(ids).astype("<f4").tobytes() + r.logits(ids).astype("<f4").tobytes())
     untied = build_model(out, tok, "untied", seed=3, config_overrides={"share_input_output_layers": False})
     q8 = export.export_checkpoint(untied.ckpt_dir, out / "untied_q8.oelm", dtype="q8", embedding_dtype="f32",
