@@ -28,7 +28,7 @@ bool dtype_is_weight(DType t);
 bool dtype_is_quantized(DType t);  // q8, q4, q6, q5, q4k: 2-D only, sized by tensor_bytes()
 // The names of every dtype this reader knows ("f32, f16, ..."), or only of those weights may have.
 std::string dtype_names(bool weights_only);
-// The version of this openelm_rt ("0.3.1"), which error messages name.
+// The version of this openelm_rt ("0.4.0"), which error messages name.
 const char* reader_version();
 // The end of a message refusing something a newer openelm_rt wrote: this reader's version, the
 // file's "writer" metadata (if any, made printable and cut short: it is untrusted), and the fix.

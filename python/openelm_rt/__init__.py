@@ -8,7 +8,7 @@ The exporter (`openelm_rt.export`) and checkpoint tools import without the compi
 core, so they are importable before the extension is built.
 """
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 # NumPy only (the core is imported when it runs); binds the function over the submodule's name.
 from .perplexity import PerplexityResult, perplexity  # noqa: E402
 

@@ -82,8 +82,8 @@ extern "C" {
 /* ---- versions ------------------------------------------------------------------ */
 
 #define OELM_VERSION_MAJOR 0
-#define OELM_VERSION_MINOR 3
-#define OELM_VERSION_PATCH 1
+#define OELM_VERSION_MINOR 4
+#define OELM_VERSION_PATCH 0
 
 /* The library's version, "MAJOR.MINOR.PATCH" (that of the library actually loaded,
  * which may differ from the OELM_VERSION_* macros a program was compiled with). */
@@ -152,7 +152,8 @@ typedef struct oelm_model_options {
                             FMAs); negative = activations rounded to bf16 for the CPU's bf16 dot
                             products where it has them (AVX-512 BF16: about twice the KL, faster
                             only where those run faster than f32 FMAs; docs/WEIGHT_TYPES.md).
-                            As openelm_rt.Session's `exact`. Up to 0.3.1, 0 rounded them */
+                            As openelm_rt.Session's `exact`. Up to 0.3.1, 0 rounded them
+                            (CHANGELOG.md, 0.4.0) */
   int64_t memory_budget_mib; /* cap on the memory a session takes for the model (resident
                             weights, KV cache, activations, read buffers), in MiB; 0 = none (all
                             weights resident). Under a cap the KV cache defaults to one sequence
